@@ -1,0 +1,128 @@
+"""The SSM-over-GOOMs layer and the residual layer built on it (plain PyTorch).
+
+Shapes follow the original implementation: ``u`` is ``[batch, seq_len, d_inp]``; each
+token has ``n_hid`` hidden state rows of ``d_hid`` features, all advanced by the same
+``A``::
+
+    x_t = x_{t-1} A + (u_t B)_row          (x_0 = init_states, or a carried state)
+    y_t = scaled(x_t) C + u_t D
+
+where ``scaled`` rescales each state row so its largest magnitude is ``e^2``. The states
+are computed in float32 (never in half precision); the projections follow autocast.
+"""
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .scan import ScaledRows, linear_scan, normalize_rows
+
+STATE_OUTPUT_SCALE = math.exp(2.0)  # largest magnitude of a scaled state row
+
+
+class GoomSSM(nn.Module):
+    """Linear time-invariant, non-diagonal state-space model over GOOMs.
+
+    Args:
+        d_inp, d_out: input and output features per token.
+        n_hid: hidden state rows per token; d_hid: features per row.
+        scan_implementation: ``"chunked"`` (default) or ``"goom_prefix"`` (the original's
+            complex parallel prefix scan); see :mod:`goom_ssm.scan`.
+        chunk_size: steps per chunk of the chunked scan.
+        init_state_range, transition_init_gain: initialisation (see :meth:`reset_parameters`).
+    """
+
+    def __init__(self, d_inp: int, d_out: int, n_hid: int, d_hid: int, scan_implementation: str = "chunked",
+                 chunk_size: int = 64, init_state_range: float = 0.1, transition_init_gain: float = 0.99):
+        super().__init__()
+        self.d_inp, self.d_out, self.n_hid, self.d_hid = d_inp, d_out, n_hid, d_hid
+        self.scan_implementation, self.chunk_size = scan_implementation, chunk_size
+        self.init_state_range, self.transition_init_gain = init_state_range, transition_init_gain
+        self.init_states = nn.Parameter(torch.empty(n_hid, d_hid))
+        self.A = nn.Parameter(torch.empty(d_hid, d_hid))
+        self.B = nn.Parameter(torch.empty(d_inp, n_hid * d_hid))
+        self.C = nn.Parameter(torch.empty(n_hid * d_hid, d_out))
+        self.D = nn.Parameter(torch.empty(d_inp, d_out))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The original's initialisation (with the default options): init_states ~ U(-0.1, 0.1);
+        A orthogonal with gain 0.99; B, C, D ~ U(-1, 1) / sqrt(fan_in). Uses ``torch.nn.init``
+        functions, so that transformers can skip weights that were loaded from a checkpoint."""
+        nn.init.uniform_(self.init_states, -self.init_state_range, self.init_state_range)
+        nn.init.orthogonal_(self.A, gain=self.transition_init_gain)
+        for weight in (self.B, self.C, self.D):
+            bound = 1.0 / math.sqrt(weight.shape[0])
+            nn.init.uniform_(weight, -bound, bound)
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """States are float32, or float64 when the parameters are (never half precision)."""
+        return torch.float64 if self.A.dtype == torch.float64 else torch.float32
+
+    def initial_state(self, batch_size: int) -> ScaledRows:
+        """The state before the first token: log_scale ``[batch, n_hid, 1]``, rows ``[batch, n_hid, d_hid]``."""
+        log_scale, rows = normalize_rows(self.init_states.to(self.state_dtype))
+        return ScaledRows(log_scale.expand(batch_size, -1, -1), rows.expand(batch_size, -1, -1))
+
+    def forward(self, u: torch.Tensor, state: Optional[ScaledRows] = None, mask: Optional[torch.Tensor] = None):
+        """``u [batch, seq_len, d_inp]`` -> ``(y [batch, seq_len, d_out], final state)``.
+
+        ``state`` continues from a carried state (as returned by an earlier call) instead of
+        ``init_states``. ``mask [batch, seq_len]`` (bool, True = real token) makes every
+        masked position an identity step: the state is carried through unchanged and the
+        masked input is not written into it.
+        """
+        batch, seq_len, _ = u.shape
+        if state is None:
+            state = self.initial_state(batch)
+        Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
+        with torch.autocast(device_type=u.device.type, enabled=False):
+            Bu = Bu.to(self.state_dtype)
+            if mask is None:
+                states = linear_scan(Bu, self.A.to(self.state_dtype), state, self.scan_implementation, self.chunk_size)
+            else:
+                states = self._masked_scan(Bu, state, mask)
+        x = (STATE_OUTPUT_SCALE * states.rows).flatten(-2).to(self.C.dtype)
+        y = x @ self.C + u @ self.D
+        return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])
+
+    def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor) -> ScaledRows:
+        """Scan only the real tokens (moved to the front of each row, in order), then give
+        every position the state after the last real token at or before it."""
+        n, d = self.n_hid, self.d_hid
+        order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [batch, seq_len]
+        packed = linear_scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), self.A.to(Bu.dtype), state,
+                             self.scan_implementation, self.chunk_size)
+        # Index 0 holds the state before any real token; index k the state after k real tokens.
+        log_scale = torch.cat([state.log_scale[:, None], packed.log_scale], dim=1)
+        rows = torch.cat([state.rows[:, None], packed.rows], dim=1)
+        seen = mask.long().cumsum(dim=1)[..., None, None]  # [batch, seq_len, 1, 1]
+        return ScaledRows(log_scale.gather(1, seen.expand(-1, -1, n, 1)), rows.gather(1, seen.expand(-1, -1, n, d)))
+
+    def extra_repr(self) -> str:
+        return f"d_inp={self.d_inp}, d_out={self.d_out}, n_hid={self.n_hid}, d_hid={self.d_hid}"
+
+
+class GoomSSMBlock(nn.Module):
+    """Residual recurrent layer: ``out = inp + W_out GLU(SSM(LayerNorm(inp)))``.
+
+    The SSM maps ``d_emb -> 2 * d_emb``; the GLU halves it (first half times the sigmoid of
+    the second); ``W_out`` is a bias-free ``d_emb x d_emb`` linear map.
+    """
+
+    def __init__(self, d_emb: int, n_hid: int, d_hid: int, layer_norm_eps: float = 1e-5, **ssm_options):
+        super().__init__()
+        self.norm = nn.LayerNorm(d_emb, eps=layer_norm_eps)
+        self.ssm = GoomSSM(d_emb, 2 * d_emb, n_hid, d_hid, **ssm_options)
+        self.out_proj = nn.Linear(d_emb, d_emb, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor, state: Optional[ScaledRows] = None,
+                mask: Optional[torch.Tensor] = None):
+        """``hidden_states [batch, seq_len, d_emb]`` -> (same shape, final SSM state).
+        ``state`` and ``mask`` as in :meth:`GoomSSM.forward`."""
+        y, state = self.ssm(self.norm(hidden_states), state, mask)
+        return hidden_states + self.out_proj(F.glu(y, dim=-1)), state

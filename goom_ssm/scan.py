@@ -1,0 +1,177 @@
+"""Scans of the non-diagonal linear recurrence ``x_t = x_{t-1} A + u_t`` at any magnitude.
+
+Every state row is held in *scaled form*: a log-scale ``s`` and a row ``v`` whose largest
+magnitude is 1, so that ``x = exp(s) * v``. These are the same numbers as the GOOM
+``log x`` (``s = max(real(log x))``, ``v = exp(log x - s)``), without complex tensors,
+and no magnitude ever overflows or underflows to a wrong value, however far the
+recurrence grows or decays.
+
+Two algorithms compute the same states:
+
+- :func:`chunked_scan`, the default pure-PyTorch path: each chunk of ``L`` steps is one
+  dense matrix product with the (shared) powers ``A^0 .. A^L``; the states at chunk
+  boundaries follow the same recurrence with ``A^L`` and are computed by recursing on
+  the chunk-end values, so depth is ``O(log_L T)`` and memory ``O(T)``.
+- :func:`goom_prefix_scan`, the original design: an inclusive parallel prefix scan of
+  complex log-matmul-exps over the stacked matrices ``[[A], [u_t]]``, ``O(T log T)``
+  memory. Kept as the literal reference and as the benchmark baseline.
+
+All scale constants (maxima, log-scales) are detached, as in the original, so gradients
+are those of the exact recurrence.
+"""
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import gooms
+
+
+class ScaledRows(NamedTuple):
+    """Rows ``exp(log_scale) * rows``: ``log_scale [..., n, 1]``, ``rows [..., n, d]``."""
+
+    log_scale: torch.Tensor
+    rows: torch.Tensor
+
+
+def normalize_rows(x: torch.Tensor, dims=(-1,)) -> ScaledRows:
+    """Split ``x`` into a detached log of its largest magnitude over ``dims`` and ``x``
+    divided by it. An all-zero row keeps zeros and the log of the smallest normal float."""
+    peak = x.detach().abs().amax(dim=dims, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
+    return ScaledRows(peak.log(), x / peak)
+
+
+def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
+    """Powers ``M^0 .. M^n`` of the matrix ``M = exp(base.log_scale) * base.rows``.
+
+    ``base``: log_scale of shape ``[]``, rows ``[d, d]``. Returns log_scale ``[n + 1]`` and
+    rows ``[n + 1, d, d]``, each power normalised by its own largest magnitude, computed by
+    repeated doubling (``O(log n)`` batched products).
+    """
+    d = base.rows.shape[-1]
+    log_scale = torch.stack([torch.zeros_like(base.log_scale), base.log_scale]).reshape(2)
+    rows = torch.stack([torch.eye(d, dtype=base.rows.dtype, device=base.rows.device), base.rows])
+    while rows.shape[0] <= n:
+        k = rows.shape[0] - 1  # powers 0..k known: M^(k+j) = M^k @ M^j for j = 1..k
+        new_scale, new_rows = normalize_rows(rows[k] @ rows[1:], dims=(-2, -1))
+        log_scale = torch.cat([log_scale, log_scale[k] + log_scale[1:] + new_scale.reshape(-1)])
+        rows = torch.cat([rows, new_rows])
+    return ScaledRows(log_scale[: n + 1], rows[: n + 1])
+
+
+def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: int = 64) -> ScaledRows:
+    """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, in scaled form.
+
+    Args:
+        u: ``[batch, seq_len, n, d]`` inputs (plain floats).
+        A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
+        initial: state before the first step, log_scale ``[batch, n, 1]``, rows ``[batch, n, d]``.
+        chunk_size: steps per dense chunk.
+
+    Returns:
+        ``ScaledRows`` with log_scale ``[batch, seq_len, n, 1]`` and rows ``[batch, seq_len, n, d]``.
+    """
+    length = max(1, min(chunk_size, u.shape[1]))
+    powers = scaled_powers(normalize_rows(A, dims=(-2, -1)), length)
+    return _scan(u, powers, initial)
+
+
+def _scan(u: torch.Tensor, powers: ScaledRows, initial: ScaledRows) -> ScaledRows:
+    """Recursive step of :func:`chunked_scan`; ``powers`` holds ``A^0 .. A^L`` for chunks of L."""
+    batch, seq_len, n, d = u.shape
+    L = powers.rows.shape[0] - 1
+    K = -(-seq_len // L)
+
+    # Work in units where the inputs of each row peak at 1 (undone at the end).
+    in_scale, u = normalize_rows(u, dims=(1, 3))  # in_scale [batch, 1, n, 1]
+    s0 = initial.log_scale - in_scale[:, 0]
+    u = torch.nn.functional.pad(u, (0, 0, 0, 0, 0, K * L - seq_len))
+    u = u.view(batch, K, L, n, d).transpose(2, 3)  # [batch, K, n, L, d]
+
+    # Within a chunk: h_t = sum_{s<=t} u_s A^(t-s), held as exp(m_t) * h_t with
+    # m_t = max_{k<=t} log-scale(A^k), as one product with the matrix W[(s,i),(t,j)].
+    m = torch.cummax(powers.log_scale[:L], dim=0).values  # [L]
+    steps = torch.arange(L, device=u.device)
+    lag = steps[:, None] - steps[None, :]  # [t, s]
+    lag_index = lag.clamp(min=0)
+    weight = torch.where(lag >= 0, (powers.log_scale[lag_index] - m[:, None]).exp(), 0.0)
+    W = powers.rows[lag_index] * weight[..., None, None]  # [t, s, i, j]
+    W = W.permute(1, 2, 0, 3).reshape(L * d, L * d)
+    h = (u.reshape(batch, K, n, L * d) @ W).view(batch, K, n, L, d)
+
+    # States entering each chunk: the initial state, then the chunk-end states, which obey
+    # the same recurrence with A^L and inputs h_{L-1} (in units of exp(m_{L-1})).
+    if K == 1:
+        start_scale, start_rows = s0[:, None], initial.rows[:, None]
+    else:
+        step = ScaledRows(powers.log_scale[L], powers.rows[L])
+        ends = _scan(h[:, : K - 1, :, L - 1], scaled_powers(step, min(L, K - 1)), ScaledRows(s0 - m[L - 1], initial.rows))
+        start_scale = torch.cat([s0[:, None], ends.log_scale + m[L - 1]], dim=1)  # [batch, K, n, 1]
+        start_rows = torch.cat([initial.rows[:, None], ends.rows], dim=1)  # [batch, K, n, d]
+
+    # x_t = x_start A^(t+1) + exp(m_t) h_t, combined at a common scale per row.
+    carried = (start_rows.reshape(batch, K * n, d) @ powers.rows[1:].permute(1, 0, 2).reshape(d, L * d))
+    carried = carried.view(batch, K, n, L, d)
+    carried_scale = start_scale[..., None] + powers.log_scale[1:, None]  # [batch, K, n, L, 1]
+    fresh_scale = m[:, None]  # [L, 1]
+    common = torch.maximum(carried_scale, fresh_scale)
+    x = (carried_scale - common).exp() * carried + (fresh_scale - common).exp() * h
+    x_scale, rows = normalize_rows(x)
+    log_scale = common + x_scale + in_scale[..., None]  # [batch, K, n, L, 1]
+
+    def to_time_major(t):
+        return t.transpose(2, 3).reshape(batch, K * L, n, t.shape[-1])[:, :seq_len]
+
+    return ScaledRows(to_time_major(log_scale), to_time_major(rows))
+
+
+def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> ScaledRows:
+    """The original design: same inputs and outputs as :func:`chunked_scan`, computed with
+    a Sklansky parallel prefix scan of complex log-matmul-exps (float32 GOOMs), the same
+    combination tree as the original, so that its backward rules act on the same numbers.
+
+    Each element is ``log [[A], [u_t]]`` (``[d + n, d]``); two elements combine as
+    ``[[A1, 0], [B1, I]] @ [[A2], [B2]]``; the scanned element ``t`` then maps the initial
+    state to ``x_t = [x_0, I] @ [[A^t], [sum_s u_s A^(t-s)]]``.
+    """
+    batch, seq_len, n, d = u.shape
+    dtype = u.dtype
+    u, A = u.to(gooms.FLOAT_DTYPE), A.to(gooms.FLOAT_DTYPE)
+    log_0s_atop_I = gooms.log(torch.cat([u.new_zeros(d, n), torch.eye(n, dtype=u.dtype, device=u.device)]))
+
+    def combine(earlier, later):
+        padded = torch.cat([earlier, log_0s_atop_I.expand(*earlier.shape[:-2], d + n, n)], dim=-1)
+        return gooms.log_matmul_exp(padded, later)
+
+    elements = gooms.log(torch.cat([A.expand(batch, seq_len, d, d), u], dim=-2))  # [batch, T, d + n, d]
+    # Sklansky scan, as the original: pad to a power of two with identity-free GOOM zeros (value 1,
+    # never reaching a kept position); at level k, the second half of every block of 2^(k+1)
+    # elements combines with the last element of the first half.
+    padded_len = 1 << max(0, (seq_len - 1).bit_length())
+    elements = torch.nn.functional.pad(elements, (0, 0, 0, 0, 0, padded_len - seq_len))
+    half = 1
+    while half < padded_len:
+        blocks = elements.view(batch, padded_len // (2 * half), 2 * half, d + n, d)
+        updated = combine(blocks[:, :, half - 1 : half], blocks[:, :, half:])
+        elements = torch.cat([blocks[:, :, :half], updated], dim=2).view(batch, padded_len, d + n, d)
+        half *= 2
+    elements = elements[:, :seq_len]
+
+    log_x0 = gooms.log(initial.rows.to(gooms.FLOAT_DTYPE)) + initial.log_scale.to(gooms.FLOAT_DTYPE)
+    log_I = gooms.log(torch.eye(n, dtype=u.dtype, device=u.device)).expand(batch, n, n)
+    log_x = gooms.log_matmul_exp(torch.cat([log_x0, log_I], dim=-1)[:, None], elements)  # [batch, T, n, d]
+    log_scale = log_x.real.detach().amax(dim=-1, keepdim=True)
+    return ScaledRows(log_scale.to(dtype), gooms.exp(log_x - log_scale).to(dtype))
+
+
+SCANS = {"chunked": chunked_scan, "goom_prefix": goom_prefix_scan}
+
+
+def linear_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, implementation: str = "chunked",
+                chunk_size: Optional[int] = None) -> ScaledRows:
+    """Dispatch to a scan implementation by name (see ``SCANS``)."""
+    if implementation not in SCANS:
+        raise ValueError(f"unknown scan implementation {implementation!r}; choose one of {sorted(SCANS)}")
+    if implementation == "chunked" and chunk_size is not None:
+        return chunked_scan(u, A, initial, chunk_size=chunk_size)
+    return SCANS[implementation](u, A, initial)

@@ -1,0 +1,96 @@
+"""Configuration of GOOM-SSM language models."""
+
+from transformers import PretrainedConfig
+
+SCAN_IMPLEMENTATIONS = ("chunked", "goom_prefix")
+GPT2_EOS_TOKEN_ID = 50256
+
+
+class GoomSSMConfig(PretrainedConfig):
+    r"""Configuration of a :class:`GoomSSMModel` / :class:`GoomSSMForCausalLM`.
+
+    Defaults give the published 124M model (GPT-2 vocabulary). Field names follow
+    transformers' conventions; the original implementation's names are in brackets.
+
+    Args:
+        vocab_size: tokens in the vocabulary [vocab_sz].
+        hidden_size: embedding features per token [d_emb].
+        num_hidden_layers: residual recurrent layers [n_res].
+        num_state_heads: hidden state rows per token, like attention heads [n_hid].
+        state_size: features per hidden state row [d_hid].
+        layer_norm_epsilon: epsilon of every LayerNorm.
+        init_state_range: initial states are drawn from U(-init_state_range, init_state_range).
+        transition_init_gain: gain of the orthogonal initialisation of the transition matrix A.
+        scan_implementation: ``"chunked"`` (pure PyTorch, default) or ``"goom_prefix"`` (the
+            original's complex parallel prefix scan, slow; for reference).
+        scan_chunk_size: time steps per chunk of the chunked scan.
+        use_cache: return a recurrent-state cache from the forward pass (for generation).
+        tie_word_embeddings: tie the output head to the input embeddings (as the original).
+        bos_token_id, eos_token_id, pad_token_id: special ids; bos and eos default to GPT-2's
+            ``<|endoftext|>`` (50256), and to ``None`` when the vocabulary is smaller.
+    """
+
+    model_type = "goom_ssm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 24,
+        num_state_heads: int = 24,
+        state_size: int = 32,
+        layer_norm_epsilon: float = 1e-5,
+        init_state_range: float = 0.1,
+        transition_init_gain: float = 0.99,
+        scan_implementation: str = "chunked",
+        scan_chunk_size: int = 64,
+        use_cache: bool = True,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = GPT2_EOS_TOKEN_ID,
+        eos_token_id: int | None = GPT2_EOS_TOKEN_ID,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_state_heads = num_state_heads
+        self.state_size = state_size
+        self.layer_norm_epsilon = layer_norm_epsilon
+        self.init_state_range = init_state_range
+        self.transition_init_gain = transition_init_gain
+        self.scan_implementation = scan_implementation
+        self.scan_chunk_size = scan_chunk_size
+        self.use_cache = use_cache
+        if bos_token_id is not None and bos_token_id >= vocab_size:
+            bos_token_id = None  # the GPT-2 defaults do not apply to a smaller vocabulary
+        if eos_token_id is not None and eos_token_id >= vocab_size:
+            eos_token_id = None
+        super().__init__(
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            **kwargs,
+        )
+        self.validate_sizes()
+
+    def validate_sizes(self):
+        """Raise ``ValueError`` naming the first inconsistent field."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_state_heads", "state_size", "scan_chunk_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GoomSSMConfig.{name} must be a positive integer, got {value!r}")
+        if self.scan_implementation not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(
+                f"GoomSSMConfig.scan_implementation must be one of {SCAN_IMPLEMENTATIONS}, got {self.scan_implementation!r}"
+            )
+        if not self.layer_norm_epsilon > 0:
+            raise ValueError(f"GoomSSMConfig.layer_norm_epsilon must be positive, got {self.layer_norm_epsilon!r}")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name, None)
+            ids = value if isinstance(value, (list, tuple)) else [value]
+            for token_id in ids:
+                if token_id is not None and not 0 <= token_id < self.vocab_size:
+                    raise ValueError(f"GoomSSMConfig.{name}={value!r} is outside the vocabulary [0, {self.vocab_size})")

@@ -1,0 +1,276 @@
+"""transformers classes of GOOM-SSM language models.
+
+``GoomSSMModel``: token embedding -> ``num_hidden_layers`` residual GOOM-SSM layers ->
+LayerNorm. ``GoomSSMForCausalLM`` adds a bias-free head tied to the embedding, a shifted
+cross-entropy loss, and generation with a recurrent-state cache (:class:`GoomSSMCache`).
+"""
+
+import math
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+
+from ..layers import GoomSSM, GoomSSMBlock
+from .cache_goom_ssm import GoomSSMCache
+from .configuration_goom_ssm import GoomSSMConfig
+
+
+class GoomSSMPreTrainedModel(PreTrainedModel):
+    config_class = GoomSSMConfig
+    config: GoomSSMConfig
+    base_model_prefix = "backbone"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["GoomSSMBlock"]
+    _is_stateful = True
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model creates its own GoomSSMCache
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        """The original's initialisation: SSM parameters as in ``GoomSSM.reset_parameters``;
+        linear maps and the (tied) embedding ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0."""
+        if isinstance(module, GoomSSM):
+            module.reset_parameters()
+        elif isinstance(module, (nn.Linear, nn.Embedding)):
+            bound = 1.0 / math.sqrt(module.weight.shape[1])
+            nn.init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def get_param_groups(self, weight_decay: float) -> list[dict]:
+        """Two optimizer groups as in the original: ``weight_decay`` on the embedding, linear
+        weights and all SSM parameters; none on LayerNorm parameters."""
+        decayed = {id(p) for m in self.modules() if isinstance(m, (nn.Embedding, nn.Linear)) for p in [m.weight]}
+        decayed |= {id(p) for m in self.modules() if isinstance(m, GoomSSM) for p in m.parameters()}
+        params = list(self.parameters())  # tied weights appear once
+        return [
+            {"params": [p for p in params if id(p) in decayed], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decayed], "weight_decay": 0.0},
+        ]
+
+
+def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
+    if input_ids.numel() == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per sequence")
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int) -> Optional[torch.Tensor]:
+    """The part of ``attention_mask`` for the current tokens as bool ``[batch, seq_len]``,
+    or ``None`` when every current token is real."""
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"attention_mask must have shape [batch={batch}, seq_len>={seq_len}] (padding mask, 1 = real token), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    mask = attention_mask[:, -seq_len:]
+    if mask.dtype != torch.bool:
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
+        mask = mask.bool()
+    return None if bool(mask.all()) else mask
+
+
+class GoomSSMModel(GoomSSMPreTrainedModel):
+    """Embedding, residual GOOM-SSM layers and final LayerNorm; outputs hidden states."""
+
+    def __init__(self, config: GoomSSMConfig):
+        super().__init__(config)
+        self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            GoomSSMBlock(
+                config.hidden_size, config.num_state_heads, config.state_size, config.layer_norm_epsilon,
+                scan_implementation=config.scan_implementation, chunk_size=config.scan_chunk_size,
+                init_state_range=config.init_state_range, transition_init_gain=config.transition_init_gain,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        past_key_values: Optional[GoomSSMCache] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, BaseModelOutputWithPast]:
+        """
+        Args:
+            input_ids: ``[batch, seq_len]`` token ids (or give ``inputs_embeds [batch, seq_len, hidden_size]``).
+            attention_mask: ``[batch, seq_len]`` or ``[batch, past + seq_len]``, 1 for real tokens and 0 for
+                padding; a padded position is an identity step of every recurrence.
+            past_key_values: a :class:`GoomSSMCache` to continue from (and update in place).
+            use_cache: return the cache after these tokens (default ``config.use_cache`` in eval mode).
+            output_hidden_states: also return the embeddings and every layer's output.
+        """
+        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            _check_input_ids(input_ids, self.config.vocab_size)
+            inputs_embeds = self.embeddings(input_ids)
+        elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or inputs_embeds.shape[1] == 0:
+            raise ValueError(
+                f"inputs_embeds must have shape [batch, seq_len >= 1, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
+            )
+        batch, seq_len = inputs_embeds.shape[:2]
+        mask = _state_mask(attention_mask, batch, seq_len)
+
+        if past_key_values is None and use_cache:
+            past_key_values = GoomSSMCache(self.config, batch)
+        if past_key_values is not None:
+            if not isinstance(past_key_values, GoomSSMCache):
+                raise TypeError(f"past_key_values must be a GoomSSMCache, got {type(past_key_values).__name__}")
+            past_key_values.check_compatible(self.config, batch)
+
+        hidden_states = inputs_embeds
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        for i, layer in enumerate(self.layers):
+            state = past_key_values.get_state(i) if past_key_values is not None else None
+            if self.gradient_checkpointing and self.training:
+                hidden_states, state = self._gradient_checkpointing_func(layer.__call__, hidden_states, state, mask)
+            else:
+                hidden_states, state = layer(hidden_states, state, mask)
+            if past_key_values is not None:
+                past_key_values.update(i, state)
+            if output_hidden_states and i < len(self.layers) - 1:
+                all_hidden_states += (hidden_states,)
+        if past_key_values is not None:
+            past_key_values.seen_tokens += seq_len
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        cache = past_key_values if use_cache else None
+        if not return_dict:
+            return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states)
+
+
+class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
+    """GOOM-SSM language model: :class:`GoomSSMModel` and a head tied to the embedding."""
+
+    _tied_weights_keys = {"lm_head.weight": "backbone.embeddings.weight"}
+
+    def __init__(self, config: GoomSSMConfig):
+        super().__init__(config)
+        self.backbone = GoomSSMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        past_key_values: Optional[GoomSSMCache] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        next_sequence_length: Optional[int] = None,
+        **kwargs,
+    ) -> dict:
+        """Feed only the tokens the cache has not consumed yet (one per step after the prompt)."""
+        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if inputs_embeds is not None and seen == 0:
+            model_inputs = {"input_ids": None, "inputs_embeds": inputs_embeds}
+        else:
+            if next_sequence_length is None and seen > 0:
+                next_sequence_length = input_ids.shape[1] - seen
+            if next_sequence_length is not None:
+                input_ids = input_ids[:, -next_sequence_length:]
+            model_inputs = {"input_ids": input_ids.contiguous()}
+        for unused in ("position_ids", "cache_position", "token_type_ids", "is_first_iteration"):
+            kwargs.pop(unused, None)
+        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, **kwargs)
+        return model_inputs
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        past_key_values: Optional[GoomSSMCache] = None,
+        labels: Optional[torch.LongTensor] = None,
+        use_cache: Optional[bool] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        logits_to_keep: Union[int, torch.Tensor] = 0,
+        **kwargs,
+    ) -> Union[tuple, CausalLMOutputWithPast]:
+        """
+        Args:
+            labels: ``[batch, seq_len]`` target ids; the loss is the mean cross-entropy of the
+                logits at position ``t`` against ``labels[:, t + 1]`` (shifted inside), ignoring -100.
+            logits_to_keep: if a positive int, compute logits only for the last that many positions.
+            Other arguments: see :meth:`GoomSSMModel.forward`.
+
+        Returns ``logits [batch, seq_len, vocab_size]`` (float32), ``loss``, ``past_key_values``.
+        """
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        if isinstance(logits_to_keep, int):
+            hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
+        else:
+            hidden_states = hidden_states[:, logits_to_keep]
+        logits = self.lm_head(hidden_states).float()
+
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        if not return_dict:
+            output = tuple(v for v in (logits, outputs.past_key_values, outputs.hidden_states) if v is not None)
+            return (loss,) + output if loss is not None else output
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
+        )

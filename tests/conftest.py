@@ -1,0 +1,75 @@
+"""Shared fixtures: reference vectors of the original implementation and small models."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+REFERENCE_DIR = Path(__file__).parent / "reference"
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest absolute difference divided by the largest magnitude of ``expected``."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).abs().max() / expected.abs().max()).item()
+
+
+def norm_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """``||actual - expected|| / ||expected||`` (Frobenius norms)."""
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
+def sequential_recurrence(u: torch.Tensor, A: torch.Tensor, log_scale: torch.Tensor, rows: torch.Tensor):
+    """The slow, obvious recurrence ``x_t = x_{t-1} A + u_t`` in float64, one step at a time,
+    each state row kept as ``exp(log_scale) * rows`` with ``max|rows| = 1``.
+
+    u ``[batch, T, n, d]``, A ``[d, d]``, log_scale ``[batch, n, 1]``, rows ``[batch, n, d]``;
+    returns log-scales ``[batch, T, n, 1]`` and rows ``[batch, T, n, d]``.
+    """
+    u, A, s, v = u.double(), A.double(), log_scale.double(), rows.double()
+    all_s, all_v = [], []
+    for t in range(u.shape[1]):
+        top = torch.clamp(s, min=0.0)  # common scale of the carried part and of u_t
+        x = torch.exp(s - top) * (v @ A) + torch.exp(-top) * u[:, t]
+        peak = x.abs().amax(dim=-1, keepdim=True)
+        v, s = x / peak, top + peak.log()
+        all_s.append(s)
+        all_v.append(v)
+    return torch.stack(all_s, dim=1), torch.stack(all_v, dim=1)
+
+
+@pytest.fixture(scope="session")
+def reference_vectors():
+    return torch.load(REFERENCE_DIR / "original_tiny_vectors.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def stress_case():
+    return torch.load(REFERENCE_DIR / "stress_radius_1p5.pt", weights_only=True)
+
+
+@pytest.fixture(scope="session")
+def converted_tiny_dir(tmp_path_factory):
+    """The original tiny checkpoint converted to a Hugging Face folder."""
+    from goom_ssm.conversion.original import convert_original_checkpoint
+
+    out = tmp_path_factory.mktemp("converted") / "tiny"
+    convert_original_checkpoint(REFERENCE_DIR / "original_tiny.pt", out)
+    return out
+
+
+def tiny_config(**overrides):
+    from goom_ssm import GoomSSMConfig
+
+    sizes = dict(vocab_size=97, hidden_size=16, num_hidden_layers=2, num_state_heads=2, state_size=4)
+    sizes.update(overrides)
+    return GoomSSMConfig(**sizes)
+
+
+@pytest.fixture
+def tiny_model():
+    from goom_ssm import GoomSSMForCausalLM
+
+    torch.manual_seed(0)
+    return GoomSSMForCausalLM(tiny_config()).eval()
