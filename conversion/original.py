@@ -137,17 +137,20 @@ def original_buffers(heads: int, state_size: int) -> dict[str, torch.Tensor]:
 
 
 def hf_to_original(model: GoomSSMForCausalLM) -> dict[str, torch.Tensor]:
-    """Original-format state dict of a model (with the tied head and constant buffers)."""
+    """Original-format state dict of a model, keys in the original's order, with the tied
+    head (one tensor with the embedding) and the constant buffers."""
     hf = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     config = model.config
-    out = {old: hf[new] for old, new in _TOP_NAMES.items()}
     buffers = original_buffers(config.num_state_heads, config.state_size)
+    layer_order = [*list(_LAYER_NAMES)[:-1], *_LAYER_BUFFERS, "feedfwd.1.weight"]  # as GenerativeRNN registers them
+    out = {"embed.weight": hf[_TOP_NAMES["embed.weight"]]}
     for i in range(config.num_hidden_layers):
-        for old, new in _LAYER_NAMES.items():
-            out[f"res_layers.{i}.{old}"] = hf[f"backbone.layers.{i}.{new}"]
-        for name in _LAYER_BUFFERS:
-            out[f"res_layers.{i}.{name}"] = buffers[name].clone()
-    out["head.weight"] = out["embed.weight"]  # one tensor, as in the original
+        for name in layer_order:
+            key = f"res_layers.{i}.{name}"
+            out[key] = buffers[name].clone() if name in buffers else hf[f"backbone.layers.{i}.{_LAYER_NAMES[name]}"]
+    out["lnorm.weight"] = hf[_TOP_NAMES["lnorm.weight"]]
+    out["lnorm.bias"] = hf[_TOP_NAMES["lnorm.bias"]]
+    out["head.weight"] = out["embed.weight"]
     return out
 
 
