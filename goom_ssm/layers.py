@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import ScaledRows, linear_scan, normalize_rows
+from .scan import ScaledRows, linear_scan, normalize_rows, scan_step
 
 STATE_OUTPUT_SCALE = math.exp(2.0)  # largest magnitude of a scaled state row
 
@@ -82,13 +82,23 @@ class GoomSSM(nn.Module):
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
             Bu = Bu.to(self.state_dtype)
-            if mask is None:
+            if seq_len == 1:
+                states = self._step(Bu[:, 0], state, None if mask is None else mask[:, 0])
+            elif mask is None:
                 states = linear_scan(Bu, self.A.to(self.state_dtype), state, self.scan_implementation, self.chunk_size)
             else:
                 states = self._masked_scan(Bu, state, mask)
         x = (STATE_OUTPUT_SCALE * states.rows).flatten(-2).to(self.C.dtype)
         y = x @ self.C + u @ self.D
         return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])
+
+    def _step(self, Bu: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor]) -> ScaledRows:
+        """One token (decoding): ``Bu [batch, n, d]``, ``mask [batch]`` -> states ``[batch, 1, ...]``."""
+        new = scan_step(Bu, self.A.to(Bu.dtype), state)
+        if mask is not None:
+            keep = mask[:, None, None]
+            new = ScaledRows(torch.where(keep, new.log_scale, state.log_scale), torch.where(keep, new.rows, state.rows))
+        return ScaledRows(new.log_scale[:, None], new.rows[:, None])
 
     def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor) -> ScaledRows:
         """Scan only the real tokens (moved to the front of each row, in order), then give

@@ -41,6 +41,22 @@ def normalize_rows(x: torch.Tensor, dims=(-1,)) -> ScaledRows:
     return ScaledRows(peak.log(), x / peak)
 
 
+def add_scaled(scale_a: torch.Tensor, a: torch.Tensor, scale_b: torch.Tensor, b: torch.Tensor) -> ScaledRows:
+    """``exp(scale_a) * a + exp(scale_b) * b`` in scaled form (scales broadcast against the
+    rows' leading dims, with a trailing dim of 1), summed at the larger of the two scales."""
+    common = torch.maximum(scale_a, scale_b)
+    peak_scale, rows = normalize_rows((scale_a - common).exp() * a + (scale_b - common).exp() * b)
+    return ScaledRows(common + peak_scale, rows)
+
+
+def scan_step(u: torch.Tensor, A: torch.Tensor, state: ScaledRows) -> ScaledRows:
+    """One step ``x = x_prev A + u`` (what :func:`chunked_scan` gives for one token, with
+    fewer operations): u ``[batch, n, d]``, state as in ``chunked_scan``'s ``initial``."""
+    A_scale, A_rows = normalize_rows(A, dims=(-2, -1))
+    u_scale, u_rows = normalize_rows(u)
+    return add_scaled(state.log_scale + A_scale, state.rows @ A_rows, u_scale, u_rows)
+
+
 def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
     """Powers ``M^0 .. M^n`` of the matrix ``M = exp(base.log_scale) * base.rows``.
 
@@ -109,15 +125,12 @@ def _scan(u: torch.Tensor, powers: ScaledRows, initial: ScaledRows) -> ScaledRow
         start_scale = torch.cat([s0[:, None], ends.log_scale + m[L - 1]], dim=1)  # [batch, K, n, 1]
         start_rows = torch.cat([initial.rows[:, None], ends.rows], dim=1)  # [batch, K, n, d]
 
-    # x_t = x_start A^(t+1) + exp(m_t) h_t, combined at a common scale per row.
+    # x_t = x_start A^(t+1) + exp(m_t) h_t
     carried = (start_rows.reshape(batch, K * n, d) @ powers.rows[1:].permute(1, 0, 2).reshape(d, L * d))
     carried = carried.view(batch, K, n, L, d)
     carried_scale = start_scale[..., None] + powers.log_scale[1:, None]  # [batch, K, n, L, 1]
-    fresh_scale = m[:, None]  # [L, 1]
-    common = torch.maximum(carried_scale, fresh_scale)
-    x = (carried_scale - common).exp() * carried + (fresh_scale - common).exp() * h
-    x_scale, rows = normalize_rows(x)
-    log_scale = common + x_scale + in_scale[..., None]  # [batch, K, n, L, 1]
+    log_scale, rows = add_scaled(carried_scale, carried, m[:, None], h)
+    log_scale = log_scale + in_scale[..., None]  # [batch, K, n, L, 1]
 
     def to_time_major(t):
         return t.transpose(2, 3).reshape(batch, K * L, n, t.shape[-1])[:, :seq_len]

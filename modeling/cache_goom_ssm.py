@@ -46,9 +46,10 @@ class GoomSSMCache:
         """State of layer ``layer_idx``, or ``None`` before the first token."""
         return self.states[layer_idx]
 
-    def update(self, layer_idx: int, state: ScaledRows) -> None:
-        """Store the state of layer ``layer_idx`` after the latest tokens."""
-        self.states[layer_idx] = state
+    def advance(self, states: list[ScaledRows], num_tokens: int) -> None:
+        """Store every layer's state after ``num_tokens`` more tokens."""
+        self.states = list(states)
+        self.seen_tokens += num_tokens
 
     def check_compatible(self, config, batch_size: int) -> None:
         """Raise ``ValueError`` if this cache was made for another model or batch size."""

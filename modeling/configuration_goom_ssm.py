@@ -25,6 +25,8 @@ class GoomSSMConfig(PretrainedConfig):
             original's complex parallel prefix scan, slow; for reference).
         scan_chunk_size: time steps per chunk of the chunked scan.
         use_cache: return a recurrent-state cache from the forward pass (for generation).
+        decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
+            CUDA graph (one per batch size), instead of launching every kernel from Python.
         tie_word_embeddings: tie the output head to the input embeddings (as the original).
         bos_token_id, eos_token_id, pad_token_id: special ids; bos and eos default to GPT-2's
             ``<|endoftext|>`` (50256), and to ``None`` when the vocabulary is smaller.
@@ -46,6 +48,7 @@ class GoomSSMConfig(PretrainedConfig):
         scan_implementation: str = "chunked",
         scan_chunk_size: int = 64,
         use_cache: bool = True,
+        decode_with_cuda_graphs: bool = True,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = GPT2_EOS_TOKEN_ID,
         eos_token_id: int | None = GPT2_EOS_TOKEN_ID,
@@ -63,6 +66,7 @@ class GoomSSMConfig(PretrainedConfig):
         self.scan_implementation = scan_implementation
         self.scan_chunk_size = scan_chunk_size
         self.use_cache = use_cache
+        self.decode_with_cuda_graphs = decode_with_cuda_graphs
         if bos_token_id is not None and bos_token_id >= vocab_size:
             bos_token_id = None  # the GPT-2 defaults do not apply to a smaller vocabulary
         if eos_token_id is not None and eos_token_id >= vocab_size:

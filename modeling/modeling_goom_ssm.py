@@ -15,6 +15,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 
 from ..layers import GoomSSM, GoomSSMBlock
 from .cache_goom_ssm import GoomSSMCache
+from .cuda_graph_goom_ssm import CUDAGraphDecoder
 from .configuration_goom_ssm import GoomSSMConfig
 
 
@@ -65,10 +66,22 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per sequence")
+    if torch.compiler.is_compiling():
+        return  # the range check reads values from the device; compiled graphs skip it
     low, high = int(input_ids.min()), int(input_ids.max())
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def _current_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """The columns of ``attention_mask`` for the current tokens (shape checked only)."""
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+        raise ValueError(
+            f"attention_mask must have shape [batch={batch}, seq_len>={seq_len}] (padding mask, 1 = real token), "
+            f"got {tuple(attention_mask.shape)}"
+        )
+    return attention_mask[:, -seq_len:]
 
 
 def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int) -> Optional[torch.Tensor]:
@@ -76,12 +89,7 @@ def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int
     or ``None`` when every current token is real."""
     if attention_mask is None:
         return None
-    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
-        raise ValueError(
-            f"attention_mask must have shape [batch={batch}, seq_len>={seq_len}] (padding mask, 1 = real token), "
-            f"got {tuple(attention_mask.shape)}"
-        )
-    mask = attention_mask[:, -seq_len:]
+    mask = _current_mask(attention_mask, batch, seq_len)
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")
@@ -112,6 +120,35 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
 
     def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
         self.embeddings = new_embeddings
+
+    def run_layers(self, hidden_states: torch.Tensor, states: Optional[list], mask: Optional[torch.Tensor],
+                   output_hidden_states: bool = False):
+        """Every residual layer then the final LayerNorm, without input checks (no host syncs).
+
+        Args:
+            hidden_states: ``[batch, seq_len, hidden_size]`` embeddings.
+            states: per layer, the ``ScaledRows`` state to continue from (or ``None``), or ``None``.
+            mask: ``[batch, seq_len]`` bool padding mask, or ``None``.
+
+        Returns:
+            normalised hidden states, the per-layer states after the last token, and (if asked)
+            the tuple of embeddings and layer outputs (the last one after the final LayerNorm).
+        """
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        new_states = []
+        for i, layer in enumerate(self.layers):
+            state = states[i] if states is not None else None
+            if self.gradient_checkpointing and self.training:
+                hidden_states, state = self._gradient_checkpointing_func(layer.__call__, hidden_states, state, mask)
+            else:
+                hidden_states, state = layer(hidden_states, state, mask)
+            new_states.append(state)
+            if output_hidden_states and i < len(self.layers) - 1:
+                all_hidden_states += (hidden_states,)
+        hidden_states = self.norm_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return hidden_states, new_states, all_hidden_states
 
     def forward(
         self,
@@ -156,23 +193,10 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
                 raise TypeError(f"past_key_values must be a GoomSSMCache, got {type(past_key_values).__name__}")
             past_key_values.check_compatible(self.config, batch)
 
-        hidden_states = inputs_embeds
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for i, layer in enumerate(self.layers):
-            state = past_key_values.get_state(i) if past_key_values is not None else None
-            if self.gradient_checkpointing and self.training:
-                hidden_states, state = self._gradient_checkpointing_func(layer.__call__, hidden_states, state, mask)
-            else:
-                hidden_states, state = layer(hidden_states, state, mask)
-            if past_key_values is not None:
-                past_key_values.update(i, state)
-            if output_hidden_states and i < len(self.layers) - 1:
-                all_hidden_states += (hidden_states,)
+        states = past_key_values.states if past_key_values is not None else None
+        hidden_states, states, all_hidden_states = self.run_layers(inputs_embeds, states, mask, output_hidden_states)
         if past_key_values is not None:
-            past_key_values.seen_tokens += seq_len
-        hidden_states = self.norm_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
+            past_key_values.advance(states, seq_len)
 
         cache = past_key_values if use_cache else None
         if not return_dict:
@@ -189,6 +213,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = GoomSSMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._cuda_graph_decoders = {}  # (batch size, autocast dtype) -> CUDAGraphDecoder
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -250,6 +275,11 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         Returns ``logits [batch, seq_len, vocab_size]`` (float32), ``loss``, ``past_key_values``.
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
+        if self._decodes_with_cuda_graph(input_ids, past_key_values, labels, output_hidden_states):
+            logits = self._decode_with_cuda_graph(input_ids, attention_mask, past_key_values)
+            if not return_dict:
+                return (logits, past_key_values)
+            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
@@ -274,3 +304,26 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
+
+    def _decodes_with_cuda_graph(self, input_ids, past_key_values, labels, output_hidden_states) -> bool:
+        """Whether this call is one decoding step that a captured CUDA graph can run."""
+        return (
+            self.config.decode_with_cuda_graphs and input_ids is not None and input_ids.shape[-1] == 1
+            and input_ids.ndim == 2 and input_ids.is_cuda and isinstance(past_key_values, GoomSSMCache)
+            and past_key_values.states[0] is not None and labels is None and not output_hidden_states
+            and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        )
+
+    def _decode_with_cuda_graph(self, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
+        _check_input_ids(input_ids, self.config.vocab_size)
+        batch = input_ids.shape[0]
+        cache.check_compatible(self.config, batch)
+        if attention_mask is None:
+            mask = torch.ones(batch, 1, dtype=torch.bool, device=input_ids.device)
+        else:
+            mask = _current_mask(attention_mask, batch, 1) != 0
+        key = (batch, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+        decoder = self._cuda_graph_decoders.get(key)
+        if decoder is None or not decoder.is_valid_for(self):
+            decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch)
+        return decoder(input_ids, mask, cache)

@@ -210,3 +210,12 @@ def test_bad_attention_mask_is_refused(tiny_model):
         tiny_model(ids, attention_mask=torch.ones(3, 5))
     with pytest.raises(ValueError, match="only 0"):
         tiny_model(ids, attention_mask=torch.full((2, 5), 2))
+
+
+def test_training_forward_traces_as_one_graph(tiny_model):
+    """torch.compile(model, fullgraph=True) needs a forward without graph breaks."""
+    ids = torch.randint(0, 97, (2, 40))
+    tiny_model.train()
+    explanation = torch._dynamo.explain(tiny_model)(input_ids=ids, labels=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

@@ -1,0 +1,175 @@
+"""Speed and memory of GOOM-SSM against GPT-2 124M, measured in one run on one GPU.
+
+Prints a Markdown table per section; every row of a section uses the same settings.
+
+    python benchmarks/bench.py --sections train --batches 8 16 32
+    python benchmarks/bench.py --sections train prefill decode
+
+Sections:
+    train    fwd + bwd + AdamW step, tokens/s and peak memory, at --seq-len over --batches
+    prefill  forward over one long sequence (batch 1), tokens/s and peak memory
+    decode   new tokens/s after a 512-token prompt, through generate() and a raw step loop
+"""
+
+import argparse
+import gc
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import goom_ssm
+from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+
+
+def build(name: str, device: str) -> torch.nn.Module:
+    """``gpt2`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>]`` (124M GOOM-SSM)."""
+    if name == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
+    else:
+        _, scan, *chunk = name.split(":")
+        config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=int(chunk[0]) if chunk else 64)
+        model = GoomSSMForCausalLM(config)
+    return model.to(device)
+
+
+def cleanup():
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def time_it(fn, warmup: int, steps: int) -> float:
+    """Seconds per call of ``fn`` (CUDA-synchronised)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / steps
+
+
+def bench_train(name, batch, seq_len, dtype, steps, compile_model):
+    cleanup()
+    model = build(name, "cuda").train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    step_model = torch.compile(model) if compile_model else model
+    ids = torch.randint(0, 50257, (batch, seq_len), device="cuda")
+
+    def step():
+        with torch.autocast("cuda", dtype=dtype):
+            loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    try:
+        seconds = time_it(step, warmup=2, steps=steps)
+        return batch * seq_len / seconds, torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        return None, None
+    finally:
+        del model, optimizer, step_model
+        cleanup()
+
+
+@torch.no_grad()
+def bench_prefill(name, seq_len, dtype):
+    cleanup()
+    model = build(name, "cuda").eval()
+    ids = torch.randint(0, 50257, (1, seq_len), device="cuda")
+
+    def run():
+        with torch.autocast("cuda", dtype=dtype):
+            model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    try:
+        seconds = time_it(run, warmup=1, steps=3)
+        return seq_len / seconds, torch.cuda.max_memory_allocated() / 2**30
+    except torch.OutOfMemoryError:
+        return None, None
+    finally:
+        del model
+        cleanup()
+
+
+@torch.no_grad()
+def bench_decode(name, batch, new_tokens, dtype):
+    """(generate() tokens/s, raw-step tokens/s, peak GiB) after a 512-token prompt."""
+    cleanup()
+    model = build(name, "cuda").eval().to(dtype)
+    prompt = torch.randint(0, 50257, (batch, 512), device="cuda")
+
+    def via_generate():
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+
+    def raw_steps():
+        out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        for _ in range(new_tokens - 1):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+    try:
+        prefill = time_it(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), warmup=1, steps=2)
+        gen = time_it(via_generate, warmup=1, steps=2) - prefill
+        raw = time_it(raw_steps, warmup=1, steps=2) - prefill
+        return batch * new_tokens / gen, batch * new_tokens / raw, torch.cuda.max_memory_allocated() / 2**30
+    finally:
+        del model
+        cleanup()
+
+
+def fmt(value, spec=".0f"):
+    return "OOM" if value is None else format(value, spec)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", nargs="+", default=["train", "prefill", "decode"])
+    parser.add_argument("--models", nargs="+", default=["goom:chunked:64", "goom:chunked:16", "gpt2"])
+    parser.add_argument("--batches", nargs="+", type=int, default=[8, 16, 32, 64])
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[4096, 16384, 65536])
+    parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, goom_ssm {goom_ssm.__version__}, "
+          f"dtype {args.dtype}, compile {args.compile}\n")
+
+    if "train" in args.sections:
+        print(f"### Training (fwd + bwd + AdamW), seq {args.seq_len}\n")
+        print("| model | batch | tokens/s | peak GiB |\n|---|---|---|---|")
+        for name in args.models:
+            for batch in args.batches:
+                tps, mem = bench_train(name, batch, args.seq_len, dtype, args.steps, args.compile)
+                print(f"| {name} | {batch} | {fmt(tps)} | {fmt(mem, '.1f')} |", flush=True)
+                if tps is None:
+                    break
+        print()
+    if "prefill" in args.sections:
+        print("### Prefill (forward, batch 1)\n")
+        print("| model | seq | tokens/s | peak GiB |\n|---|---|---|---|")
+        for name in args.models:
+            for seq_len in args.prefill_lengths:
+                tps, mem = bench_prefill(name, seq_len, dtype)
+                print(f"| {name} | {seq_len} | {fmt(tps)} | {fmt(mem, '.1f')} |", flush=True)
+        print()
+    if "decode" in args.sections:
+        print(f"### Decode after a 512-token prompt, {args.new_tokens} new tokens\n")
+        print("| model | batch | generate() tokens/s | raw step tokens/s | peak GiB |\n|---|---|---|---|---|")
+        for name in args.models:
+            for batch in args.decode_batches:
+                gen, raw, mem = bench_decode(name, batch, args.new_tokens, dtype)
+                print(f"| {name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(mem, '.1f')} |", flush=True)
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Decoding one token at a time through a captured CUDA graph.
+
+A single-token forward of a GOOM-SSM model is a few hundred small kernels (a recurrent step,
+projections and norms per layer); launching them one by one costs far more than running
+them. :class:`CUDAGraphDecoder` captures the whole step (embedding, every layer, head) once
+per batch size and replays it, reading and writing the recurrent states in static buffers.
+
+A cache that last ran through a decoder points at the decoder's buffers. Before another
+cache uses the same decoder, the previous one gets private copies of its states, so a
+cache a user kept is never overwritten.
+"""
+
+import weakref
+
+import torch
+
+from ..scan import ScaledRows
+
+
+class CUDAGraphDecoder:
+    """Captured single-token step of ``model`` (a ``GoomSSMForCausalLM`` on CUDA, eval mode)
+    for ``batch_size`` sequences. Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool)
+    and a cache holding the state of every layer; it advances the cache and returns the
+    logits ``[batch, 1, vocab_size]`` (float32)."""
+
+    def __init__(self, model, batch_size: int):
+        config, device = model.config, model.device
+        ssm = model.backbone.layers[0].ssm
+        self.model = weakref.ref(model)
+        self.weights_ptr = model.lm_head.weight.data_ptr()
+        self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+        self.mask = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        self.states = [
+            ScaledRows(torch.zeros(batch_size, config.num_state_heads, 1, dtype=ssm.state_dtype, device=device),
+                       torch.zeros(batch_size, config.num_state_heads, config.state_size, dtype=ssm.state_dtype, device=device))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.owner = lambda: None  # weak reference to the cache whose states are in self.states
+
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: allocations and library initialisation outside the graph
+                self._step(model)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step(model)
+
+    def _step(self, model) -> torch.Tensor:
+        hidden = model.backbone.embeddings(self.ids)
+        hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, self.mask)
+        for buffer, new in zip(self.states, new_states):
+            buffer.log_scale.copy_(new.log_scale)
+            buffer.rows.copy_(new.rows)
+        return model.lm_head(hidden).float()
+
+    def is_valid_for(self, model) -> bool:
+        """False once the model's weights were moved or replaced (the graph reads the old memory)."""
+        return self.model() is model and model.lm_head.weight.data_ptr() == self.weights_ptr
+
+    def _take_buffers_for(self, cache) -> None:
+        previous = self.owner()
+        if previous is not None and previous is not cache and previous.states[0].rows is self.states[0].rows:
+            previous.states = [ScaledRows(s.log_scale.clone(), s.rows.clone()) for s in self.states]
+        for buffer, state in zip(self.states, cache.states):
+            if state.rows is not buffer.rows:
+                buffer.log_scale.copy_(state.log_scale)
+                buffer.rows.copy_(state.rows)
+        self.owner = weakref.ref(cache)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.mask.copy_(mask)
+        self._take_buffers_for(cache)
+        self.graph.replay()
+        cache.advance(self.states, 1)
+        return self.logits.clone()
