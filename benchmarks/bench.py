@@ -23,12 +23,14 @@ from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
 
 
 def build(name: str, device: str) -> torch.nn.Module:
-    """``gpt2`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>]`` (124M GOOM-SSM)."""
+    """``gpt2`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compiled-decode]`` (124M GOOM-SSM)."""
     if name == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
     else:
-        _, scan, *chunk = name.split(":")
-        config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=int(chunk[0]) if chunk else 64)
+        _, scan, *options = name.split(":")
+        chunk = int(options[0]) if options and options[0].isdigit() else 64
+        config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk,
+                               compile_decode_step="compiled-decode" in options)
         model = GoomSSMForCausalLM(config)
     return model.to(device)
 

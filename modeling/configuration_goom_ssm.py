@@ -27,6 +27,8 @@ class GoomSSMConfig(PretrainedConfig):
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python.
+        compile_decode_step: fuse the kernels of that graph's layer step with ``torch.compile``
+            (several times faster decoding; the first decoding step then waits for compilation).
         tie_word_embeddings: tie the output head to the input embeddings (as the original).
         bos_token_id, eos_token_id, pad_token_id: special ids; bos and eos default to GPT-2's
             ``<|endoftext|>`` (50256), and to ``None`` when the vocabulary is smaller.
@@ -49,6 +51,7 @@ class GoomSSMConfig(PretrainedConfig):
         scan_chunk_size: int = 64,
         use_cache: bool = True,
         decode_with_cuda_graphs: bool = True,
+        compile_decode_step: bool = False,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = GPT2_EOS_TOKEN_ID,
         eos_token_id: int | None = GPT2_EOS_TOKEN_ID,
@@ -67,6 +70,7 @@ class GoomSSMConfig(PretrainedConfig):
         self.scan_chunk_size = scan_chunk_size
         self.use_cache = use_cache
         self.decode_with_cuda_graphs = decode_with_cuda_graphs
+        self.compile_decode_step = compile_decode_step
         if bos_token_id is not None and bos_token_id >= vocab_size:
             bos_token_id = None  # the GPT-2 defaults do not apply to a smaller vocabulary
         if eos_token_id is not None and eos_token_id >= vocab_size:

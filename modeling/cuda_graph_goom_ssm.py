@@ -17,14 +17,21 @@ import torch
 from ..scan import ScaledRows
 
 
+def _call_layer(layer, hidden_states, state, mask):
+    return layer(hidden_states, state, mask)
+
+
 class CUDAGraphDecoder:
     """Captured single-token step of ``model`` (a ``GoomSSMForCausalLM`` on CUDA, eval mode)
-    for ``batch_size`` sequences. Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool)
+    for ``batch_size`` sequences, its layers optionally fused by ``torch.compile`` (one
+    compilation serves all layers: fewer, larger kernels). Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool)
     and a cache holding the state of every layer; it advances the cache and returns the
     logits ``[batch, 1, vocab_size]`` (float32)."""
 
-    def __init__(self, model, batch_size: int):
+    def __init__(self, model, batch_size: int, compile_layers: bool = False):
         config, device = model.config, model.device
+        # One compiled function serves every layer (same shapes; parameters are graph inputs).
+        self.call_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False) if compile_layers else None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()
@@ -49,7 +56,7 @@ class CUDAGraphDecoder:
 
     def _step(self, model) -> torch.Tensor:
         hidden = model.backbone.embeddings(self.ids)
-        hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, self.mask)
+        hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, self.mask, call_layer=self.call_layer)
         for buffer, new in zip(self.states, new_states):
             buffer.log_scale.copy_(new.log_scale)
             buffer.rows.copy_(new.rows)

@@ -68,7 +68,7 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per sequence")
     if torch.compiler.is_compiling():
         return  # the range check reads values from the device; compiled graphs skip it
-    low, high = int(input_ids.min()), int(input_ids.max())
+    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device-to-host copy
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
@@ -122,13 +122,14 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         self.embeddings = new_embeddings
 
     def run_layers(self, hidden_states: torch.Tensor, states: Optional[list], mask: Optional[torch.Tensor],
-                   output_hidden_states: bool = False):
+                   output_hidden_states: bool = False, call_layer=None):
         """Every residual layer then the final LayerNorm, without input checks (no host syncs).
 
         Args:
             hidden_states: ``[batch, seq_len, hidden_size]`` embeddings.
             states: per layer, the ``ScaledRows`` state to continue from (or ``None``), or ``None``.
             mask: ``[batch, seq_len]`` bool padding mask, or ``None``.
+            call_layer: ``call_layer(layer, hidden_states, state, mask)`` runs one layer (default: a call).
 
         Returns:
             normalised hidden states, the per-layer states after the last token, and (if asked)
@@ -140,6 +141,8 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
             state = states[i] if states is not None else None
             if self.gradient_checkpointing and self.training:
                 hidden_states, state = self._gradient_checkpointing_func(layer.__call__, hidden_states, state, mask)
+            elif call_layer is not None:
+                hidden_states, state = call_layer(layer, hidden_states, state, mask)
             else:
                 hidden_states, state = layer(hidden_states, state, mask)
             new_states.append(state)
@@ -325,5 +328,5 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         key = (batch, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
         decoder = self._cuda_graph_decoders.get(key)
         if decoder is None or not decoder.is_valid_for(self):
-            decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch)
+            decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch, self.config.compile_decode_step)
         return decoder(input_ids, mask, cache)

@@ -15,9 +15,10 @@ def make_model(**overrides):
                                           state_size=16, **overrides)).cuda().eval()
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @torch.no_grad()
-def test_graph_decoding_equals_eager_decoding():
-    model = make_model()
+def test_graph_decoding_equals_eager_decoding(compiled):
+    model = make_model(compile_decode_step=compiled)
     ids = torch.randint(0, 500, (3, 40), device="cuda")
     eager_cache = model(ids[:, :20], use_cache=True).past_key_values
     graph_cache = model(ids[:, :20], use_cache=True).past_key_values

@@ -1,0 +1,203 @@
+"""Tests of pretraining (goom_ssm.train) on CPU with tiny models and the English fixture."""
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("datasets")
+pytest.importorskip("accelerate")
+
+from goom_ssm import train as train_mod  # noqa: E402
+
+TEXT = Path(__file__).parent / "data" / "english.txt"
+TINY = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-state-heads", "2", "--state-size", "8"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hf_cache"))
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run gets its own accelerate state, and --deterministic does not leak into other tests."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def args_for(output_dir, cache_dir, *extra):
+    """Byte-level tokens, blocks of 64, 6 sequences per step in micro-batches of 3 (so that
+    accumulation spans the end of an epoch: 81 blocks = 27 micro-batches per epoch)."""
+    argv = ["--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY,
+            "--batch-size", "6", "--micro-batch-size", "3", "--lr", "3e-3", "--num-proc", "1",
+            "--cache-dir", cache_dir, "--output-dir", str(output_dir), "--no-progress", "--report-to", "none",
+            "--save-every", "0", "--deterministic", *extra]
+    return train_mod.build_arg_parser().parse_args(argv)
+
+
+def log_of(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / train_mod.LOG_FILE).read_text().splitlines()]
+
+
+def final_state(output_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(Path(output_dir) / "final" / "model.safetensors"))
+
+
+def test_defaults_are_the_original_recipe():
+    parser = argparse.ArgumentParser(prog="goom-ssm")
+    sub = parser.add_subparsers(dest="command")
+    train_mod.add_train_arguments(sub.add_parser("train")).set_defaults(run=train_mod.run_train)
+    args = parser.parse_args(["train", "--data", "x.txt", "--output-dir", "out"])
+    assert args.run is train_mod.run_train
+    assert (args.lr, args.final_lr, args.warmup_steps, args.weight_decay) == (3e-4, 1e-5, 10, 0.1)
+    assert (args.base_momentum, args.max_momentum, args.max_grad_norm) == (0.85, 0.99, 1.0)
+    assert (args.batch_size, args.block_size, args.tokenizer, args.mixed_precision) == (960, 1024, "gpt2", "auto")
+
+
+def test_optimizer_groups_and_one_cycle_schedule():
+    from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+
+    model = GoomSSMForCausalLM(GoomSSMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
+                                             num_state_heads=2, state_size=4))
+    args = train_mod.build_arg_parser().parse_args(["--data", "x", "--output-dir", "o"])
+    optimizer, scheduler = train_mod.build_optimizer_and_schedule(model, args, total_steps=100)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    lrs, betas = [], []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        betas.append(optimizer.param_groups[0]["betas"][0])
+        optimizer.step()
+        if len(lrs) < 100:
+            scheduler.step()
+    assert lrs[0] == pytest.approx(1e-5) and lrs[9] == pytest.approx(3e-4) and max(lrs) == pytest.approx(3e-4)
+    assert lrs[-1] == pytest.approx(1e-5) and betas[0] == pytest.approx(0.99) and betas[9] == pytest.approx(0.85)
+    with pytest.raises(ValueError, match="warm-up"):
+        train_mod.build_optimizer_and_schedule(model, args, total_steps=3)
+
+
+def test_loss_decreases_and_final_model_is_saved(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    args = args_for(out, cache_dir, "--max-steps", "30", "--validation-split", "0.15", "--report-to", "tensorboard")
+    result = train_mod.train(args)
+    assert result["steps"] == 30 and len(result["losses"]) == 30 and result["tokens_per_second"] > 0
+    log = log_of(out)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    # step 1's loss is the untrained model's (about ln 257 = 5.55 for bytes)
+    assert abs(result["losses"][0] - math.log(257)) < 0.5
+    assert sum(result["losses"][-5:]) / 5 < result["losses"][0] - 0.8
+    assert result["eval_loss"] < math.log(257) - 0.5  # held-out paragraphs improve too
+    # one-cycle: 1e-5 -> 3e-3 at step 10 -> 1e-5 at the end; beta1 0.99 -> 0.85 -> 0.99
+    assert log[0]["lr"] == pytest.approx(1e-5) and log[9]["lr"] == pytest.approx(3e-3)
+    assert log[-1]["lr"] == pytest.approx(1e-5) and log[9]["beta1"] == pytest.approx(0.85)
+    assert log[-1]["beta1"] == pytest.approx(0.99) and all(r["grad_norm"] > 0 for r in log)
+
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.vocab_size == 257 and model.config.eos_token_id == 256
+    ids = torch.tensor([list(b"It was the best of times, it was the worst of times")])
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert loss < math.log(257) - 0.5
+    assert list((out / "goom-ssm").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+    with pytest.raises(FileExistsError, match="--resume"):  # never mixes a new run into an old one
+        train_mod.train(args_for(out, cache_dir, "--max-steps", "30"))
+
+
+def test_resume_gives_the_same_losses_and_parameters(tmp_path, cache_dir):
+    n = 8  # 2n steps = 32 micro-batches: crosses the end of the first epoch (27) mid-accumulation
+    straight = train_mod.train(args_for(tmp_path / "straight", cache_dir, "--max-steps", str(2 * n)))
+    out = tmp_path / "resumed"
+    first = train_mod.train(args_for(out, cache_dir, "--max-steps", str(2 * n), "--stop-at-step", str(n)))
+    assert first["final_dir"] is None and first["losses"] == straight["losses"][:n]
+    assert [p.name for p in train_mod.list_checkpoints(out)] == [f"checkpoint-{n}"]
+    second = train_mod.train(args_for(out, cache_dir, "--max-steps", str(2 * n), "--resume"))
+    assert len(second["losses"]) == n
+    assert first["losses"] + second["losses"] == straight["losses"]
+    a, b = log_of(tmp_path / "straight"), log_of(out)
+    assert [(r["loss"], r["lr"], r["beta1"], r["tokens"]) for r in a] == [(r["loss"], r["lr"], r["beta1"], r["tokens"])
+                                                                         for r in b]
+    pa, pb = final_state(tmp_path / "straight"), final_state(out)
+    assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+    # a resumed run must keep the settings that define the data order and the schedule
+    with pytest.raises(ValueError, match="max_steps"):
+        train_mod.train(args_for(out, cache_dir, "--max-steps", str(3 * n), "--resume", str(out / f"checkpoint-{n}")))
+
+
+def test_checkpoints_are_written_atomically(tmp_path, cache_dir, monkeypatch):
+    from accelerate import Accelerator
+
+    out = tmp_path / "run"
+    train_mod.train(args_for(out, cache_dir, "--max-steps", "6", "--save-every", "2", "--keep-checkpoints", "2"))
+    assert [p.name for p in train_mod.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
+    for ckpt in train_mod.list_checkpoints(out):
+        names = {p.name for p in ckpt.iterdir()}
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"} <= names
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+    # A save that dies half-way leaves no folder named checkpoint-*.
+    real_save_state = Accelerator.save_state
+
+    def dying_save_state(self, output_dir=None, **kwargs):
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+
+    crashed = tmp_path / "crashed"
+    monkeypatch.setattr(Accelerator, "save_state", dying_save_state)
+    with pytest.raises(KeyboardInterrupt):
+        train_mod.train(args_for(crashed, cache_dir, "--max-steps", "6", "--save-every", "3"))
+    assert not list(crashed.glob("checkpoint-*")) and (crashed / ".tmp-checkpoint-3").is_dir()
+    assert train_mod.list_checkpoints(crashed) == []
+    # --resume with no complete checkpoint starts afresh, and replaces the partial folder
+    monkeypatch.setattr(Accelerator, "save_state", real_save_state)
+    AcceleratorStateReset()
+    result = train_mod.train(args_for(crashed, cache_dir, "--max-steps", "6", "--save-every", "3", "--resume"))
+    assert result["steps"] == 6 and [p.name for p in train_mod.list_checkpoints(crashed)] == ["checkpoint-3",
+                                                                                             "checkpoint-6"]
+    assert not (crashed / ".tmp-checkpoint-3").exists()
+
+
+def AcceleratorStateReset():
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
+    """Two CPU processes (DDP over gloo) through ``accelerate launch``; about 10-20 s.
+
+    accelerate's ``--cpu`` launcher starts one process unless MPI is set up, so two CPU
+    processes are launched with ``--multi_gpu`` (torchrun); the trainer then selects the
+    CPU backend by itself on a host without GPUs.
+    """
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+    cmd = [*launcher, "-m", "goom_ssm.train", "--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY,
+           "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "6", "--save-every", "3", "--num-proc", "1",
+           "--cache-dir", cache_dir, "--output-dir", str(out), "--no-progress", "--report-to", "none", "--cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "config.json").is_file()
+    # each process saved its RNG states: two processes really ran
+    assert {p.name for p in (out / "checkpoint-6").glob("random_states_*.pkl")} == {"random_states_0.pkl",
+                                                                                     "random_states_1.pkl"}
+    log = log_of(out)
+    assert len(log) == 6 and log[-1]["tokens"] == 6 * 8 * 64
