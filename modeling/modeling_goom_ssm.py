@@ -10,6 +10,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -31,6 +32,16 @@ class GoomSSMPreTrainedModel(PreTrainedModel):
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model creates its own GoomSSMCache
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """``PreTrainedModel.from_pretrained``, with corrupt weight files reported as such."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except SafetensorError as error:
+            raise OSError(
+                f"the weights of {pretrained_model_name_or_path} are corrupt or truncated (model.safetensors: {error})"
+            ) from error
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):

@@ -219,3 +219,13 @@ def test_training_forward_traces_as_one_graph(tiny_model):
     explanation = torch._dynamo.explain(tiny_model)(input_ids=ids, labels=ids)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_weights_file_is_reported(tiny_model, tmp_path, damage):
+    tiny_model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"garbage" * 10)
+    with pytest.raises(OSError, match="corrupt or truncated"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
