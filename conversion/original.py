@@ -7,6 +7,7 @@ state heads from ``init_states``). Its constant complex buffers (``log_I``,
 ``lmde.log_0s_atop_I``) are checked against the values the sizes imply and dropped.
 """
 
+import hashlib
 import os
 import re
 import shutil
@@ -17,7 +18,9 @@ from typing import Mapping, Optional
 import torch
 
 from .. import gooms
+from ..model_card import write_model_card
 from ..modeling import GoomSSMConfig, GoomSSMForCausalLM
+from .tokenizer import GPT2_VOCAB_SIZE, save_gpt2_tokenizer
 
 _LAYER_KEY = re.compile(r"res_layers\.(\d+)\.(.+)")
 # original name inside a layer -> name inside ``backbone.layers.{i}``
@@ -192,7 +195,16 @@ def convert_original_checkpoint(checkpoint: os.PathLike, out_dir: os.PathLike, o
     config, state_dict = original_to_hf(load_original_state_dict(checkpoint))
     model = GoomSSMForCausalLM(config)
     model.load_state_dict(state_dict, strict=True)
-    return save_folder_atomically(model, out_dir, overwrite)
+    digest = hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest()
+
+    def add_tokenizer_and_card(folder: Path) -> None:
+        if config.vocab_size == GPT2_VOCAB_SIZE:
+            save_gpt2_tokenizer(folder)
+        write_model_card(folder, model, model_name=Path(out_dir).name, training=(
+            f"Converted from the original-format checkpoint `{Path(checkpoint).name}` "
+            f"(sha256 `{digest}`) by `goom-ssm convert-original`; the training recipe is that of its source."))
+
+    return save_folder_atomically(model, out_dir, overwrite, extra_files=add_tokenizer_and_card)
 
 
 def export_original_checkpoint(model_dir: os.PathLike, out_file: os.PathLike, overwrite: bool = False) -> Path:

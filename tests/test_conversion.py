@@ -28,6 +28,8 @@ def test_command_line_converts_and_exports_back_exactly(tmp_path, capsys):
     assert (config.num_state_heads, config.state_size) == (4, 8)
     assert config.bos_token_id is None and config.eos_token_id is None  # not a GPT-2 vocabulary
     assert (tmp_path / "hf" / "generation_config.json").is_file()
+    card = (tmp_path / "hf" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in card and "original_tiny.pt" in card and "| 3 |" in card
 
     assert main(["export-original", str(tmp_path / "hf"), str(tmp_path / "back.pt")]) == 0
     back, source = torch.load(tmp_path / "back.pt", weights_only=True), original_state_dict()
@@ -103,3 +105,19 @@ def test_existing_output_is_never_overwritten_silently(tmp_path, capsys):
     (tmp_path / "exists.pt").write_bytes(b"old")
     assert main(["export-original", str(out), str(tmp_path / "exists.pt")]) == 2
     assert (tmp_path / "exists.pt").read_bytes() == b"old"
+
+
+def test_gpt2_vocabulary_checkpoints_get_tokenizer_files(tmp_path):
+    """A checkpoint with the GPT-2 vocabulary converts to a folder AutoTokenizer loads."""
+    from transformers import AutoTokenizer
+
+    sd = original_state_dict()
+    torch.manual_seed(0)
+    embed = torch.randn(50257, 64) * 0.02
+    sd["embed.weight"] = sd["head.weight"] = embed
+    torch.save(sd, tmp_path / "gpt2vocab.pt")
+    convert_original_checkpoint(tmp_path / "gpt2vocab.pt", tmp_path / "hf")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert model.config.eos_token_id == 50256
