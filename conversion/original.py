@@ -17,7 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
-from .. import gooms
+from ..gooms import goom_log
 from ..model_card import write_model_card
 from ..modeling import GoomSSMConfig, GoomSSMForCausalLM
 from .tokenizer import GPT2_VOCAB_SIZE, save_gpt2_tokenizer
@@ -134,8 +134,8 @@ def original_buffers(heads: int, state_size: int) -> dict[str, torch.Tensor]:
     """The original's constant complex buffers for the given sizes."""
     eye = torch.eye(heads)
     return {
-        "ssm_over_gooms.log_I": gooms.log(eye),
-        "ssm_over_gooms.lmde.log_0s_atop_I": gooms.log(torch.cat([torch.zeros(state_size, heads), eye])),
+        "ssm_over_gooms.log_I": goom_log(eye),
+        "ssm_over_gooms.lmde.log_0s_atop_I": goom_log(torch.cat([torch.zeros(state_size, heads), eye])),
     }
 
 

@@ -2,6 +2,7 @@
 
     goom-ssm convert-original CKPT.pt OUT_DIR     original checkpoint -> Hugging Face folder
     goom-ssm export-original MODEL_DIR OUT.pt     Hugging Face folder -> original checkpoint
+    goom-ssm push MODEL_DIR REPO_ID               upload a folder (with its remote code) to the Hub
 """
 
 import argparse
@@ -23,6 +24,13 @@ def _export_original(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _push(args: argparse.Namespace) -> None:
+    from .hub import push_folder
+
+    url = push_folder(args.model_dir, args.repo_id, private=args.private, token=args.token)
+    print(f"uploaded {args.model_dir} to {args.repo_id}: {url}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="goom-ssm", description="GOOM-SSM language models for Hugging Face transformers.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -38,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_file", help="checkpoint file to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing out_file")
     export.set_defaults(run=_export_original)
+
+    push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub, with self-contained remote code")
+    push.add_argument("model_dir", help="folder with config.json, model.safetensors, generation_config.json (tokenizer, README)")
+    push.add_argument("repo_id", help="Hub repository, e.g. user/goom-ssm-small")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in one, or HF_TOKEN)")
+    push.set_defaults(run=_push)
     return parser
 
 

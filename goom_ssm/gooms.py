@@ -21,8 +21,8 @@ import math
 
 import torch
 
-FLOAT_DTYPE = torch.float32
-LOG_ZERO = 2.0 * math.log(torch.finfo(FLOAT_DTYPE).smallest_normal)
+GOOM_FLOAT_DTYPE = torch.float32
+LOG_ZERO = 2.0 * math.log(torch.finfo(GOOM_FLOAT_DTYPE).smallest_normal)
 
 
 class _Abs(torch.autograd.Function):
@@ -69,15 +69,15 @@ class _Exp(torch.autograd.Function):
         return grad * (out + torch.where(out.real < 0, -eps, eps))
 
 
-def log(x: torch.Tensor) -> torch.Tensor:
+def goom_log(x: torch.Tensor) -> torch.Tensor:
     """GOOM of a real tensor: complex tensor ``log|x| + i*pi*[x < 0]``, same shape as ``x``."""
     if x.is_complex():
-        raise TypeError("goom_ssm.gooms.log expects a real tensor, got a complex one")
-    log_abs = _Log.apply(_Abs.apply(x)).to(FLOAT_DTYPE)
+        raise TypeError("goom_log expects a real tensor, got a complex one")
+    log_abs = _Log.apply(_Abs.apply(x)).to(GOOM_FLOAT_DTYPE)
     return torch.complex(log_abs, (x < 0).to(log_abs.dtype) * math.pi)
 
 
-def exp(log_x: torch.Tensor) -> torch.Tensor:
+def goom_exp(log_x: torch.Tensor) -> torch.Tensor:
     """Real tensor ``real(exp(log_x))`` of a GOOM tensor, same shape."""
     return _Exp.apply(log_x).real
 
@@ -91,11 +91,11 @@ def log_matmul_exp(log_x1: torch.Tensor, log_x2: torch.Tensor) -> torch.Tensor:
     """
     c1 = log_x1.real.detach().amax(dim=-1, keepdim=True).clamp(min=0)
     c2 = log_x2.real.detach().amax(dim=-2, keepdim=True).clamp(min=0)
-    return log(torch.matmul(exp(log_x1 - c1), exp(log_x2 - c2))) + c1 + c2
+    return goom_log(torch.matmul(goom_exp(log_x1 - c1), goom_exp(log_x2 - c2))) + c1 + c2
 
 
 def scaled_exp(log_x: torch.Tensor, dim: int = -1, max_real: float = 2.0) -> torch.Tensor:
     """Exponentiate ``log_x`` after shifting it so its largest real part over ``dim`` is
     ``max_real`` (shift detached): real tensor of the same shape, in ``[-e^max_real, e^max_real]``."""
     c = log_x.real.detach().amax(dim=dim, keepdim=True)
-    return exp(log_x - c + max_real)
+    return goom_exp(log_x - c + max_real)

@@ -24,7 +24,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import gooms
+from .gooms import GOOM_FLOAT_DTYPE, goom_exp, goom_log, log_matmul_exp
 
 
 class ScaledRows(NamedTuple):
@@ -149,14 +149,14 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> S
     """
     batch, seq_len, n, d = u.shape
     dtype = u.dtype
-    u, A = u.to(gooms.FLOAT_DTYPE), A.to(gooms.FLOAT_DTYPE)
-    log_0s_atop_I = gooms.log(torch.cat([u.new_zeros(d, n), torch.eye(n, dtype=u.dtype, device=u.device)]))
+    u, A = u.to(GOOM_FLOAT_DTYPE), A.to(GOOM_FLOAT_DTYPE)
+    log_0s_atop_I = goom_log(torch.cat([u.new_zeros(d, n), torch.eye(n, dtype=u.dtype, device=u.device)]))
 
     def combine(earlier, later):
         padded = torch.cat([earlier, log_0s_atop_I.expand(*earlier.shape[:-2], d + n, n)], dim=-1)
-        return gooms.log_matmul_exp(padded, later)
+        return log_matmul_exp(padded, later)
 
-    elements = gooms.log(torch.cat([A.expand(batch, seq_len, d, d), u], dim=-2))  # [batch, T, d + n, d]
+    elements = goom_log(torch.cat([A.expand(batch, seq_len, d, d), u], dim=-2))  # [batch, T, d + n, d]
     # Sklansky scan, as the original: pad to a power of two with identity-free GOOM zeros (value 1,
     # never reaching a kept position); at level k, the second half of every block of 2^(k+1)
     # elements combines with the last element of the first half.
@@ -170,11 +170,11 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> S
         half *= 2
     elements = elements[:, :seq_len]
 
-    log_x0 = gooms.log(initial.rows.to(gooms.FLOAT_DTYPE)) + initial.log_scale.to(gooms.FLOAT_DTYPE)
-    log_I = gooms.log(torch.eye(n, dtype=u.dtype, device=u.device)).expand(batch, n, n)
-    log_x = gooms.log_matmul_exp(torch.cat([log_x0, log_I], dim=-1)[:, None], elements)  # [batch, T, n, d]
+    log_x0 = goom_log(initial.rows.to(GOOM_FLOAT_DTYPE)) + initial.log_scale.to(GOOM_FLOAT_DTYPE)
+    log_I = goom_log(torch.eye(n, dtype=u.dtype, device=u.device)).expand(batch, n, n)
+    log_x = log_matmul_exp(torch.cat([log_x0, log_I], dim=-1)[:, None], elements)  # [batch, T, n, d]
     log_scale = log_x.real.detach().amax(dim=-1, keepdim=True)
-    return ScaledRows(log_scale.to(dtype), gooms.exp(log_x - log_scale).to(dtype))
+    return ScaledRows(log_scale.to(dtype), goom_exp(log_x - log_scale).to(dtype))
 
 
 SCANS = {"chunked": chunked_scan, "goom_prefix": goom_prefix_scan}
