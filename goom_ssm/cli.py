@@ -3,6 +3,7 @@
     goom-ssm convert-original CKPT.pt OUT_DIR     original checkpoint -> Hugging Face folder
     goom-ssm export-original MODEL_DIR OUT.pt     Hugging Face folder -> original checkpoint
     goom-ssm push MODEL_DIR REPO_ID               upload a folder (with its remote code) to the Hub
+    goom-ssm train --data FILES --output-dir DIR  pretrain (also: accelerate launch -m goom_ssm.train)
 """
 
 import argparse
@@ -53,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--token", default=None, help="Hub token (default: the logged-in one, or HF_TOKEN)")
     push.set_defaults(run=_push)
+
+    from .train import add_train_arguments, run_train
+
+    add_train_arguments(commands.add_parser("train", help="pretrain a model (the original's recipe by default)"))
+    commands.choices["train"].set_defaults(run=run_train)
     return parser
 
 

@@ -198,7 +198,8 @@ def load_text_dataset(source: Union[str, os.PathLike, Sequence[Union[str, os.Pat
         raise FileNotFoundError(f"no data files ({', '.join(sorted(LOCAL_FORMATS))}) in {sources}")
     formats = {LOCAL_FORMATS.get(f.suffix.lower()) for f in files}
     if None in formats or len(formats) != 1:
-        raise ValueError(f"data files must all have one of the formats {sorted(LOCAL_FORMATS)}, got {[str(f) for f in files]}")
+        names = [str(f) for f in files]
+        raise ValueError(f"data files must all have one format of {sorted(LOCAL_FORMATS)}, got {names}")
     builder = formats.pop()
     if builder == "text":
         load_kwargs.setdefault("sample_by", sample_by)

@@ -113,6 +113,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     run.add_argument("--eval-every", type=int, default=0, help="evaluate on the held-out data every N steps (0: end)")
     run.add_argument("--eval-batches", type=int, default=50, help="micro-batches per evaluation")
     run.add_argument("--report-to", default="tensorboard", help="accelerate trackers, comma-separated, or 'none'")
+    run.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -180,20 +181,23 @@ def list_checkpoints(output_dir) -> list[Path]:
     return [p for step, p in sorted(f for f in found if f[0] is not None)]
 
 
-def _load_config(args):
-    from .modeling import GoomSSMConfig
-
+def _given_config(args) -> dict:
+    """The fields of ``--config`` (a config.json path or JSON text), or ``{}``."""
     if args.config is None:
-        config = GoomSSMConfig()
-    elif Path(args.config).is_file():
-        config = GoomSSMConfig.from_json_file(args.config)
-    else:
-        config = GoomSSMConfig(**json.loads(args.config))
-    return config
+        return {}
+    text = Path(args.config).read_text() if Path(args.config).is_file() else args.config
+    try:
+        given = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"--config is neither a file nor valid JSON: {error}") from None
+    for key in ("model_type", "transformers_version", "architectures"):
+        given.pop(key, None)
+    return given
 
 
 def build_model(args, tokenizer):
-    """A new model (``--config`` / size flags; vocabulary from the tokenizer) or ``--model-dir``'s."""
+    """A new model (``--config`` and the size options; by default the vocabulary is the
+    tokenizer's and the EOS id its EOS) or the model of ``--model-dir``."""
     from transformers import AutoModelForCausalLM
 
     sizes = {k: getattr(args, k) for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_state_heads",
@@ -205,15 +209,12 @@ def build_model(args, tokenizer):
     else:
         from .modeling import GoomSSMConfig, GoomSSMForCausalLM
 
-        config = _load_config(args).to_dict()
-        given = json.loads(args.config) if args.config and not Path(args.config).is_file() else {}
-        if "vocab_size" not in sizes and "vocab_size" not in given and args.config is None and tokenizer.vocab_size:
-            sizes["vocab_size"] = tokenizer.vocab_size
-        config.update(sizes)
-        if tokenizer.eos_token_id < config["vocab_size"]:
-            config["eos_token_id"] = config["bos_token_id"] = tokenizer.eos_token_id
-        for key in ("model_type", "transformers_version", "architectures"):
-            config.pop(key, None)
+        config = {**_given_config(args), **sizes}
+        if "vocab_size" not in config and tokenizer.vocab_size:
+            config["vocab_size"] = tokenizer.vocab_size
+        if tokenizer.eos_token_id < config.get("vocab_size", 50257):
+            config.setdefault("eos_token_id", tokenizer.eos_token_id)
+            config.setdefault("bos_token_id", tokenizer.eos_token_id)
         model = GoomSSMForCausalLM(GoomSSMConfig(**config))
     vocab = model.config.vocab_size
     if tokenizer.vocab_size and tokenizer.vocab_size > vocab or tokenizer.eos_token_id >= vocab:
@@ -261,6 +262,17 @@ def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[
     return final
 
 
+def _open_log(path: Path, step: int):
+    """Open the step log for appending, without the records of steps after ``step`` (which a run
+    that died after its last checkpoint wrote, and which the resumed run redoes)."""
+    kept = []
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(line + "\n" for line in kept)
+    return open(path, "a")
+
+
 def _tracker_config(args) -> dict:
     return {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in vars(args).items()
             if k != "run"}
@@ -302,7 +314,8 @@ def train(args: argparse.Namespace) -> dict:
         torch.use_deterministic_algorithms(True, warn_only=True)
     mixed_precision = args.mixed_precision
     if mixed_precision == "auto":
-        mixed_precision = os.environ.get("ACCELERATE_MIXED_PRECISION") or ("fp16" if torch.cuda.is_available() else "no")
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by accelerate launch / config
+        mixed_precision = launcher or ("fp16" if torch.cuda.is_available() else "no")
     report_to = [] if args.report_to in ("none", "") else args.report_to.split(",")
     if "tensorboard" in report_to:
         from accelerate.utils import is_tensorboard_available
@@ -312,9 +325,12 @@ def train(args: argparse.Namespace) -> dict:
             report_to.remove("tensorboard")
 
     # Gradient accumulation: global batch = micro batch x processes x accumulation steps.
+    # accelerate only runs several processes on a host without GPUs when told to use the CPU.
+    multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
+    cpu = args.cpu or (multi_process and not torch.cuda.is_available())
     from accelerate import PartialState
 
-    num_processes = PartialState().num_processes
+    num_processes = PartialState(cpu=cpu).num_processes
     accumulation = args.gradient_accumulation_steps
     if accumulation is None:
         per_step = args.micro_batch_size * num_processes
@@ -323,7 +339,7 @@ def train(args: argparse.Namespace) -> dict:
                              f"= {args.micro_batch_size} x {num_processes}")
         accumulation = args.batch_size // per_step
     accelerator = Accelerator(
-        mixed_precision=mixed_precision, log_with=report_to or None, project_dir=str(output_dir),
+        cpu=cpu, mixed_precision=mixed_precision, log_with=report_to or None, project_dir=str(output_dir),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
@@ -394,7 +410,7 @@ def train(args: argparse.Namespace) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     if report_to:
         accelerator.init_trackers("goom-ssm", config=_tracker_config(args))
-    log_file = open(output_dir / LOG_FILE, "a") if main else None
+    log_file = _open_log(output_dir / LOG_FILE, state.step) if main else None
 
     tokens_per_micro = args.micro_batch_size * args.block_size * num_processes
     stop_at = min(max_steps, args.stop_at_step) if args.stop_at_step else max_steps

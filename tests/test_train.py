@@ -28,13 +28,17 @@ def cache_dir(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
     """Each run gets its own accelerate state, and --deterministic does not leak into other tests."""
-    from accelerate.state import AcceleratorState, GradientState
-
     deterministic = torch.are_deterministic_algorithms_enabled()
     yield
+    reset_accelerate()
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def reset_accelerate():
+    from accelerate.state import AcceleratorState, GradientState
+
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    torch.use_deterministic_algorithms(deterministic)
 
 
 def args_for(output_dir, cache_dir, *extra):
@@ -155,28 +159,29 @@ def test_checkpoints_are_written_atomically(tmp_path, cache_dir, monkeypatch):
     def dying_save_state(self, output_dir=None, **kwargs):
         Path(output_dir).mkdir(parents=True, exist_ok=True)
         (Path(output_dir) / "model.safetensors").write_bytes(b"partial")
-        raise KeyboardInterrupt("killed while saving")
+        raise RuntimeError("killed while saving")
 
     crashed = tmp_path / "crashed"
     monkeypatch.setattr(Accelerator, "save_state", dying_save_state)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(RuntimeError, match="killed"):
         train_mod.train(args_for(crashed, cache_dir, "--max-steps", "6", "--save-every", "3"))
     assert not list(crashed.glob("checkpoint-*")) and (crashed / ".tmp-checkpoint-3").is_dir()
     assert train_mod.list_checkpoints(crashed) == []
     # --resume with no complete checkpoint starts afresh, and replaces the partial folder
     monkeypatch.setattr(Accelerator, "save_state", real_save_state)
-    AcceleratorStateReset()
+    reset_accelerate()
     result = train_mod.train(args_for(crashed, cache_dir, "--max-steps", "6", "--save-every", "3", "--resume"))
     assert result["steps"] == 6 and [p.name for p in train_mod.list_checkpoints(crashed)] == ["checkpoint-3",
                                                                                              "checkpoint-6"]
     assert not (crashed / ".tmp-checkpoint-3").exists()
 
 
-def AcceleratorStateReset():
-    from accelerate.state import AcceleratorState, GradientState
+def free_port() -> int:
+    import socket
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
@@ -189,7 +194,8 @@ def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
     cmd = [*launcher, "-m", "goom_ssm.train", "--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY,
            "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "6", "--save-every", "3", "--num-proc", "1",
            "--cache-dir", cache_dir, "--output-dir", str(out), "--no-progress", "--report-to", "none", "--cpu"]
