@@ -3,7 +3,7 @@
 Prints a Markdown table per section; every row of a section uses the same settings.
 
     python benchmarks/bench.py --sections train --batches 8 16 32
-    python benchmarks/bench.py --sections train prefill decode
+    python benchmarks/bench.py --models goom:chunked:32 goom:chunked:32:compile gpt2
 
 Sections:
     train    fwd + bwd + AdamW step, tokens/s and peak memory, at --seq-len over --batches
@@ -23,7 +23,8 @@ from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
 
 
 def build(name: str, device: str) -> torch.nn.Module:
-    """``gpt2`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compiled-decode]`` (124M GOOM-SSM)."""
+    """``gpt2`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compile][:compiled-decode]``
+    (124M GOOM-SSM; ``compile``: torch.compile the model for training)."""
     if name == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
     else:
@@ -53,11 +54,11 @@ def time_it(fn, warmup: int, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_train(name, batch, seq_len, dtype, steps, compile_model):
+def bench_train(name, batch, seq_len, dtype, steps):
     cleanup()
     model = build(name, "cuda").train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    step_model = torch.compile(model) if compile_model else model
+    step_model = torch.compile(model, fullgraph=True) if "compile" in name.split(":") else model
     ids = torch.randint(0, 50257, (batch, seq_len), device="cuda")
 
     def step():
@@ -131,6 +132,7 @@ def fmt(value, spec=".0f"):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["train", "prefill", "decode"])
+    parser.add_argument("--decode-models", nargs="+", default=None, help="models of the prefill and decode sections (default: --models)")
     parser.add_argument("--models", nargs="+", default=["goom:chunked:64", "goom:chunked:16", "gpt2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--seq-len", type=int, default=1024)
@@ -139,18 +141,17 @@ def main():
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model for training")
     args = parser.parse_args()
     dtype = getattr(torch, args.dtype)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, goom_ssm {goom_ssm.__version__}, "
-          f"dtype {args.dtype}, compile {args.compile}\n")
+          f"dtype {args.dtype}\n")
 
     if "train" in args.sections:
         print(f"### Training (fwd + bwd + AdamW), seq {args.seq_len}\n")
         print("| model | batch | tokens/s | peak GiB |\n|---|---|---|---|")
         for name in args.models:
             for batch in args.batches:
-                tps, mem = bench_train(name, batch, args.seq_len, dtype, args.steps, args.compile)
+                tps, mem = bench_train(name, batch, args.seq_len, dtype, args.steps)
                 print(f"| {name} | {batch} | {fmt(tps)} | {fmt(mem, '.1f')} |", flush=True)
                 if tps is None:
                     break
@@ -158,7 +159,7 @@ def main():
     if "prefill" in args.sections:
         print("### Prefill (forward, batch 1)\n")
         print("| model | seq | tokens/s | peak GiB |\n|---|---|---|---|")
-        for name in args.models:
+        for name in args.decode_models or args.models:
             for seq_len in args.prefill_lengths:
                 tps, mem = bench_prefill(name, seq_len, dtype)
                 print(f"| {name} | {seq_len} | {fmt(tps)} | {fmt(mem, '.1f')} |", flush=True)
@@ -166,7 +167,7 @@ def main():
     if "decode" in args.sections:
         print(f"### Decode after a 512-token prompt, {args.new_tokens} new tokens\n")
         print("| model | batch | generate() tokens/s | raw step tokens/s | peak GiB |\n|---|---|---|---|---|")
-        for name in args.models:
+        for name in args.decode_models or args.models:
             for batch in args.decode_batches:
                 gen, raw, mem = bench_decode(name, batch, args.new_tokens, dtype)
                 print(f"| {name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(mem, '.1f')} |", flush=True)
