@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
+from .conversion.tokenizer import GPT2_VOCAB_SIZE, save_gpt2_tokenizer
+
 # Modules bundled into the remote modeling file, in dependency order.
 _BUNDLED = [
     ("goom_ssm", "gooms.py"),
@@ -71,7 +73,8 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json")
 def push_folder(folder: os.PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
                 commit_message: str = "Upload GOOM-SSM model") -> str:
     """Upload a model folder to the Hub (creating the repository), after adding the remote
-    code. Refuses a folder without weights, config or generation config. Returns the URL."""
+    code (and the GPT-2 tokenizer files to a GPT-2-vocabulary folder that lacks them).
+    Refuses a folder without weights, config or generation config. Returns the URL."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
@@ -79,6 +82,9 @@ def push_folder(folder: os.PathLike, repo_id: str, *, private: bool = False, tok
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete model folder: missing {', '.join(missing)}")
     add_remote_code(folder)
+    if json.loads((folder / "config.json").read_text()).get("vocab_size") == GPT2_VOCAB_SIZE \
+            and not (folder / "tokenizer.json").is_file():
+        save_gpt2_tokenizer(folder)
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)

@@ -503,8 +503,10 @@ def train(args: argparse.Namespace) -> dict:
         state_dict = accelerator.get_state_dict(model)
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
+            unwrapped = accelerator.unwrap_model(model)
+            unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
+            write_training_card(tmp, unwrapped, args, state, accelerator.num_processes, tokens_per_second, eval_loss)
             shutil.rmtree(final_dir, ignore_errors=True)
             os.replace(tmp, final_dir)
         accelerator.wait_for_everyone()
@@ -518,6 +520,34 @@ def train(args: argparse.Namespace) -> dict:
     accelerator.end_training()
     return {"steps": state.step, "losses": losses, "tokens_per_second": tokens_per_second,
             "final_dir": str(final_dir) if final_dir else None, "eval_loss": eval_loss}
+
+
+def write_training_card(folder: Path, model, args: argparse.Namespace, state, num_processes: int,
+                        tokens_per_second: float, eval_loss: Optional[float]) -> None:
+    """README.md model card of a trained model, filled with this run's recipe and numbers."""
+    from .model_card import write_model_card
+
+    training = "\n".join([
+        "| | |", "|---|---|",
+        f"| data | {', '.join(str(d) for d in args.data)} |",
+        f"| tokenizer | {args.tokenizer} |",
+        f"| optimizer steps | {state.step} |",
+        f"| tokens seen | {state.tokens:,} |",
+        f"| global batch | {args.batch_size} sequences of {args.block_size} tokens |",
+        f"| optimizer | AdamW, weight decay {args.weight_decay} (none on LayerNorm), beta2 {args.beta2} |",
+        f"| schedule | one-cycle: LR up to {args.lr} in {args.warmup_steps} steps, down to {args.final_lr}; "
+        f"beta1 {args.max_momentum} -> {args.base_momentum} -> {args.max_momentum} |",
+        f"| gradient clipping | {args.max_grad_norm} |",
+        f"| mixed precision | {args.mixed_precision} (GOOM states in float32) |",
+        f"| processes | {num_processes} |",
+        f"| throughput | {tokens_per_second:,.0f} tokens/s |",
+    ])
+    if eval_loss is not None:
+        evaluation = (f"Held-out data ({', '.join(str(d) for d in args.validation_data or ['validation split'])}): "
+                      f"cross-entropy {eval_loss:.4f} nats/token, perplexity {math.exp(eval_loss):.1f}.")
+    else:
+        evaluation = "Not evaluated during training."
+    write_model_card(folder, model, model_name=Path(args.output_dir).name, training=training, evaluation=evaluation)
 
 
 def run_train(args: argparse.Namespace) -> None:

@@ -1,0 +1,25 @@
+"""The README's main job: the shipped model generates text and beats a unigram model on held-out text."""
+
+import json
+import re
+
+from goom_ssm.cli import DEFAULT_MODEL_DIR, main
+
+UNIGRAM_PERPLEXITY = 712.5  # add-one unigram of the training plays on the held-out play (see the model card)
+
+
+def test_demo_generates_and_reports_held_out_perplexity(capsys):
+    assert main(["demo", "--max-new-tokens", "30"]) == 0
+    out = capsys.readouterr().out
+    generated = out.split("\n\n")[1]
+    assert generated.startswith("KING HENRY.\nMy lords,") and len(generated) > len("KING HENRY.\nMy lords,") + 10
+    perplexity = float(re.search(r"held out from training\): ([\d.]+)", out).group(1))
+    assert perplexity < UNIGRAM_PERPLEXITY / 3
+
+
+def test_shipped_model_folder_is_complete_and_small():
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["model_type"] == "goom_ssm" and config["vocab_size"] == 50257
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 30e6
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    assert "191.2" in card and "712.5" in card and "tokens seen" in card
