@@ -229,3 +229,25 @@ def test_corrupt_weights_file_is_reported(tiny_model, tmp_path, damage):
     weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else data[:8] + b"garbage" * 10)
     with pytest.raises(OSError, match="corrupt or truncated"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_padding_changes_no_gradient():
+    """Backward through padded batches: the gradients of the real tokens' loss equal those of
+    the sequences run alone (left and right padding in one batch)."""
+    torch.manual_seed(0)
+    model = GoomSSMForCausalLM(tiny_config(scan_chunk_size=4)).train()
+    a, b = torch.randint(0, 97, (1, 11)), torch.randint(0, 97, (1, 6))
+    for ids in (a, b):
+        model(ids, labels=ids).loss.backward()
+    alone = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    pad = torch.zeros(1, 5, dtype=torch.long)
+    batch = torch.cat([a, torch.cat([b, pad], 1), torch.cat([pad, b], 1)[:, -11:]], 0)
+    mask = torch.cat([torch.ones(1, 11), torch.cat([torch.ones(1, 6), torch.zeros(1, 5)], 1),
+                      torch.cat([torch.zeros(1, 5), torch.ones(1, 6)], 1)]).long()
+    logits = model(batch, attention_mask=mask).logits
+    losses = [F.cross_entropy(logits[0, :-1], a[0, 1:]), F.cross_entropy(logits[1, :5], b[0, 1:]),
+              F.cross_entropy(logits[2, 5:-1], b[0, 1:])]
+    (losses[0] + 0.5 * losses[1] + 0.5 * losses[2]).backward()
+    for expected, p in zip(alone, model.parameters()):
+        assert torch.allclose(p.grad, expected, atol=1e-6), p.shape
