@@ -157,9 +157,9 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> S
         return log_matmul_exp(padded, later)
 
     elements = goom_log(torch.cat([A.expand(batch, seq_len, d, d), u], dim=-2))  # [batch, T, d + n, d]
-    # Sklansky scan, as the original: pad to a power of two with identity-free GOOM zeros (value 1,
-    # never reaching a kept position); at level k, the second half of every block of 2^(k+1)
-    # elements combines with the last element of the first half.
+    # Sklansky scan, as the original: pad to a power of two (padding comes after every kept
+    # position, so it never reaches a kept result); at each level, the second half of every
+    # block of 2 * half elements combines with the last element of the first half.
     padded_len = 1 << max(0, (seq_len - 1).bit_length())
     elements = torch.nn.functional.pad(elements, (0, 0, 0, 0, 0, padded_len - seq_len))
     half = 1
