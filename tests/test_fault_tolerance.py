@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 pytest.importorskip("datasets")
 
 TEXT = Path(__file__).parent / "data" / "english.txt"
-STEPS = 24
+STEPS = 40
 
 
 def command(output_dir, cache_dir, *extra):
@@ -42,11 +42,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
     subprocess.run(command(straight, cache), env=ENV, check=True, capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
+    kill_after = random.Random(os.getpid()).randint(3, STEPS - 12)  # a random step: mid-step or mid-save
     process = subprocess.Popen(command(killed, cache), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not list(killed.glob("checkpoint-*")) and time.time() < deadline and process.poll() is None:
-        time.sleep(0.05)
-    time.sleep(random.Random(os.getpid()).uniform(0.0, 0.5))  # a random moment, mid-step or mid-save
+    log, deadline = killed / "train_log.jsonl", time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and len(log.read_text().splitlines()) >= kill_after:
+            break
+        time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "final").exists(), "the run finished before it could be killed"
