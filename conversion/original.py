@@ -17,6 +17,7 @@ from typing import Mapping, Optional
 
 import torch
 
+from ..folders import move_into_place
 from ..gooms import goom_log
 from ..model_card import write_model_card
 from ..modeling import GoomSSMConfig, GoomSSMForCausalLM
@@ -179,9 +180,7 @@ def save_folder_atomically(model: GoomSSMForCausalLM, out_dir: os.PathLike, over
         model.save_pretrained(staging)
         if extra_files is not None:
             extra_files(staging)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        staging.rename(out_dir)
+        move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir

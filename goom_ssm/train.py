@@ -37,6 +37,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .folders import move_into_place
+
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "final"
 LOG_FILE = "train_log.jsonl"
@@ -250,11 +252,7 @@ def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if final.exists():  # an older run reached this step: replace it only once the new one is complete
-            old = output_dir / f".old-{CHECKPOINT_PREFIX}{step}"
-            os.replace(final, old)
-            shutil.rmtree(old)
-        os.replace(tmp, final)
+        move_into_place(tmp, final)  # an older run's checkpoint of this step is replaced only now
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
                 shutil.rmtree(old)
@@ -507,8 +505,7 @@ def train(args: argparse.Namespace) -> dict:
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
             write_training_card(tmp, unwrapped, args, state, accelerator.num_processes, tokens_per_second, eval_loss)
-            shutil.rmtree(final_dir, ignore_errors=True)
-            os.replace(tmp, final_dir)
+            move_into_place(tmp, final_dir)
         accelerator.wait_for_everyone()
     if main:
         message = f"{state.step} steps; {tokens_per_second:,.0f} tokens/s over this session"
