@@ -1,0 +1,297 @@
+"""The GOOM-SSM recurrence as Triton kernels: the fast path on CUDA, forward and backward.
+
+Same inputs and outputs as :func:`goom_ssm.scan.chunked_scan`: the states of
+``x_t = x_{t-1} A + u_t``, every row in scaled form (a log-scale ``s`` and a row ``v`` whose
+largest magnitude is 1: the numbers of the GOOM ``log x``), so that no magnitude
+overflows. One kernel runs the recurrence step by step, ``A`` in registers, a block of
+state rows per program. To fill the GPU at any batch size the sequence is cut into chunks
+of ``L`` steps (``K`` chunks), evaluated in three launches:
+
+1. every chunk but the last from a zero state, in parallel: its end state ``E_k``;
+2. the states entering the chunks, ``S_k = S_{k-1} A^L + E_{k-1}`` from the initial state:
+   the same recurrence over ``K - 1`` steps, with ``A^L`` and inputs in scaled form;
+3. every chunk from its entering state, in parallel, writing every step.
+
+The backward pass is the adjoint recurrence ``lambda_t = lambda_{t+1} A^T + g_t e^{-s_t}``
+(``g_t`` the gradient of the output rows, whose scales ``s_t`` are detached as in the
+original): the same three launches in reverse time, its inputs in scaled form too. The
+third writes ``du_t = lambda_t`` and accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each
+term's two scales added before exponentiating, so gradients are right however large the
+states and however small the adjoints. Only the outputs are saved for the backward pass:
+memory is ``O(T)``, with no ``O(T log T)`` intermediates.
+
+The scan is the custom operator ``goom_ssm::scan`` (with its backward registered), so that
+``torch.compile(fullgraph=True)`` keeps it whole. Without a GPU the kernels run under
+Triton's interpreter (``TRITON_INTERPRET=1`` before importing), as the tests do.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from .scan import ScaledRows, normalize_rows, scaled_powers
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs use the pure-PyTorch scans
+    triton = None
+
+HAS_TRITON = triton is not None
+NO_STATE_LOG_SCALE = -1e30  # log-scale of "no state yet": a zero row that any input outweighs
+ROWS_PER_PROGRAM = 8
+MIN_CHUNK, MAX_CHUNK = 16, 256
+
+
+if HAS_TRITON:
+    _NO_STATE = tl.constexpr(NO_STATE_LOG_SCALE)
+
+    @triton.jit
+    def _advance(s, v, u, u_log_scale, A, a_log_scale, tiny):
+        """One step ``x <- x A + u`` for a block of rows: ``x = exp(s) v`` with ``s [R]``,
+        ``v [R, D]``; ``u [R, D]`` scaled by ``exp(u_log_scale [R])``; ``A`` normalised, with
+        log-scale ``a_log_scale``. Both terms are summed at their larger scale, then the row
+        is renormalised (an all-zero row gets the log of ``tiny``, as ``normalize_rows``)."""
+        w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
+        carried = s + a_log_scale
+        u_peak = tl.maximum(tl.max(tl.abs(u), axis=1), tiny)
+        common = tl.maximum(carried, tl.log(u_peak) + u_log_scale)
+        z = tl.exp(carried - common)[:, None] * w + tl.exp(u_log_scale - common)[:, None] * u
+        peak = tl.maximum(tl.max(tl.abs(z), axis=1), tiny)
+        return common + tl.log(peak), z / peak[:, None]
+
+    @triton.jit
+    def _recurrence_kernel(
+        u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr,
+        out_s_ptr, out_v_ptr, end_s_ptr, end_v_ptr,
+        fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr,
+        seq_len, n_rows, chunk_len, first_chunk, tiny,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, REVERSE: tl.constexpr,
+        HAS_U_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr,
+        WRITE_STEPS: tl.constexpr, PLAIN_STEPS: tl.constexpr, WRITE_ENDS: tl.constexpr,
+        ACCUMULATE_GRAD_A: tl.constexpr,
+    ):
+        """Program (c, b, r): chunk ``first_chunk + c`` of sequence ``b``, state rows
+        ``r * BLOCK_R ...``. Contiguous layouts: ``u [B, T, n, D]`` (any float dtype) and
+        its log-scales ``[B, T, n]``; ``A [D, D]`` (normalised here, times ``exp(a_scale)``);
+        starts and ends ``[B, C, n]`` / ``[B, C, n, D]`` (C = launched chunks); per-step
+        outputs ``[B, T, n]`` / ``[B, T, n, D]`` (``PLAIN_STEPS``: ``exp(s) v`` only).
+        ``ACCUMULATE_GRAD_A``: also sum ``x_{t-1}^T lambda_t`` over this program's steps into
+        ``grad_a [programs, D, D]``, ``x`` from the forward outputs and initial state."""
+        pid_c, b, pid_r = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
+        chunk = first_chunk + pid_c
+        rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        feats = tl.arange(0, BLOCK_D)
+        row_ok = rows < n_rows
+        ok = row_ok[:, None] & (feats < D)[None, :]
+        square_ok = (feats < D)[:, None] & (feats < D)[None, :]
+        A = tl.load(a_ptr + feats[:, None] * D + feats[None, :], mask=square_ok, other=0.0)
+        a_peak = tl.maximum(tl.max(tl.max(tl.abs(A), axis=1), axis=0), tiny)
+        A = A / a_peak
+        a_log_scale = tl.log(a_peak)
+        if HAS_A_SCALE:
+            a_log_scale += tl.load(a_scale_ptr)
+
+        per_chunk = (b * tl.num_programs(0) + pid_c) * n_rows + rows  # index into starts / ends
+        if HAS_START:
+            s = tl.load(start_s_ptr + per_chunk, mask=row_ok, other=0.0)
+            v = tl.load(start_v_ptr + per_chunk[:, None] * D + feats[None, :], mask=ok, other=0.0)
+        else:
+            s = tl.full([BLOCK_R], _NO_STATE, A.dtype)
+            v = tl.zeros([BLOCK_R, BLOCK_D], A.dtype)
+        u_log_scale = tl.zeros([BLOCK_R], A.dtype)
+        if ACCUMULATE_GRAD_A:
+            init_s = tl.load(init_s_ptr + b * n_rows + rows, mask=row_ok, other=0.0)
+            init_v = tl.load(init_v_ptr + (b * n_rows + rows)[:, None] * D + feats[None, :], mask=ok, other=0.0)
+            grad_a = tl.zeros([BLOCK_D, BLOCK_D], A.dtype)
+
+        n_steps = tl.minimum(chunk_len, seq_len - chunk * chunk_len)
+        for i in range(0, n_steps):
+            if REVERSE:
+                t = chunk * chunk_len + n_steps - 1 - i
+            else:
+                t = chunk * chunk_len + i
+            step = (b * seq_len + t) * n_rows + rows
+            u = tl.load(u_ptr + step[:, None] * D + feats[None, :], mask=ok, other=0.0).to(A.dtype)
+            if HAS_U_SCALE:
+                u_log_scale = tl.load(u_scale_ptr + step, mask=row_ok, other=0.0)
+            s, v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
+            if WRITE_STEPS:
+                if PLAIN_STEPS:
+                    plain = tl.where(v == 0, 0.0, v * tl.exp(s)[:, None])
+                    tl.store(out_v_ptr + step[:, None] * D + feats[None, :], plain, mask=ok)
+                else:
+                    tl.store(out_s_ptr + step, s, mask=row_ok)
+                    tl.store(out_v_ptr + step[:, None] * D + feats[None, :], v, mask=ok)
+            if ACCUMULATE_GRAD_A:
+                prev = (b * seq_len + tl.maximum(t - 1, 0)) * n_rows + rows
+                x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0)
+                x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
+                x_s = tl.where(t == 0, init_s, x_s)
+                x_v = tl.where(t == 0, init_v, x_v)
+                x_v = x_v * tl.exp(x_s + s)[:, None]  # both scales at once: finite whenever the term is
+                grad_a += tl.sum(x_v[:, :, None] * v[:, None, :], axis=0)
+
+        if WRITE_ENDS:
+            tl.store(end_s_ptr + per_chunk, s, mask=row_ok)
+            tl.store(end_v_ptr + per_chunk[:, None] * D + feats[None, :], v, mask=ok)
+        if ACCUMULATE_GRAD_A:
+            program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(2) + pid_r
+            tl.store(grad_a_ptr + program * D * D + feats[:, None] * D + feats[None, :], grad_a, mask=square_ok)
+
+
+def default_chunk_length(seq_len: int) -> int:
+    """Steps per chunk: the power of two nearest ``sqrt(seq_len)`` (balancing the parallel
+    passes, ``L`` steps each, against the carry over ``T / L`` chunks), within 16..256."""
+    return min(MAX_CHUNK, max(MIN_CHUNK, 2 ** round(math.log2(max(seq_len, 1)) / 2)))
+
+
+def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, u_log_scale=None, a_log_scale=None,
+                start: Optional[ScaledRows] = None, steps=False, plain_dtype=None, ends=False, grad_a_from=None):
+    """Launch ``_recurrence_kernel`` over ``num_chunks`` chunks (from ``first_chunk``) of
+    ``u [B, T, n, d]``; returns a dict of the outputs asked for: ``steps`` (``ScaledRows``
+    ``[B, T, n, 1]`` / ``[B, T, n, d]``, or given ``plain_dtype`` the tensor ``exp(s) v`` in
+    that dtype), ``ends`` (``ScaledRows`` ``[B, num_chunks, n, 1]`` / ``[..., d]``) and
+    ``grad_a`` (``[d, d]``, with ``grad_a_from = (forward states, initial state)``)."""
+    batch, seq_len, n, d = u.shape
+    state_dtype, device = A.dtype, u.device
+    block_r = min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
+    grid = (num_chunks, batch, triton.cdiv(n, block_r))
+    out = {}
+    empty = u.new_empty(0)
+    step_s = step_v = end_s = end_v = fwd_s = fwd_v = init_s = init_v = grad_a = empty
+    plain = plain_dtype is not None
+    if steps:
+        step_v = torch.empty(batch, seq_len, n, d, dtype=plain_dtype or state_dtype, device=device)
+        step_s = empty if plain else torch.empty(batch, seq_len, n, 1, dtype=state_dtype, device=device)
+        out["steps"] = step_v if plain else ScaledRows(step_s, step_v)
+    if ends:
+        end_s = torch.empty(batch, num_chunks, n, 1, dtype=state_dtype, device=device)
+        end_v = torch.empty(batch, num_chunks, n, d, dtype=state_dtype, device=device)
+        out["ends"] = ScaledRows(end_s, end_v)
+    if grad_a_from is not None:
+        (fwd_s, fwd_v), (init_s, init_v) = grad_a_from
+        grad_a = torch.empty(grid[0] * grid[1] * grid[2], d, d, dtype=state_dtype, device=device)
+    _recurrence_kernel[grid](
+        u, empty if u_log_scale is None else u_log_scale, A, empty if a_log_scale is None else a_log_scale,
+        empty if start is None else start.log_scale, empty if start is None else start.rows,
+        step_s, step_v, end_s, end_v, fwd_s, fwd_v, init_s, init_v, grad_a,
+        seq_len, n, chunk_len, first_chunk, torch.finfo(state_dtype).tiny,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse,
+        HAS_U_SCALE=u_log_scale is not None, HAS_A_SCALE=a_log_scale is not None, HAS_START=start is not None,
+        WRITE_STEPS=steps, PLAIN_STEPS=plain, WRITE_ENDS=ends, ACCUMULATE_GRAD_A=grad_a_from is not None,
+        num_warps=4,
+    )
+    if grad_a_from is not None:
+        out["grad_a"] = grad_a.sum(0)
+    return out
+
+
+def _power(A: torch.Tensor, exponent: int) -> ScaledRows:
+    """``A^exponent`` as a 0-d log-scale and a normalised ``[d, d]`` matrix."""
+    powers = scaled_powers(normalize_rows(A, dims=(-2, -1)), exponent)
+    return ScaledRows(powers.log_scale[exponent], powers.rows[exponent].contiguous())
+
+
+def _chain(first: ScaledRows, rest: ScaledRows) -> ScaledRows:
+    """``first [B, n, ...]`` followed by ``rest [B, k, n, ...]`` along a new dim 1."""
+    return ScaledRows(torch.cat([first.log_scale[:, None], rest.log_scale], 1).contiguous(),
+                      torch.cat([first.rows[:, None], rest.rows], 1).contiguous())
+
+
+def _forward(u, A, initial: ScaledRows, chunk_len: int) -> ScaledRows:
+    seq_len = u.shape[1]
+    num_chunks = triton.cdiv(seq_len, chunk_len)
+    starts = ScaledRows(initial.log_scale[:, None], initial.rows[:, None])
+    if num_chunks > 1:
+        local_ends = _recurrence(u, A, chunk_len, num_chunks - 1, ends=True)["ends"]
+        step = _power(A, chunk_len)
+        entering = _recurrence(local_ends.rows, step.rows, num_chunks - 1, 1, u_log_scale=local_ends.log_scale,
+                               a_log_scale=step.log_scale, start=starts, steps=True)["steps"]
+        starts = _chain(initial, entering)
+    return _recurrence(u, A, chunk_len, num_chunks, start=starts, steps=True)["steps"]
+
+
+def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype):
+    batch, seq_len, n, d = grad_rows.shape
+    num_chunks = triton.cdiv(seq_len, chunk_len)
+    At = A.t().contiguous()
+    g_log_scale = -states.log_scale  # d loss / d x_t = g_t exp(-s_t)
+    none = ScaledRows(torch.full((batch, 1, n, 1), NO_STATE_LOG_SCALE, dtype=A.dtype, device=A.device),
+                      torch.zeros(batch, 1, n, d, dtype=A.dtype, device=A.device))
+    starts = none
+    if num_chunks > 1:
+        local_ends = _recurrence(grad_rows, At, chunk_len, num_chunks - 1, first_chunk=1, reverse=True,
+                                 u_log_scale=g_log_scale, ends=True)["ends"]
+        step = _power(At, chunk_len)
+        entering = _recurrence(local_ends.rows, step.rows, num_chunks - 1, 1, reverse=True,
+                               u_log_scale=local_ends.log_scale, a_log_scale=step.log_scale, steps=True)["steps"]
+        starts = ScaledRows(torch.cat([entering.log_scale, none.log_scale], 1).contiguous(),
+                            torch.cat([entering.rows, none.rows], 1).contiguous())
+    out = _recurrence(grad_rows, At, chunk_len, num_chunks, reverse=True, u_log_scale=g_log_scale, start=starts,
+                      steps=True, plain_dtype=u_dtype, ends=True, grad_a_from=(states, initial))
+    # d loss / d initial rows = exp(s_0) lambda_0 A^T, lambda_0 in scaled form (chunk 0's end).
+    lam0 = ScaledRows(out["ends"].log_scale[:, 0], out["ends"].rows[:, 0])
+    a_log_scale, a_rows = normalize_rows(A, dims=(-2, -1))
+    grad_init = (initial.log_scale + lam0.log_scale + a_log_scale).exp() * (lam0.rows @ a_rows.t())
+    return out["steps"], out["grad_a"], grad_init
+
+
+@torch.library.custom_op("goom_ssm::scan", mutates_args=())
+def _scan_op(u: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
+             chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    states = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len)
+    return states.log_scale, states.rows
+
+
+@_scan_op.register_fake
+def _(u, A, init_log_scale, init_rows, chunk_len):
+    batch, seq_len, n, d = u.shape
+    return (init_rows.new_empty(batch, seq_len, n, 1), init_rows.new_empty(batch, seq_len, n, d))
+
+
+@torch.library.custom_op("goom_ssm::scan_backward", mutates_args=())
+def _scan_backward_op(grad_rows: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
+                      log_scale: torch.Tensor, rows: torch.Tensor, chunk_len: int,
+                      u_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
+                     u_dtype)
+
+
+@_scan_backward_op.register_fake
+def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype):
+    return grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows)
+
+
+def _setup_context(ctx, inputs, output):
+    u, A, init_log_scale, init_rows, chunk_len = inputs
+    ctx.save_for_backward(A, init_log_scale, init_rows, *output)
+    ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
+
+
+def _scan_op_backward(ctx, grad_log_scale, grad_rows):
+    A, init_log_scale, init_rows, log_scale, rows = ctx.saved_tensors
+    if grad_rows is None:
+        grad_rows = torch.zeros_like(rows)
+    grad_u, grad_A, grad_init = _scan_backward_op(grad_rows.contiguous(), A, init_log_scale, init_rows, log_scale,
+                                                  rows, ctx.chunk_len, ctx.u_dtype)
+    return grad_u, grad_A, None, grad_init, None
+
+
+_scan_op.register_autograd(_scan_op_backward, setup_context=_setup_context)
+
+
+def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: Optional[int] = None) -> ScaledRows:
+    """States of ``x_t = x_{t-1} A + u_t`` for every ``t`` (Triton kernels; see the module
+    docstring). Same arguments and result as :func:`goom_ssm.scan.chunked_scan`: ``u``
+    ``[batch, seq_len, n, d]`` in any float dtype (read as is, computed in ``A``'s dtype,
+    float32 or float64), ``A [d, d]``, ``initial`` ``[batch, n, 1]`` / ``[batch, n, d]``;
+    ``chunk_size`` defaults to :func:`default_chunk_length`. Differentiable in ``u``, ``A``
+    and ``initial.rows``; the log-scales are constants, as everywhere in this package."""
+    if not HAS_TRITON:
+        raise RuntimeError("the 'triton' scan needs the triton package; use scan_implementation='chunked'")
+    chunk_len = chunk_size or default_chunk_length(u.shape[1])
+    log_scale, rows = _scan_op(u.contiguous(), A.contiguous(), initial.log_scale.to(A.dtype).contiguous(),
+                               initial.rows.to(A.dtype).contiguous(), chunk_len)
+    return ScaledRows(log_scale.detach(), rows)
