@@ -21,6 +21,7 @@ from .conversion.tokenizer import GPT2_VOCAB_SIZE, save_gpt2_tokenizer
 _BUNDLED = [
     ("goom_ssm", "gooms.py"),
     ("goom_ssm", "scan.py"),
+    ("goom_ssm", "triton_scan.py"),
     ("goom_ssm", "layers.py"),
     ("goom_ssm.modeling", "cache_goom_ssm.py"),
     ("goom_ssm.modeling", "cuda_graph_goom_ssm.py"),

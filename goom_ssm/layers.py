@@ -18,9 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .scan import ScaledRows, linear_scan, normalize_rows, scan_step
+from .scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scan_step
+from .triton_scan import HAS_TRITON, triton_scan
 
 STATE_OUTPUT_SCALE = math.exp(2.0)  # largest magnitude of a scaled state row
+SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")
 
 
 class GoomSSM(nn.Module):
@@ -29,15 +31,19 @@ class GoomSSM(nn.Module):
     Args:
         d_inp, d_out: input and output features per token.
         n_hid: hidden state rows per token; d_hid: features per row.
-        scan_implementation: ``"chunked"`` (default) or ``"goom_prefix"`` (the original's
-            complex parallel prefix scan); see :mod:`goom_ssm.scan`.
+        scan_implementation: ``"auto"`` (default: ``"triton"`` for CUDA inputs when Triton is
+            installed, else ``"chunked"``), ``"triton"`` (:mod:`goom_ssm.triton_scan`),
+            ``"chunked"`` (pure PyTorch) or ``"goom_prefix"`` (the original's complex parallel
+            prefix scan); see :mod:`goom_ssm.scan`. All give the same states.
         chunk_size: steps per chunk of the chunked scan.
         init_state_range, transition_init_gain: initialisation (see :meth:`reset_parameters`).
     """
 
-    def __init__(self, d_inp: int, d_out: int, n_hid: int, d_hid: int, scan_implementation: str = "chunked",
+    def __init__(self, d_inp: int, d_out: int, n_hid: int, d_hid: int, scan_implementation: str = "auto",
                  chunk_size: int = 64, init_state_range: float = 0.1, transition_init_gain: float = 0.99):
         super().__init__()
+        if scan_implementation not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"unknown scan implementation {scan_implementation!r}; choose one of {SCAN_IMPLEMENTATIONS}")
         self.d_inp, self.d_out, self.n_hid, self.d_hid = d_inp, d_out, n_hid, d_hid
         self.scan_implementation, self.chunk_size = scan_implementation, chunk_size
         self.init_state_range, self.transition_init_gain = init_state_range, transition_init_gain
@@ -81,32 +87,42 @@ class GoomSSM(nn.Module):
             state = self.initial_state(batch)
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            Bu = Bu.to(self.state_dtype)
-            if seq_len == 1:
-                states = self._step(Bu[:, 0], state, None if mask is None else mask[:, 0])
-            elif mask is None:
-                states = linear_scan(Bu, self.A.to(self.state_dtype), state, self.scan_implementation, self.chunk_size)
+            if mask is None:
+                states = self._scan(Bu, state)
+            elif seq_len == 1:
+                states = self._scan(Bu, state)
+                keep = mask[:, :, None, None]
+                states = ScaledRows(torch.where(keep, states.log_scale, state.log_scale[:, None]),
+                                    torch.where(keep, states.rows, state.rows[:, None]))
             else:
                 states = self._masked_scan(Bu, state, mask)
-        x = (STATE_OUTPUT_SCALE * states.rows).flatten(-2).to(self.C.dtype)
-        y = x @ self.C + u @ self.D
+        # scaled(x_t) C = rows_t (e^2 C): the constant goes on the (smaller) weight.
+        y = states.rows.flatten(-2).to(self.C.dtype) @ (STATE_OUTPUT_SCALE * self.C) + u @ self.D
         return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])
 
-    def _step(self, Bu: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor]) -> ScaledRows:
-        """One token (decoding): ``Bu [batch, n, d]``, ``mask [batch]`` -> states ``[batch, 1, ...]``."""
-        new = scan_step(Bu, self.A.to(Bu.dtype), state)
-        if mask is not None:
-            keep = mask[:, None, None]
-            new = ScaledRows(torch.where(keep, new.log_scale, state.log_scale), torch.where(keep, new.rows, state.rows))
-        return ScaledRows(new.log_scale[:, None], new.rows[:, None])
+    def _scan(self, Bu: torch.Tensor, state: ScaledRows) -> ScaledRows:
+        """States after every step of ``Bu [batch, seq_len, n, d]`` (any float dtype) from
+        ``state``, with the configured implementation; float32 (or float64) results."""
+        implementation = self.scan_implementation
+        if implementation == "auto":
+            implementation = "triton" if Bu.is_cuda and HAS_TRITON else "chunked"
+        A = self.A.to(self.state_dtype)
+        if implementation == "triton":
+            return triton_scan(Bu, A, state)
+        Bu = Bu.to(self.state_dtype)
+        if Bu.shape[1] == 1:  # decoding: one step, fewer operations than a scan
+            new = scan_step(Bu[:, 0], A, state)
+            return ScaledRows(new.log_scale[:, None], new.rows[:, None])
+        if implementation == "chunked":
+            return chunked_scan(Bu, A, state, chunk_size=self.chunk_size)
+        return goom_prefix_scan(Bu, A, state)
 
     def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor) -> ScaledRows:
         """Scan only the real tokens (moved to the front of each row, in order), then give
         every position the state after the last real token at or before it."""
         n, d = self.n_hid, self.d_hid
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [batch, seq_len]
-        packed = linear_scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), self.A.to(Bu.dtype), state,
-                             self.scan_implementation, self.chunk_size)
+        packed = self._scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), state)
         # Index 0 holds the state before any real token; index k the state after k real tokens.
         log_scale = torch.cat([state.log_scale[:, None], packed.log_scale], dim=1)
         rows = torch.cat([state.rows[:, None], packed.rows], dim=1)

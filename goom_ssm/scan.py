@@ -6,7 +6,7 @@ magnitude is 1, so that ``x = exp(s) * v``. These are the same numbers as the GO
 and no magnitude ever overflows or underflows to a wrong value, however far the
 recurrence grows or decays.
 
-Two algorithms compute the same states:
+Two pure-PyTorch algorithms compute the states (``goom_ssm.triton_scan`` holds the CUDA one):
 
 - :func:`chunked_scan`, the default pure-PyTorch path: each chunk of ``L`` steps is one
   dense matrix product with the (shared) powers ``A^0 .. A^L``; the states at chunk
@@ -20,7 +20,7 @@ All scale constants (maxima, log-scales) are detached, as in the original, so gr
 are those of the exact recurrence.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 
@@ -175,16 +175,3 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> S
     log_x = log_matmul_exp(torch.cat([log_x0, log_I], dim=-1)[:, None], elements)  # [batch, T, n, d]
     log_scale = log_x.real.detach().amax(dim=-1, keepdim=True)
     return ScaledRows(log_scale.to(dtype), goom_exp(log_x - log_scale).to(dtype))
-
-
-SCANS = {"chunked": chunked_scan, "goom_prefix": goom_prefix_scan}
-
-
-def linear_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, implementation: str = "chunked",
-                chunk_size: Optional[int] = None) -> ScaledRows:
-    """Dispatch to a scan implementation by name (see ``SCANS``)."""
-    if implementation not in SCANS:
-        raise ValueError(f"unknown scan implementation {implementation!r}; choose one of {sorted(SCANS)}")
-    if implementation == "chunked" and chunk_size is not None:
-        return chunked_scan(u, A, initial, chunk_size=chunk_size)
-    return SCANS[implementation](u, A, initial)

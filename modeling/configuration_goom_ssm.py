@@ -2,7 +2,7 @@
 
 from transformers import PretrainedConfig
 
-SCAN_IMPLEMENTATIONS = ("chunked", "goom_prefix")
+SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")  # as goom_ssm.layers (this file stands alone as remote code)
 GPT2_EOS_TOKEN_ID = 50256
 
 
@@ -21,9 +21,12 @@ class GoomSSMConfig(PretrainedConfig):
         layer_norm_epsilon: epsilon of every LayerNorm.
         init_state_range: initial states are drawn from U(-init_state_range, init_state_range).
         transition_init_gain: gain of the orthogonal initialisation of the transition matrix A.
-        scan_implementation: ``"chunked"`` (pure PyTorch, default) or ``"goom_prefix"`` (the
-            original's complex parallel prefix scan, slow; for reference).
-        scan_chunk_size: time steps per chunk of the chunked scan.
+        scan_implementation: ``"auto"`` (default: the Triton kernels on CUDA when Triton is
+            installed, else ``"chunked"``), ``"triton"`` (fused recurrence kernels, forward and
+            backward), ``"chunked"`` (pure PyTorch, any device) or ``"goom_prefix"`` (the
+            original's complex parallel prefix scan, slow; for reference). All compute the same
+            states to float32 rounding; the choice is a matter of speed only.
+        scan_chunk_size: time steps per chunk of the chunked (pure PyTorch) scan.
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python.
@@ -47,7 +50,7 @@ class GoomSSMConfig(PretrainedConfig):
         layer_norm_epsilon: float = 1e-5,
         init_state_range: float = 0.1,
         transition_init_gain: float = 0.99,
-        scan_implementation: str = "chunked",
+        scan_implementation: str = "auto",
         scan_chunk_size: int = 64,
         use_cache: bool = True,
         decode_with_cuda_graphs: bool = True,
