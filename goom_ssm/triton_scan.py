@@ -52,14 +52,17 @@ if HAS_TRITON:
         """One step ``x <- x A + u`` for a block of rows: ``x = exp(s) v`` with ``s [R]``,
         ``v [R, D]``; ``u [R, D]`` scaled by ``exp(u_log_scale [R])``; ``A`` normalised, with
         log-scale ``a_log_scale``. Both terms are summed at their larger scale, then the row
-        is renormalised (an all-zero row gets the log of ``tiny``, as ``normalize_rows``)."""
+        is renormalised (an all-zero row gets the log of ``tiny``, as ``normalize_rows``).
+        Log-scales are float64: they grow by a sum every step, which float32 would round
+        at each of thousands of steps (at s ~ 800, by up to 3e-5 a step)."""
         w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
         carried = s + a_log_scale
         u_peak = tl.maximum(tl.max(tl.abs(u), axis=1), tiny)
-        common = tl.maximum(carried, tl.log(u_peak) + u_log_scale)
-        z = tl.exp(carried - common)[:, None] * w + tl.exp(u_log_scale - common)[:, None] * u
+        common = tl.maximum(carried, tl.log(u_peak).to(tl.float64) + u_log_scale)
+        z = (tl.exp((carried - common).to(v.dtype))[:, None] * w
+             + tl.exp((u_log_scale - common).to(v.dtype))[:, None] * u)
         peak = tl.maximum(tl.max(tl.abs(z), axis=1), tiny)
-        return common + tl.log(peak), z / peak[:, None]
+        return common + tl.log(peak).to(tl.float64), z / peak[:, None]
 
     @triton.jit
     def _recurrence_kernel(
@@ -89,20 +92,20 @@ if HAS_TRITON:
         A = tl.load(a_ptr + feats[:, None] * D + feats[None, :], mask=square_ok, other=0.0)
         a_peak = tl.maximum(tl.max(tl.max(tl.abs(A), axis=1), axis=0), tiny)
         A = A / a_peak
-        a_log_scale = tl.log(a_peak)
+        a_log_scale = tl.log(a_peak).to(tl.float64)
         if HAS_A_SCALE:
-            a_log_scale += tl.load(a_scale_ptr)
+            a_log_scale += tl.load(a_scale_ptr).to(tl.float64)
 
         per_chunk = (b * tl.num_programs(0) + pid_c) * n_rows + rows  # index into starts / ends
         if HAS_START:
-            s = tl.load(start_s_ptr + per_chunk, mask=row_ok, other=0.0)
+            s = tl.load(start_s_ptr + per_chunk, mask=row_ok, other=0.0).to(tl.float64)
             v = tl.load(start_v_ptr + per_chunk[:, None] * D + feats[None, :], mask=ok, other=0.0)
         else:
-            s = tl.full([BLOCK_R], _NO_STATE, A.dtype)
+            s = tl.full([BLOCK_R], _NO_STATE, tl.float64)
             v = tl.zeros([BLOCK_R, BLOCK_D], A.dtype)
-        u_log_scale = tl.zeros([BLOCK_R], A.dtype)
+        u_log_scale = tl.zeros([BLOCK_R], tl.float64)
         if ACCUMULATE_GRAD_A:
-            init_s = tl.load(init_s_ptr + b * n_rows + rows, mask=row_ok, other=0.0)
+            init_s = tl.load(init_s_ptr + b * n_rows + rows, mask=row_ok, other=0.0).to(tl.float64)
             init_v = tl.load(init_v_ptr + (b * n_rows + rows)[:, None] * D + feats[None, :], mask=ok, other=0.0)
             grad_a = tl.zeros([BLOCK_D, BLOCK_D], A.dtype)
 
@@ -115,26 +118,26 @@ if HAS_TRITON:
             step = (b * seq_len + t) * n_rows + rows
             u = tl.load(u_ptr + step[:, None] * D + feats[None, :], mask=ok, other=0.0).to(A.dtype)
             if HAS_U_SCALE:
-                u_log_scale = tl.load(u_scale_ptr + step, mask=row_ok, other=0.0)
+                u_log_scale = tl.load(u_scale_ptr + step, mask=row_ok, other=0.0).to(tl.float64)
             s, v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
             if WRITE_STEPS:
                 if PLAIN_STEPS:
-                    plain = tl.where(v == 0, 0.0, v * tl.exp(s)[:, None])
+                    plain = tl.where(v == 0, 0.0, v * tl.exp(s.to(v.dtype))[:, None])
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], plain, mask=ok)
                 else:
-                    tl.store(out_s_ptr + step, s, mask=row_ok)
+                    tl.store(out_s_ptr + step, s.to(A.dtype), mask=row_ok)
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], v, mask=ok)
             if ACCUMULATE_GRAD_A:
                 prev = (b * seq_len + tl.maximum(t - 1, 0)) * n_rows + rows
-                x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0)
+                x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
                 x_s = tl.where(t == 0, init_s, x_s)
                 x_v = tl.where(t == 0, init_v, x_v)
-                x_v = x_v * tl.exp(x_s + s)[:, None]  # both scales at once: finite whenever the term is
+                x_v = x_v * tl.exp((x_s + s).to(x_v.dtype))[:, None]  # both scales at once: finite whenever the term is
                 grad_a += tl.sum(x_v[:, :, None] * v[:, None, :], axis=0)
 
         if WRITE_ENDS:
-            tl.store(end_s_ptr + per_chunk, s, mask=row_ok)
+            tl.store(end_s_ptr + per_chunk, s.to(A.dtype), mask=row_ok)
             tl.store(end_v_ptr + per_chunk[:, None] * D + feats[None, :], v, mask=ok)
         if ACCUMULATE_GRAD_A:
             program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(2) + pid_r

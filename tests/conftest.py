@@ -1,22 +1,28 @@
 """Shared fixtures: reference vectors of the original implementation and small models."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels then run on CPU tensors in Triton's interpreter (set before triton is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the "triton" scan can run
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """Largest absolute difference divided by the largest magnitude of ``expected``."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.double().cpu()
     return ((actual - expected).abs().max() / expected.abs().max()).item()
 
 
 def norm_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``||actual - expected|| / ||expected||`` (Frobenius norms)."""
-    actual, expected = actual.double(), expected.double()
+    actual, expected = actual.detach().double().cpu(), expected.double().cpu()
     return ((actual - expected).norm() / expected.norm()).item()
 
 

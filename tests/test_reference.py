@@ -5,28 +5,32 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from conftest import norm_relative_error, relative_error, sequential_recurrence
+from conftest import TRITON_DEVICE, norm_relative_error, relative_error, sequential_recurrence
 from goom_ssm.conversion import original
 from goom_ssm.layers import GoomSSM
 
-IMPLEMENTATIONS = ["chunked", "goom_prefix"]
+IMPLEMENTATIONS = ["chunked", "goom_prefix", "triton"]
+
+
+def device_for(implementation):
+    return TRITON_DEVICE if implementation == "triton" else "cpu"
 
 
 def load(converted_tiny_dir, implementation, dtype=torch.float32):
     model = AutoModelForCausalLM.from_pretrained(converted_tiny_dir, scan_implementation=implementation)
-    return model.to(dtype).eval()
+    return model.to(dtype).to(device_for(implementation)).eval()
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_logits_full_and_continued(converted_tiny_dir, reference_vectors, implementation):
     v = reference_vectors
     model = load(converted_tiny_dir, implementation)
+    ids, more_ids = v["input_ids"].to(model.device), v["more_ids"].to(model.device)
     with torch.no_grad():
-        assert relative_error(model(v["input_ids"]).logits, v["logits"]) <= 1e-5
-        both = torch.cat([v["input_ids"], v["more_ids"]], dim=1)
-        assert relative_error(model(both).logits, v["logits_full"]) <= 1e-5
-        prompt = model(v["input_ids"], use_cache=True)
-        continued = model(v["more_ids"], past_key_values=prompt.past_key_values, use_cache=True).logits
+        assert relative_error(model(ids).logits, v["logits"]) <= 1e-5
+        assert relative_error(model(torch.cat([ids, more_ids], dim=1)).logits, v["logits_full"]) <= 1e-5
+        prompt = model(ids, use_cache=True)
+        continued = model(more_ids, past_key_values=prompt.past_key_values, use_cache=True).logits
         assert relative_error(continued, v["logits_continued"]) <= 1e-5
 
 
@@ -49,10 +53,10 @@ def named_gradients(model) -> dict:
 
 def loss_and_gradients(converted_tiny_dir, v, implementation, dtype=torch.float32):
     model = load(converted_tiny_dir, implementation, dtype).train()
-    logits = model(v["input_ids"]).logits
-    loss = F.cross_entropy(logits.flatten(0, 1).to(dtype), v["targets"].flatten())
+    logits = model(v["input_ids"].to(model.device)).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).to(dtype), v["targets"].flatten().to(model.device))
     loss.backward()
-    return loss.detach(), named_gradients(model)
+    return loss.detach().cpu(), {name: grad.cpu() for name, grad in named_gradients(model).items()}
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -68,10 +72,11 @@ def test_loss_and_every_gradient(converted_tiny_dir, reference_vectors, implemen
         assert norm_relative_error(grads[name], expected) <= 1e-4, name
 
 
-def test_default_gradients_equal_exact_float64_gradients(converted_tiny_dir, reference_vectors):
+@pytest.mark.parametrize("implementation", ["chunked", "triton"])
+def test_gradients_equal_exact_float64_gradients(converted_tiny_dir, reference_vectors, implementation):
     v = reference_vectors
-    _, grads32 = loss_and_gradients(converted_tiny_dir, v, "chunked")
-    _, grads64 = loss_and_gradients(converted_tiny_dir, v, "chunked", torch.float64)
+    _, grads32 = loss_and_gradients(converted_tiny_dir, v, implementation)
+    _, grads64 = loss_and_gradients(converted_tiny_dir, v, implementation, torch.float64)
     for name in grads32:
         assert relative_error(grads32[name], grads64[name]) <= 1e-5, name
 
@@ -81,11 +86,12 @@ def test_stress_layer_matches_float64_sequential(stress_case, implementation):
     s = stress_case
     layer = GoomSSM(16, 12, 2, 8, scan_implementation=implementation)
     layer.load_state_dict({k: t for k, t in s["state_dict"].items() if k in dict(layer.named_parameters())})
-    u = s["u"].clone().requires_grad_(True)
+    layer.to(device_for(implementation))
+    u = s["u"].to(device_for(implementation)).requires_grad_(True)
     y, state = layer(u)
     assert torch.isfinite(y).all()
     assert relative_error(y, s["y_float64_sequential"]) <= 1e-4
-    assert torch.allclose(state.log_scale.double(), s["final_log_scale"], rtol=1e-6)
+    assert torch.allclose(state.log_scale.double().cpu(), s["final_log_scale"], rtol=1e-6)
     y.square().mean().backward()
     assert torch.isfinite(u.grad).all()
     assert all(torch.isfinite(p.grad).all() for p in layer.parameters())
