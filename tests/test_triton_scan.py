@@ -135,18 +135,27 @@ def test_default_chunk_length():
 
 @needs_cuda
 @pytest.mark.parametrize("length", [1, 2, 3, 31, 32, 33, 1000, 1024, 4097, 16384, 65536])
-def test_long_sequences_on_cuda_equal_the_pure_pytorch_scan(length):
-    """The 124M model's state sizes (24 rows of 32), batch 2, forward and backward, default
-    chunking, against the chunked scan in float64 (both in float32 would differ by rounding)."""
+def test_long_sequences_on_cuda_match_the_pure_pytorch_scan(length):
+    """The 124M model's state sizes (24 rows of 32), batch 2, default chunking, float32,
+    forward and backward: against the float64 chunked scan, the kernel's errors are at most
+    twice (states) or three times (gradients) those of the float32 chunked scan."""
     u, A, initial = random_case(2, length, 24, 32, 1.0, dtype=torch.float32, seed=length, device="cuda")
     weights = torch.randn_like(u)
     out, grads = states_and_gradients(triton_scan, u, A, initial, weights)
-    ref, ref_grads = states_and_gradients(chunked_scan, u.double(), A.double(), ScaledRows(*(t.double() for t in initial)),
-                                          weights.double())
-    assert (out.rows.double() - ref.rows).abs().max().item() < 1e-4
-    assert ((out.log_scale.double() - ref.log_scale).abs() / (ref.log_scale.abs() + 1)).max().item() < 1e-6
-    for got, want in zip(grads, ref_grads):
-        assert ((got.double() - want).norm() / want.norm()).item() < 1e-4
+    pytorch, pytorch_grads = states_and_gradients(chunked_scan, u, A, initial, weights)
+    exact, exact_grads = states_and_gradients(chunked_scan, u.double(), A.double(),
+                                              ScaledRows(*(t.double() for t in initial)), weights.double())
+
+    def errors(states):
+        rows_error = (states.rows.double() - exact.rows).abs().max().item()
+        scale_error = ((states.log_scale.double() - exact.log_scale).abs() / (exact.log_scale.abs() + 1)).max().item()
+        return rows_error, scale_error
+
+    for ours, theirs in zip(errors(out), errors(pytorch)):
+        assert ours <= 2 * theirs + 1e-7
+    for got, theirs, want in zip(grads, pytorch_grads, exact_grads):
+        error = lambda g: ((g.double() - want).norm() / want.norm()).item()  # noqa: E731
+        assert error(got) <= 3 * error(theirs) + 1e-7
 
 
 @needs_cuda
