@@ -134,12 +134,14 @@ def test_default_chunk_length():
 
 
 @needs_cuda
+@pytest.mark.parametrize("rows", [24, 5])
 @pytest.mark.parametrize("length", [1, 2, 3, 31, 32, 33, 1000, 1024, 4097, 16384, 65536])
-def test_long_sequences_on_cuda_match_the_pure_pytorch_scan(length):
-    """The 124M model's state sizes (24 rows of 32), batch 2, default chunking, float32,
-    forward and backward: against the float64 chunked scan, the kernel's errors are at most
-    twice (states) or three times (gradients) those of the float32 chunked scan."""
-    u, A, initial = random_case(2, length, 24, 32, 1.0, dtype=torch.float32, seed=length, device="cuda")
+def test_long_sequences_on_cuda_match_the_pure_pytorch_scan(length, rows):
+    """The 124M model's state sizes (24 rows of 32; also 5 rows, a partly filled block of
+    rows), batch 2, default chunking, float32, forward and backward: against the float64
+    chunked scan, the kernel's errors are at most twice (states) or three times (gradients)
+    those of the float32 chunked scan."""
+    u, A, initial = random_case(2, length, rows, 32, 1.0, dtype=torch.float32, seed=length, device="cuda")
     weights = torch.randn_like(u)
     out, grads = states_and_gradients(triton_scan, u, A, initial, weights)
     pytorch, pytorch_grads = states_and_gradients(chunked_scan, u, A, initial, weights)
