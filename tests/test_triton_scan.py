@@ -7,9 +7,11 @@ checked on CPU too; the long and large cases run on CUDA only.
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, sequential_recurrence
-from goom_ssm.scan import ScaledRows, chunked_scan, normalize_rows
-from goom_ssm.triton_scan import default_chunk_length, triton_scan
+pytest.importorskip("triton")
+
+from conftest import TRITON_DEVICE, sequential_recurrence  # noqa: E402
+from goom_ssm.scan import ScaledRows, chunked_scan, normalize_rows  # noqa: E402
+from goom_ssm.triton_scan import default_chunk_length, triton_scan  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
