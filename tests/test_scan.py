@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import relative_error, sequential_recurrence
+from conftest import TRITON_DEVICE, relative_error, sequential_recurrence
 from goom_ssm.scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scaled_powers
+from goom_ssm.triton_scan import HAS_TRITON, triton_scan
 
 
 def random_case(batch, length, n, d, radius, dtype=torch.float64, seed=0):
@@ -78,16 +79,26 @@ def test_scaled_powers_match_matrix_power():
         assert torch.allclose(powers.log_scale[k].exp() * powers.rows[k], expected, rtol=1e-10, atol=1e-10)
 
 
-def test_gradients_are_those_of_the_exact_recurrence():
+@pytest.mark.parametrize("implementation", ["chunked", "triton"])
+def test_gradients_are_those_of_the_exact_recurrence(implementation):
     """gradcheck on the states themselves, x = exp(log_scale) * rows (scale constants are
-    detached, as in the original, so this is the derivative of the true recurrence)."""
-    u, A, initial = random_case(2, 11, 2, 3, 0.9, seed=11)
+    detached, as in the original, so this is the derivative of the true recurrence). Chunks
+    of 4 and 2 steps: several chunks and their carries (the Triton kernels run in the
+    interpreter on CPU)."""
+    if implementation == "chunked":
+        scan, chunk, device, sizes = chunked_scan, 4, "cpu", (2, 11, 2, 3)
+    else:
+        if not HAS_TRITON:
+            pytest.skip("needs the triton package")
+        scan, chunk, device, sizes = triton_scan, 2, TRITON_DEVICE, (1, 5, 2, 3)  # small: interpreted on CPU
+    u, A, initial = (t.to(device) if torch.is_tensor(t) else ScaledRows(*(x.to(device) for x in t))
+                     for t in random_case(*sizes, 0.9, seed=11))
     u.requires_grad_(True)
     A.requires_grad_(True)
     init_rows = initial.rows.clone().requires_grad_(True)
 
     def states(u, A, init_rows):
-        out = chunked_scan(u, A, ScaledRows(initial.log_scale, init_rows), chunk_size=4)
+        out = scan(u, A, ScaledRows(initial.log_scale, init_rows), chunk_size=chunk)
         return out.log_scale.exp() * out.rows
 
     assert torch.autograd.gradcheck(states, (u, A, init_rows))

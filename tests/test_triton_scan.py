@@ -59,19 +59,6 @@ def test_equals_the_float64_recurrence_and_its_gradients(length, chunk):
         assert ((got - want).norm() / want.norm()).item() < 1e-12
 
 
-def test_gradcheck():
-    u, A, initial = random_case(1, 6, 2, 3, 0.9, seed=1)
-    u.requires_grad_(True)
-    A.requires_grad_(True)
-    init_rows = initial.rows.clone().requires_grad_(True)
-
-    def states(u, A, init_rows):
-        out = triton_scan(u, A, ScaledRows(initial.log_scale, init_rows), chunk_size=2)
-        return out.log_scale.exp() * out.rows
-
-    assert torch.autograd.gradcheck(states, (u, A, init_rows))
-
-
 @pytest.mark.parametrize("radius", [0.01, 1.0, 1.5, 100.0])
 def test_float32_error_is_that_of_the_pure_pytorch_scan(radius):
     """float32 rounding, 700 steps, against the float64 recurrence: the kernel's errors in the
