@@ -87,15 +87,14 @@ class GoomSSM(nn.Module):
             state = self.initial_state(batch)
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if mask is None:
-                states = self._scan(Bu, state)
-            elif seq_len == 1:
-                states = self._scan(Bu, state)
-                keep = mask[:, :, None, None]
-                states = ScaledRows(torch.where(keep, states.log_scale, state.log_scale[:, None]),
-                                    torch.where(keep, states.rows, state.rows[:, None]))
-            else:
+            if mask is not None and seq_len > 1:
                 states = self._masked_scan(Bu, state, mask)
+            else:
+                states = self._scan(Bu, state)
+                if mask is not None:  # one token: a padded position keeps the state
+                    keep = mask[:, :, None, None]
+                    states = ScaledRows(torch.where(keep, states.log_scale, state.log_scale[:, None]),
+                                        torch.where(keep, states.rows, state.rows[:, None]))
         # scaled(x_t) C = rows_t (e^2 C): the constant goes on the (smaller) weight.
         y = states.rows.flatten(-2).to(self.C.dtype) @ (STATE_OUTPUT_SCALE * self.C) + u @ self.D
         return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])

@@ -215,10 +215,10 @@ def _power(A: torch.Tensor, exponent: int) -> ScaledRows:
     return ScaledRows(powers.log_scale[exponent], powers.rows[exponent].contiguous())
 
 
-def _chain(first: ScaledRows, rest: ScaledRows) -> ScaledRows:
-    """``first [B, n, ...]`` followed by ``rest [B, k, n, ...]`` along a new dim 1."""
-    return ScaledRows(torch.cat([first.log_scale[:, None], rest.log_scale], 1).contiguous(),
-                      torch.cat([first.rows[:, None], rest.rows], 1).contiguous())
+def _chain(*parts: ScaledRows) -> ScaledRows:
+    """State sequences ``[B, k_i, n, ...]`` joined along dim 1 (contiguous)."""
+    return ScaledRows(torch.cat([p.log_scale for p in parts], 1).contiguous(),
+                      torch.cat([p.rows for p in parts], 1).contiguous())
 
 
 def _forward(u, A, initial: ScaledRows, chunk_len: int) -> ScaledRows:
@@ -230,7 +230,7 @@ def _forward(u, A, initial: ScaledRows, chunk_len: int) -> ScaledRows:
         step = _power(A, chunk_len)
         entering = _recurrence(local_ends.rows, step.rows, num_chunks - 1, 1, u_log_scale=local_ends.log_scale,
                                a_log_scale=step.log_scale, start=starts, steps=True)["steps"]
-        starts = _chain(initial, entering)
+        starts = _chain(starts, entering)
     return _recurrence(u, A, chunk_len, num_chunks, start=starts, steps=True)["steps"]
 
 
@@ -248,8 +248,7 @@ def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: 
         step = _power(At, chunk_len)
         entering = _recurrence(local_ends.rows, step.rows, num_chunks - 1, 1, reverse=True,
                                u_log_scale=local_ends.log_scale, a_log_scale=step.log_scale, steps=True)["steps"]
-        starts = ScaledRows(torch.cat([entering.log_scale, none.log_scale], 1).contiguous(),
-                            torch.cat([entering.rows, none.rows], 1).contiguous())
+        starts = _chain(entering, none)
     out = _recurrence(grad_rows, At, chunk_len, num_chunks, reverse=True, u_log_scale=g_log_scale, start=starts,
                       steps=True, plain_dtype=u_dtype, ends=True, grad_a_from=(states, initial))
     # d loss / d initial rows = exp(s_0) lambda_0 A^T, lambda_0 in scaled form (chunk 0's end).
