@@ -5,9 +5,10 @@ Prints a Markdown table per section; every row of a section uses the same settin
     python benchmarks/bench.py --sections train --models goom:triton goom:chunked:32 goom:goom_prefix gpt2
     python benchmarks/bench.py --sections prefill decode --decode-models goom:triton goom:triton:compiled-decode gpt2
 
-Models: ``gpt2`` (transformers' GPT-2 124M, SDPA) or ``goom:<scan>[:<chunk>][:compile][:compiled-decode]``
-(the 124M GOOM-SSM with scan_implementation ``triton`` (the CUDA fast path), ``chunked``
-(pure PyTorch) or ``goom_prefix`` (the original design)).
+Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA) or
+``goom:<scan>[:<chunk>][:compile][:compiled-decode]`` (the 124M GOOM-SSM with scan_implementation
+``triton`` (the CUDA fast path), ``chunked`` (pure PyTorch) or ``goom_prefix`` (the original
+design)); ``compile``: training through ``torch.compile(model, fullgraph=True)``.
 
 Sections:
     train    fwd + bwd + AdamW step, tokens/s and peak memory, at --seq-len over --batches
@@ -27,9 +28,9 @@ from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
 
 
 def build(name: str, device: str) -> torch.nn.Module:
-    """``gpt2`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compile][:compiled-decode]``
-    (124M GOOM-SSM; ``compile``: torch.compile the model for training)."""
-    if name == "gpt2":
+    """``gpt2[:compile]`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compile][:compiled-decode]``
+    (124M GOOM-SSM); see the module docstring."""
+    if name.split(":")[0] == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
     else:
         _, scan, *options = name.split(":")

@@ -23,6 +23,7 @@ _BUNDLED = [
     ("goom_ssm", "scan.py"),
     ("goom_ssm", "triton_scan.py"),
     ("goom_ssm", "layers.py"),
+    ("goom_ssm", "triton_decode.py"),
     ("goom_ssm.modeling", "cache_goom_ssm.py"),
     ("goom_ssm.modeling", "cuda_graph_goom_ssm.py"),
     ("goom_ssm.modeling", "modeling_goom_ssm.py"),

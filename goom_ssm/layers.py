@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scan_step
 from .triton_scan import HAS_TRITON, triton_scan
 
-STATE_OUTPUT_SCALE = math.exp(2.0)  # largest magnitude of a scaled state row
+STATE_OUTPUT_LOG_SCALE = 2.0  # a scaled state row's largest magnitude is e^2
+STATE_OUTPUT_SCALE = math.exp(STATE_OUTPUT_LOG_SCALE)
 SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")
 
 

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .scan import ScaledRows, normalize_rows, scaled_powers
+from .scan import ScaledRows
 
 try:
     import triton
@@ -68,58 +68,110 @@ if HAS_TRITON:
         return common + tl.log(peak).to(tl.float64), z / peak[:, None]
 
     @triton.jit
+    def _normalized(M, tiny):
+        """A matrix divided by its largest magnitude, and the (float64) log of that magnitude."""
+        peak = tl.maximum(tl.max(tl.max(tl.abs(M), axis=1), axis=0), tiny)
+        return M / peak, tl.log(peak).to(tl.float64)
+
+    @triton.jit
+    def _load_matrix(a_ptr, feats, D: tl.constexpr, TRANSPOSE: tl.constexpr):
+        """The ``[D, D]`` matrix at ``a_ptr`` (row-major), or its transpose, zero-padded to the block."""
+        ok = (feats < D)[:, None] & (feats < D)[None, :]
+        if TRANSPOSE:
+            return tl.load(a_ptr + feats[None, :] * D + feats[:, None], mask=ok, other=0.0)
+        return tl.load(a_ptr + feats[:, None] * D + feats[None, :], mask=ok, other=0.0)
+
+    @triton.jit(do_not_specialize=["exponent"])
+    def _power_kernel(a_ptr, out_s_ptr, out_v_ptr, exponent, tiny: tl.constexpr, D: tl.constexpr,
+                      BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr):
+        """``exp(out_s) out_v = M^exponent`` for ``M = A`` (or ``A^T``), ``A [D, D]``, by repeated
+        squaring, every product normalised (so no power overflows)."""
+        feats = tl.arange(0, BLOCK)
+        ok = (feats < D)[:, None] & (feats < D)[None, :]
+        base, base_s = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE), tiny)
+        result = tl.where(ok & (feats[:, None] == feats[None, :]), 1.0, 0.0).to(base.dtype)
+        result_s = tl.zeros_like(base_s)
+        e = exponent
+        while e > 0:
+            if e % 2 == 1:
+                result, s = _normalized(tl.dot(result, base, input_precision="ieee"), tiny)
+                result_s += base_s + s
+            e = e // 2
+            if e > 0:
+                base, s = _normalized(tl.dot(base, base, input_precision="ieee"), tiny)
+                base_s = 2 * base_s + s
+        tl.store(out_v_ptr + feats[:, None] * D + feats[None, :], result, mask=ok)
+        tl.store(out_s_ptr, result_s.to(result.dtype))
+
+    @triton.jit
     def _load_input(u_ptr, u_scale_ptr, step, feats, row_ok, ok, dtype: tl.constexpr, D: tl.constexpr,
-                    HAS_U_SCALE: tl.constexpr):
-        """Input rows ``step`` (indices into ``[B, T, n]``) and their log-scales (0 without ``HAS_U_SCALE``)."""
+                    HAS_U_SCALE: tl.constexpr, NEGATE_U_SCALE: tl.constexpr):
+        """Input rows ``step`` (indices into ``[B, T, n]``) and their log-scales (0 without
+        ``HAS_U_SCALE``; the stored ones negated with ``NEGATE_U_SCALE``)."""
         u = tl.load(u_ptr + step[:, None] * D + feats[None, :], mask=ok, other=0.0).to(dtype)
         if HAS_U_SCALE:
             u_log_scale = tl.load(u_scale_ptr + step, mask=row_ok, other=0.0).to(tl.float64)
+            if NEGATE_U_SCALE:
+                u_log_scale = -u_log_scale
         else:
             u_log_scale = tl.zeros(step.shape, tl.float64)
         return u, u_log_scale
 
     @triton.jit
     def _recurrence_kernel(
-        u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr,
+        u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr, mask_ptr,
         out_s_ptr, out_v_ptr, end_s_ptr, end_v_ptr,
-        fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr,
+        fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr,
         seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, REVERSE: tl.constexpr,
-        HAS_U_SCALE: tl.constexpr, HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr,
-        WRITE_STEPS: tl.constexpr, PLAIN_STEPS: tl.constexpr, WRITE_ENDS: tl.constexpr,
-        ACCUMULATE_GRAD_A: tl.constexpr,
+        TRANSPOSE_A: tl.constexpr, HAS_U_SCALE: tl.constexpr, NEGATE_U_SCALE: tl.constexpr,
+        HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr, HAS_CARRY: tl.constexpr, HAS_MASK: tl.constexpr,
+        WRITE_STEPS: tl.constexpr, PLAIN_STEPS: tl.constexpr, WRITE_ENDS: tl.constexpr, GRADIENTS: tl.constexpr,
     ):
         """Program (c, b, r): chunk ``first_chunk + c`` of sequence ``b``, state rows
         ``r * BLOCK_R ...``. Contiguous layouts: ``u [B, T, n, D]`` (any float dtype) and
-        its log-scales ``[B, T, n]``; ``A [D, D]`` (normalised here, times ``exp(a_scale)``);
-        starts and ends ``[B, C, n]`` / ``[B, C, n, D]`` (C = launched chunks); per-step
-        outputs ``[B, T, n]`` / ``[B, T, n, D]`` (``PLAIN_STEPS``: ``exp(s) v`` only).
-        ``ACCUMULATE_GRAD_A``: also sum ``x_{t-1}^T lambda_t`` over this program's steps into
-        ``grad_a [programs, D, D]``, ``x`` from the forward outputs and initial state."""
+        its log-scales ``[B, T, n]``; ``A [D, D]`` (or its transpose, ``TRANSPOSE_A``;
+        normalised here, times ``exp(a_scale)``). The state entering a chunk: ``start``
+        (``[B, n]`` / ``[B, n, D]``) for the first chunk in the direction of travel, ``carry``
+        (``[B, K - 1, n]`` / ``[..., D]``, the K - 1 other chunks in time order), else none.
+        ``mask [B]`` (one step only): a sequence whose flag is 0 keeps its state.
+        Outputs: chunk ends ``[B, C, n]`` / ``[B, C, n, D]`` (C = launched chunks); every
+        step ``[B, T, n]`` / ``[B, T, n, D]`` (``PLAIN_STEPS``: ``exp(s) v`` only).
+        ``GRADIENTS`` (the adjoint pass): also sum ``x_{t-1}^T lambda_t`` over this program's
+        steps into ``grad_a [programs, D, D]`` (``x`` from the forward states ``fwd`` and the
+        initial state ``init``), and write ``grad_init = exp(init_s) lambda_0 A^T [B, n, D]``."""
         pid_c, b, pid_r = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
         chunk = first_chunk + pid_c
+        num_chunks = tl.cdiv(seq_len, chunk_len)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         feats = tl.arange(0, BLOCK_D)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & (feats < D)[None, :]
-        square_ok = (feats < D)[:, None] & (feats < D)[None, :]
-        A = tl.load(a_ptr + feats[:, None] * D + feats[None, :], mask=square_ok, other=0.0)
-        a_peak = tl.maximum(tl.max(tl.max(tl.abs(A), axis=1), axis=0), tiny)
-        A = A / a_peak
-        a_log_scale = tl.log(a_peak).to(tl.float64)
+        A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE_A), tiny)
         if HAS_A_SCALE:
             a_log_scale += tl.load(a_scale_ptr).to(tl.float64)
 
-        per_chunk = (b * tl.num_programs(0) + pid_c) * n_rows + rows  # index into starts / ends
+        s = tl.full([BLOCK_R], _NO_STATE, tl.float64)
+        v = tl.zeros([BLOCK_R, BLOCK_D], A.dtype)
+        start_chunk = num_chunks - 1 if REVERSE else 0
         if HAS_START:
-            s = tl.load(start_s_ptr + per_chunk, mask=row_ok, other=0.0).to(tl.float64)
-            v = tl.load(start_v_ptr + per_chunk[:, None] * D + feats[None, :], mask=ok, other=0.0)
-        else:
-            s = tl.full([BLOCK_R], _NO_STATE, tl.float64)
-            v = tl.zeros([BLOCK_R, BLOCK_D], A.dtype)
-        if ACCUMULATE_GRAD_A:
-            init_s = tl.load(init_s_ptr + b * n_rows + rows, mask=row_ok, other=0.0).to(tl.float64)
-            init_v = tl.load(init_v_ptr + (b * n_rows + rows)[:, None] * D + feats[None, :], mask=ok, other=0.0)
+            start = b * n_rows + rows
+            start_ok = rows < tl.where(chunk == start_chunk, n_rows, 0)
+            s = tl.where(start_ok, tl.load(start_s_ptr + start, mask=start_ok, other=0.0).to(tl.float64), s)
+            v = tl.where(start_ok[:, None], tl.load(start_v_ptr + start[:, None] * D + feats[None, :],
+                                                    mask=start_ok[:, None] & ok, other=0.0), v)
+        if HAS_CARRY:
+            carry = (b * (num_chunks - 1) + chunk - (0 if REVERSE else 1)) * n_rows + rows
+            carry_ok = rows < tl.where(chunk == start_chunk, 0, n_rows)
+            s = tl.where(carry_ok, tl.load(carry_s_ptr + carry, mask=carry_ok, other=0.0).to(tl.float64), s)
+            v = tl.where(carry_ok[:, None], tl.load(carry_v_ptr + carry[:, None] * D + feats[None, :],
+                                                    mask=carry_ok[:, None] & ok, other=0.0), v)
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b) != 0
+        if GRADIENTS:
+            init = b * n_rows + rows
+            init_s = tl.load(init_s_ptr + init, mask=row_ok, other=0.0).to(tl.float64)
+            init_v = tl.load(init_v_ptr + init[:, None] * D + feats[None, :], mask=ok, other=0.0)
             grad_a = tl.zeros([BLOCK_D, BLOCK_D], A.dtype)
 
         n_steps = tl.minimum(chunk_len, seq_len - chunk * chunk_len)
@@ -128,19 +180,23 @@ if HAS_TRITON:
         # The input of step t + 1 is loaded while step t computes (the load's latency would
         # otherwise be most of a step's time).
         u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + first_t) * n_rows + rows, feats,
-                                           row_ok, ok, A.dtype, D, HAS_U_SCALE)
+                                           row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
         for i in range(0, n_steps):
             t = first_t + direction * i
             step = (b * seq_len + t) * n_rows + rows
             u, u_log_scale = u_next, u_scale_next
             t_next = tl.minimum(tl.maximum(t + direction, chunk * chunk_len), chunk * chunk_len + n_steps - 1)
             u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + t_next) * n_rows + rows, feats,
-                                               row_ok, ok, A.dtype, D, HAS_U_SCALE)
-            if ACCUMULATE_GRAD_A:
+                                               row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
+            if GRADIENTS:
                 prev = (b * seq_len + tl.maximum(t - 1, 0)) * n_rows + rows
                 x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
-            s, v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
+            new_s, new_v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
+            if HAS_MASK:
+                s, v = tl.where(keep, new_s, s), tl.where(keep, new_v, v)
+            else:
+                s, v = new_s, new_v
             if WRITE_STEPS:
                 if PLAIN_STEPS:
                     plain = tl.where(v == 0, 0.0, v * tl.exp(s.to(v.dtype))[:, None])
@@ -148,18 +204,26 @@ if HAS_TRITON:
                 else:
                     tl.store(out_s_ptr + step, s.to(A.dtype), mask=row_ok)
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], v, mask=ok)
-            if ACCUMULATE_GRAD_A:
+            if GRADIENTS:
                 x_s = tl.where(t == 0, init_s, x_s)
                 x_v = tl.where(t == 0, init_v, x_v)
                 x_v = x_v * tl.exp((x_s + s).to(x_v.dtype))[:, None]  # both scales at once: finite whenever the term is
                 grad_a += tl.sum(x_v[:, :, None] * v[:, None, :], axis=0)
 
         if WRITE_ENDS:
-            tl.store(end_s_ptr + per_chunk, s.to(A.dtype), mask=row_ok)
-            tl.store(end_v_ptr + per_chunk[:, None] * D + feats[None, :], v, mask=ok)
-        if ACCUMULATE_GRAD_A:
+            end = (b * tl.num_programs(0) + pid_c) * n_rows + rows
+            tl.store(end_s_ptr + end, s.to(A.dtype), mask=row_ok)
+            tl.store(end_v_ptr + end[:, None] * D + feats[None, :], v, mask=ok)
+        if GRADIENTS:
             program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(2) + pid_r
+            square_ok = (feats < D)[:, None] & (feats < D)[None, :]
             tl.store(grad_a_ptr + program * D * D + feats[:, None] * D + feats[None, :], grad_a, mask=square_ok)
+            # The chunk holding t = 0 ends at lambda_0 (A here is the normalised A^T).
+            w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
+            grad_init = tl.exp((init_s + s + a_log_scale).to(w.dtype))[:, None] * w
+            init_ok = rows < tl.where(chunk == 0, n_rows, 0)
+            tl.store(grad_init_ptr + init[:, None] * D + feats[None, :], grad_init,
+                     mask=init_ok[:, None] & (feats < D)[None, :])
 
 
 def default_chunk_length(seq_len: int) -> int:
@@ -168,94 +232,92 @@ def default_chunk_length(seq_len: int) -> int:
     return min(MAX_CHUNK, max(MIN_CHUNK, 2 ** round(math.log2(max(seq_len, 1)) / 2)))
 
 
-def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, u_log_scale=None, a_log_scale=None,
-                start: Optional[ScaledRows] = None, steps=False, plain_dtype=None, ends=False, grad_a_from=None):
+def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, transpose=False, u_log_scale=None,
+                negate_u_scale=False, a_log_scale=None, start: Optional[ScaledRows] = None,
+                carry: Optional[ScaledRows] = None, mask=None, steps=False, plain_dtype=None, out_steps=None,
+                ends=False, gradients_from=None):
     """Launch ``_recurrence_kernel`` over ``num_chunks`` chunks (from ``first_chunk``) of
-    ``u [B, T, n, d]``; returns a dict of the outputs asked for: ``steps`` (``ScaledRows``
-    ``[B, T, n, 1]`` / ``[B, T, n, d]``, or given ``plain_dtype`` the tensor ``exp(s) v`` in
-    that dtype), ``ends`` (``ScaledRows`` ``[B, num_chunks, n, 1]`` / ``[..., d]``) and
-    ``grad_a`` (``[d, d]``, with ``grad_a_from = (forward states, initial state)``)."""
+    ``u [B, T, n, d]`` (see the kernel for the options); returns a dict of the outputs asked
+    for: ``steps`` (``ScaledRows`` ``[B, T, n, 1]`` / ``[B, T, n, d]``, written into
+    ``out_steps`` if given, or given ``plain_dtype`` the tensor ``exp(s) v`` in that dtype),
+    ``ends`` (``ScaledRows`` ``[B, num_chunks, n, 1]`` / ``[..., d]``), and with
+    ``gradients_from = (forward states, initial state)`` ``grad_a [d, d]`` and ``grad_init [B, n, d]``."""
     batch, seq_len, n, d = u.shape
     state_dtype, device = A.dtype, u.device
     block_r = min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
     grid = (num_chunks, batch, triton.cdiv(n, block_r))
     out = {}
     empty = u.new_empty(0)
-    step_s = step_v = end_s = end_v = fwd_s = fwd_v = init_s = init_v = grad_a = empty
+    none = ScaledRows(empty, empty)
     plain = plain_dtype is not None
+    step_s = step_v = end_s = end_v = grad_a = grad_init = empty
     if steps:
-        step_v = torch.empty(batch, seq_len, n, d, dtype=plain_dtype or state_dtype, device=device)
-        step_s = empty if plain else torch.empty(batch, seq_len, n, 1, dtype=state_dtype, device=device)
+        if out_steps is not None:
+            step_s, step_v = out_steps
+        else:
+            step_v = torch.empty(batch, seq_len, n, d, dtype=plain_dtype or state_dtype, device=device)
+            step_s = empty if plain else torch.empty(batch, seq_len, n, 1, dtype=state_dtype, device=device)
         out["steps"] = step_v if plain else ScaledRows(step_s, step_v)
     if ends:
         end_s = torch.empty(batch, num_chunks, n, 1, dtype=state_dtype, device=device)
         end_v = torch.empty(batch, num_chunks, n, d, dtype=state_dtype, device=device)
         out["ends"] = ScaledRows(end_s, end_v)
-    if grad_a_from is not None:
-        (fwd_s, fwd_v), (init_s, init_v) = grad_a_from
+    forward_states, initial = gradients_from if gradients_from is not None else (none, none)
+    if gradients_from is not None:
         grad_a = torch.empty(grid[0] * grid[1] * grid[2], d, d, dtype=state_dtype, device=device)
+        grad_init = out["grad_init"] = torch.empty(batch, n, d, dtype=state_dtype, device=device)
+    start, carry = start or none, carry or none
     _recurrence_kernel[grid](
         u, empty if u_log_scale is None else u_log_scale, A, empty if a_log_scale is None else a_log_scale,
-        empty if start is None else start.log_scale, empty if start is None else start.rows,
-        step_s, step_v, end_s, end_v, fwd_s, fwd_v, init_s, init_v, grad_a,
+        start.log_scale, start.rows, carry.log_scale, carry.rows, empty if mask is None else mask,
+        step_s, step_v, end_s, end_v, *forward_states, *initial, grad_a, grad_init,
         seq_len, n, chunk_len, first_chunk, torch.finfo(state_dtype).tiny,  # constexpr: a float argument would be float32
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse,
-        HAS_U_SCALE=u_log_scale is not None, HAS_A_SCALE=a_log_scale is not None, HAS_START=start is not None,
-        WRITE_STEPS=steps, PLAIN_STEPS=plain, WRITE_ENDS=ends, ACCUMULATE_GRAD_A=grad_a_from is not None,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse, TRANSPOSE_A=transpose,
+        HAS_U_SCALE=u_log_scale is not None, NEGATE_U_SCALE=negate_u_scale, HAS_A_SCALE=a_log_scale is not None,
+        HAS_START=start.rows.numel() > 0, HAS_CARRY=carry.rows.numel() > 0, HAS_MASK=mask is not None,
+        WRITE_STEPS=steps, PLAIN_STEPS=plain, WRITE_ENDS=ends, GRADIENTS=gradients_from is not None,
         num_warps=NUM_WARPS,
     )
-    if grad_a_from is not None:
+    if gradients_from is not None:
         out["grad_a"] = grad_a.sum(0)
     return out
 
 
-def _power(A: torch.Tensor, exponent: int) -> ScaledRows:
-    """``A^exponent`` as a 0-d log-scale and a normalised ``[d, d]`` matrix."""
-    powers = scaled_powers(normalize_rows(A, dims=(-2, -1)), exponent)
-    return ScaledRows(powers.log_scale[exponent], powers.rows[exponent].contiguous())
-
-
-def _chain(*parts: ScaledRows) -> ScaledRows:
-    """State sequences ``[B, k_i, n, ...]`` joined along dim 1 (contiguous)."""
-    return ScaledRows(torch.cat([p.log_scale for p in parts], 1).contiguous(),
-                      torch.cat([p.rows for p in parts], 1).contiguous())
+def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRows:
+    """``A^exponent`` (or ``(A^T)^exponent``) as a 1-element log-scale and a normalised ``[d, d]`` matrix."""
+    d = A.shape[-1]
+    log_scale = torch.empty(1, dtype=A.dtype, device=A.device)
+    rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
+    _power_kernel[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
+                        BLOCK=max(16, triton.next_power_of_2(d)), TRANSPOSE=transpose)
+    return ScaledRows(log_scale, rows)
 
 
 def _forward(u, A, initial: ScaledRows, chunk_len: int) -> ScaledRows:
-    seq_len = u.shape[1]
-    num_chunks = triton.cdiv(seq_len, chunk_len)
-    starts = ScaledRows(initial.log_scale[:, None], initial.rows[:, None])
-    if num_chunks > 1:
+    num_chunks = triton.cdiv(u.shape[1], chunk_len)
+    carry = None
+    if num_chunks > 1:  # the states entering chunks 1 .. K-1
         local_ends = _recurrence(u, A, chunk_len, num_chunks - 1, ends=True)["ends"]
-        step = _power(A, chunk_len)
-        entering = _recurrence(local_ends.rows, step.rows, num_chunks - 1, 1, u_log_scale=local_ends.log_scale,
-                               a_log_scale=step.log_scale, start=starts, steps=True)["steps"]
-        starts = _chain(starts, entering)
-    return _recurrence(u, A, chunk_len, num_chunks, start=starts, steps=True)["steps"]
+        power = _power(A, chunk_len)
+        carry = _recurrence(local_ends.rows, power.rows, num_chunks - 1, 1, u_log_scale=local_ends.log_scale,
+                            a_log_scale=power.log_scale, start=initial, steps=True)["steps"]
+    return _recurrence(u, A, chunk_len, num_chunks, start=initial, carry=carry, steps=True)["steps"]
 
 
 def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype):
-    batch, seq_len, n, d = grad_rows.shape
-    num_chunks = triton.cdiv(seq_len, chunk_len)
-    At = A.t().contiguous()
-    g_log_scale = -states.log_scale  # d loss / d x_t = g_t exp(-s_t)
-    none = ScaledRows(torch.full((batch, 1, n, 1), NO_STATE_LOG_SCALE, dtype=A.dtype, device=A.device),
-                      torch.zeros(batch, 1, n, d, dtype=A.dtype, device=A.device))
-    starts = none
-    if num_chunks > 1:
-        local_ends = _recurrence(grad_rows, At, chunk_len, num_chunks - 1, first_chunk=1, reverse=True,
-                                 u_log_scale=g_log_scale, ends=True)["ends"]
-        step = _power(At, chunk_len)
-        entering = _recurrence(local_ends.rows, step.rows, num_chunks - 1, 1, reverse=True,
-                               u_log_scale=local_ends.log_scale, a_log_scale=step.log_scale, steps=True)["steps"]
-        starts = _chain(entering, none)
-    out = _recurrence(grad_rows, At, chunk_len, num_chunks, reverse=True, u_log_scale=g_log_scale, start=starts,
-                      steps=True, plain_dtype=u_dtype, ends=True, grad_a_from=(states, initial))
-    # d loss / d initial rows = exp(s_0) lambda_0 A^T, lambda_0 in scaled form (chunk 0's end).
-    lam0 = ScaledRows(out["ends"].log_scale[:, 0], out["ends"].rows[:, 0])
-    a_log_scale, a_rows = normalize_rows(A, dims=(-2, -1))
-    grad_init = (initial.log_scale + lam0.log_scale + a_log_scale).exp() * (lam0.rows @ a_rows.t())
-    return out["steps"], out["grad_a"], grad_init
+    """The adjoint recurrence with ``A^T``, its inputs ``g_t`` at log-scales ``-s_t`` (``d loss
+    / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows``."""
+    num_chunks = triton.cdiv(grad_rows.shape[1], chunk_len)
+    adjoint = dict(reverse=True, transpose=True, u_log_scale=states.log_scale, negate_u_scale=True)
+    carry = None
+    if num_chunks > 1:  # the adjoints entering chunks 0 .. K-2 from the right
+        local_ends = _recurrence(grad_rows, A, chunk_len, num_chunks - 1, first_chunk=1, ends=True, **adjoint)["ends"]
+        power = _power(A, chunk_len, transpose=True)
+        carry = _recurrence(local_ends.rows, power.rows, num_chunks - 1, 1, reverse=True,
+                            u_log_scale=local_ends.log_scale, a_log_scale=power.log_scale, steps=True)["steps"]
+    out = _recurrence(grad_rows, A, chunk_len, num_chunks, carry=carry, steps=True, plain_dtype=u_dtype,
+                      gradients_from=(states, initial), **adjoint)
+    return out["steps"], out["grad_a"], out["grad_init"]
 
 
 @torch.library.custom_op("goom_ssm::scan", mutates_args=())

@@ -4,6 +4,8 @@ A single-token forward of a GOOM-SSM model is a few hundred small kernels (a rec
 projections and norms per layer); launching them one by one costs far more than running
 them. :class:`CUDAGraphDecoder` captures the whole step (embedding, every layer, head) once
 per batch size and replays it, reading and writing the recurrent states in static buffers.
+With Triton, each layer runs as four fused kernels (:mod:`goom_ssm.triton_decode`) that
+update those buffers in place.
 
 A cache that last ran through a decoder points at the decoder's buffers. Before another
 cache uses the same decoder, the previous one gets private copies of its states, so a
@@ -15,23 +17,33 @@ import weakref
 import torch
 
 from ..scan import ScaledRows
+from ..triton_decode import HAS_TRITON, decode_step
 
 
 def _call_layer(layer, hidden_states, state, mask):
     return layer(hidden_states, state, mask)
 
 
+def _fused_layer_step(layer, hidden_states, state, mask):
+    return decode_step(layer, hidden_states, state, mask, out_state=state)
+
+
 class CUDAGraphDecoder:
     """Captured single-token step of ``model`` (a ``GoomSSMForCausalLM`` on CUDA, eval mode)
-    for ``batch_size`` sequences, its layers optionally fused by ``torch.compile`` (one
-    compilation serves all layers: fewer, larger kernels). Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool)
-    and a cache holding the state of every layer; it advances the cache and returns the
-    logits ``[batch, 1, vocab_size]`` (float32)."""
+    for ``batch_size`` sequences. Each layer runs as the fused Triton step when the model's
+    scan is ``"auto"`` or ``"triton"`` and Triton is installed; with ``compile_layers`` it is
+    fused by ``torch.compile`` instead (one compilation serves all layers); otherwise op by op.
+    Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool) and a cache holding the state
+    of every layer; it advances the cache and returns the logits ``[batch, 1, vocab_size]`` (float32)."""
 
     def __init__(self, model, batch_size: int, compile_layers: bool = False):
         config, device = model.config, model.device
-        # One compiled function serves every layer (same shapes; parameters are graph inputs).
-        self.call_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False) if compile_layers else None
+        if compile_layers:  # same shapes in every layer; parameters are graph inputs
+            self.call_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False)
+        elif HAS_TRITON and config.scan_implementation in ("auto", "triton"):
+            self.call_layer = _fused_layer_step
+        else:
+            self.call_layer = None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()
@@ -58,8 +70,9 @@ class CUDAGraphDecoder:
         hidden = model.backbone.embeddings(self.ids)
         hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, self.mask, call_layer=self.call_layer)
         for buffer, new in zip(self.states, new_states):
-            buffer.log_scale.copy_(new.log_scale)
-            buffer.rows.copy_(new.rows)
+            if new.rows is not buffer.rows:  # the fused step writes into the buffers themselves
+                buffer.log_scale.copy_(new.log_scale)
+                buffer.rows.copy_(new.rows)
         return model.lm_head(hidden).float()
 
     def is_valid_for(self, model) -> bool:

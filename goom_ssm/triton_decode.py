@@ -1,0 +1,182 @@
+"""One decoding step of a residual GOOM-SSM layer in four Triton launches.
+
+For one token per sequence, a layer (:class:`goom_ssm.layers.GoomSSMBlock`) is a few
+matrix-vector products around a tiny recurrent step; run op by op it is about sixteen
+kernels, each much shorter than its launch. :func:`decode_step` runs it as four:
+
+1. ``LayerNorm(h) @ [B | D]``: the state input ``Bu [M, n*d]`` and the skip term ``Du [M, 2E]``;
+2. the recurrent step ``x <- x A + Bu`` (the kernel of :mod:`goom_ssm.triton_scan`), in
+   place, a padded sequence (mask 0) keeping its state;
+3. ``g = GLU(e^2 rows @ C + Du)`` ``[M, E]``, ``rows`` the new normalised state rows;
+4. ``h + g @ W_out^T``, the layer's output.
+
+Products take their operands in the compute dtype (the autocast dtype where autocast is on,
+else the weights' dtype) and accumulate in float32 (float64 for float64 weights), as the
+layer's own matmuls do; intermediate results stay in the accumulation dtype. The
+CUDA-graph decoder (:mod:`goom_ssm.modeling.cuda_graph_goom_ssm`) captures these launches.
+"""
+
+from typing import Optional
+
+import torch
+
+from .layers import STATE_OUTPUT_LOG_SCALE
+from .scan import ScaledRows
+from .triton_scan import HAS_TRITON, _recurrence
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
+
+    @triton.jit
+    def _row_block_times(x_ptr, m, m_ok, K, w_ptr, stride_wk, stride_wn, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+                         LAYER_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                         DOT: tl.constexpr, ACC: tl.constexpr):
+        """``f(x[m, :K]) @ w[:K, n]`` ``[BM, BN]`` in ``ACC``, operands in ``DOT``; ``f`` is the
+        LayerNorm ``(x - mean) * rstd * ln_w + ln_b`` with ``LAYER_NORM``, else the identity.
+        ``x`` is row-major ``[M, K]``; ``w`` has strides ``stride_wk``, ``stride_wn``."""
+        acc = tl.zeros([BM, BN], ACC)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            k_ok = k < K
+            x = tl.load(x_ptr + m[:, None] * K + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(ACC)
+            if LAYER_NORM:
+                ln_w = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(ACC)
+                ln_b = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(ACC)
+                x = tl.where(k_ok[None, :], (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :], 0.0)
+            w = tl.load(w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
+                        other=0.0)
+            acc += tl.dot(x.to(DOT), w.to(DOT), input_precision="ieee")
+        return acc
+
+    @triton.jit
+    def _norm_in_proj_kernel(h_ptr, ln_w_ptr, ln_b_ptr, b_ptr, d_ptr, bu_ptr, du_ptr, M, E, NB, ND, eps,
+                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
+                             ACC: tl.constexpr):
+        """``Bu = LN(h) @ B`` ``[M, NB]`` and ``Du = LN(h) @ D`` ``[M, ND]``: column blocks of ``Bu``
+        first, then of ``Du``, over program axis 0; row blocks over axis 1."""
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        m = pid_m * BM + tl.arange(0, BM)
+        m_ok = m < M
+        total = tl.zeros([BM], ACC)
+        for k0 in range(0, E, BK):
+            k = k0 + tl.arange(0, BK)
+            total += tl.sum(tl.load(h_ptr + m[:, None] * E + k[None, :], mask=m_ok[:, None] & (k < E)[None, :],
+                                    other=0.0).to(ACC), axis=1)
+        mean = total / E
+        total = tl.zeros([BM], ACC)
+        for k0 in range(0, E, BK):
+            k = k0 + tl.arange(0, BK)
+            ok = m_ok[:, None] & (k < E)[None, :]
+            x = tl.load(h_ptr + m[:, None] * E + k[None, :], mask=ok, other=0.0).to(ACC)
+            total += tl.sum(tl.where(ok, (x - mean[:, None]) * (x - mean[:, None]), 0.0), axis=1)
+        rstd = 1.0 / tl.sqrt(total / E + eps)
+
+        b_blocks = tl.cdiv(NB, BN)
+        if pid_n < b_blocks:
+            n = pid_n * BN + tl.arange(0, BN)
+            n_ok = n < NB
+            acc = _row_block_times(h_ptr, m, m_ok, E, b_ptr, NB, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+                                   True, BM, BN, BK, DOT, ACC)
+            tl.store(bu_ptr + m[:, None] * NB + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        else:
+            n = (pid_n - b_blocks) * BN + tl.arange(0, BN)
+            n_ok = n < ND
+            acc = _row_block_times(h_ptr, m, m_ok, E, d_ptr, ND, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+                                   True, BM, BN, BK, DOT, ACC)
+            tl.store(du_ptr + m[:, None] * ND + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+    @triton.jit
+    def _output_glu_kernel(rows_ptr, c_ptr, du_ptr, g_ptr, M, NR, E, LOG_SCALE: tl.constexpr, BM: tl.constexpr,
+                           BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+        """``y = exp(LOG_SCALE) rows @ C + Du`` (``rows [M, NR]``, ``C [NR, 2E]``, ``Du [M, 2E]``),
+        then ``g = y[:, :E] * sigmoid(y[:, E:])`` ``[M, E]``: both halves of output block ``n`` here."""
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        m = pid_m * BM + tl.arange(0, BM)
+        n = pid_n * BN + tl.arange(0, BN)
+        m_ok, n_ok = m < M, n < E
+        ok = m_ok[:, None] & n_ok[None, :]
+        unused = tl.zeros([BM], ACC)
+        value = _row_block_times(rows_ptr, m, m_ok, NR, c_ptr, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
+                                 False, BM, BN, BK, DOT, ACC)
+        gate = _row_block_times(rows_ptr, m, m_ok, NR, c_ptr + E, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
+                                False, BM, BN, BK, DOT, ACC)
+        scale = tl.exp(tl.full([1, 1], LOG_SCALE, ACC))  # in ACC: a float argument would be float32
+        value = value * scale + tl.load(du_ptr + m[:, None] * 2 * E + n[None, :], mask=ok, other=0.0)
+        gate = gate * scale + tl.load(du_ptr + m[:, None] * 2 * E + E + n[None, :], mask=ok, other=0.0)
+        tl.store(g_ptr + m[:, None] * E + n[None, :], value / (1.0 + tl.exp(-gate)), mask=ok)
+
+    @triton.jit
+    def _out_proj_residual_kernel(g_ptr, w_ptr, h_ptr, out_ptr, M, E, BM: tl.constexpr, BN: tl.constexpr,
+                                  BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+        """``out = h + g @ W^T`` with ``W [E, E]`` (an ``nn.Linear`` weight), all rows ``[M, E]``."""
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        m = pid_m * BM + tl.arange(0, BM)
+        n = pid_n * BN + tl.arange(0, BN)
+        m_ok, n_ok = m < M, n < E
+        ok = m_ok[:, None] & n_ok[None, :]
+        unused = tl.zeros([BM], ACC)
+        acc = _row_block_times(g_ptr, m, m_ok, E, w_ptr, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
+                               False, BM, BN, BK, DOT, ACC)
+        h = tl.load(h_ptr + m[:, None] * E + n[None, :], mask=ok, other=0.0).to(ACC)
+        tl.store(out_ptr + m[:, None] * E + n[None, :], h + acc, mask=ok)
+
+
+BLOCK_N, BLOCK_K = 32, 64  # output columns per program, reduction step
+
+
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the products' operands: autocast's when it is on for the weight's device, else the weight's."""
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
+def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor] = None,
+                out_state: Optional[ScaledRows] = None):
+    """One token through ``block`` (a :class:`~goom_ssm.layers.GoomSSMBlock`), no autograd.
+
+    Args:
+        hidden: ``[M, 1, E]`` the layer's input (contiguous).
+        state: the SSM state before the token, log-scale ``[M, n, 1]`` and rows ``[M, n, d]``
+            (contiguous, the SSM's state dtype).
+        mask: ``[M, 1]`` bool, False for a padded position (its state is kept); or None.
+        out_state: buffers for the new state (may be ``state`` itself: updated in place);
+            new tensors if None.
+
+    Returns:
+        ``(output [M, 1, E] in hidden's dtype, new state)``: what ``block(hidden, state, mask)`` gives.
+    """
+    ssm = block.ssm
+    M, _, E = hidden.shape
+    n, d = ssm.n_hid, ssm.d_hid
+    dot = compute_dtype(ssm.B)
+    acc = torch.float64 if dot == torch.float64 else torch.float32
+    kinds = dict(DOT=_TL_DTYPES[dot], ACC=_TL_DTYPES[acc])
+    bm = max(16, min(64, triton.next_power_of_2(M)))
+    blocks = dict(BM=bm, BN=BLOCK_N, BK=BLOCK_K, num_warps=4)
+    rows_m = triton.cdiv(M, bm)
+    hidden = hidden.contiguous()
+
+    Bu = torch.empty(M, n * d, dtype=acc, device=hidden.device)
+    Du = torch.empty(M, 2 * E, dtype=acc, device=hidden.device)
+    grid = (triton.cdiv(n * d, BLOCK_N) + triton.cdiv(2 * E, BLOCK_N), rows_m)
+    _norm_in_proj_kernel[grid](hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(), Bu, Du, M, E, n * d, 2 * E,
+                               block.norm.eps, **blocks, **kinds)
+
+    if out_state is None:
+        out_state = ScaledRows(torch.empty_like(state.log_scale), torch.empty_like(state.rows))
+    _recurrence(Bu.view(M, 1, n, d), ssm.A.to(ssm.state_dtype).contiguous(), 1, 1, start=state,
+                mask=None if mask is None else mask.reshape(M), steps=True,
+                out_steps=(out_state.log_scale, out_state.rows))
+
+    g = torch.empty(M, E, dtype=acc, device=hidden.device)
+    _output_glu_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](out_state.rows, ssm.C.contiguous(), Du, g, M, n * d, E,
+                                                          STATE_OUTPUT_LOG_SCALE, **blocks, **kinds)
+    out = torch.empty_like(hidden)
+    _out_proj_residual_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](g, block.out_proj.weight.contiguous(), hidden, out, M, E,
+                                                                 **blocks, **kinds)
+    return out, out_state

@@ -1,0 +1,98 @@
+"""The fused single-token layer step against the layer itself (interpreted on CPU, see conftest)."""
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import TRITON_DEVICE, norm_relative_error  # noqa: E402
+from goom_ssm.layers import GoomSSMBlock  # noqa: E402
+from goom_ssm.scan import ScaledRows, normalize_rows  # noqa: E402
+from goom_ssm.triton_decode import decode_step  # noqa: E402
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton's interpreter "
+                                "multiplies bfloat16 wrongly and rounds it toward zero)")
+
+
+def make_case(batch, d_emb, n, d, dtype, device=TRITON_DEVICE, seed=0):
+    """A layer with non-trivial LayerNorm parameters, an input and a state at a large scale."""
+    torch.manual_seed(seed)
+    block = GoomSSMBlock(d_emb, n, d).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        block.norm.weight.uniform_(0.5, 1.5)
+        block.norm.bias.uniform_(-0.2, 0.2)
+    hidden = (torch.randn(batch, 1, d_emb, dtype=torch.float64) + 0.5).to(device=device, dtype=dtype)
+    state_dtype = block.ssm.state_dtype
+    rows = normalize_rows(torch.randn(batch, n, d, dtype=torch.float64)).rows
+    log_scale = torch.randn(batch, n, 1, dtype=torch.float64) * 20
+    state = ScaledRows(log_scale.to(device, state_dtype), rows.to(device, state_dtype))
+    return block, hidden, state
+
+
+def clone(state):
+    return ScaledRows(state.log_scale.clone(), state.rows.clone())
+
+
+@pytest.mark.parametrize("batch", [1, 3, 65])
+@torch.no_grad()
+def test_float64_step_equals_the_layer_with_padding_in_place(batch):
+    """Sizes that are not powers of two; batch 65 spans two row blocks. Every third sequence
+    is padded: its state must come back unchanged, bit for bit."""
+    block, hidden, state = make_case(batch, 40, 3, 5, torch.float64)
+    mask = (torch.arange(batch) % 3 != 1)[:, None].to(hidden.device)
+    expected_hidden, expected_state = block(hidden, state, mask)
+
+    buffers = clone(state)
+    out, new_state = decode_step(block, hidden, buffers, mask, out_state=buffers)
+    assert new_state.rows is buffers.rows and out.shape == hidden.shape and out.dtype == hidden.dtype
+    assert torch.allclose(out, expected_hidden, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(new_state.rows, expected_state.rows, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(new_state.log_scale, expected_state.log_scale, rtol=1e-12, atol=1e-12)
+    padded = ~mask[:, 0]
+    assert torch.equal(new_state.rows[padded], state.rows[padded])
+    assert torch.equal(new_state.log_scale[padded], state.log_scale[padded])
+
+
+@torch.no_grad()
+def test_new_state_tensors_leave_the_old_state_alone():
+    block, hidden, state = make_case(2, 24, 2, 4, torch.float64)
+    kept = clone(state)
+    out, new_state = decode_step(block, hidden, state)
+    expected_hidden, expected_state = block(hidden, kept)
+    assert torch.equal(state.rows, kept.rows) and torch.equal(state.log_scale, kept.log_scale)
+    assert torch.allclose(out, expected_hidden, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(new_state.rows, expected_state.rows, rtol=1e-12, atol=1e-12)
+
+
+@torch.no_grad()
+def test_float32_error_is_that_of_the_layer():
+    """float32, the 124M model's state shape (24 rows of 32) on a narrower layer: against the
+    float64 layer, the fused step's error is at most twice the float32 layer's."""
+    block, hidden, state = make_case(4, 96, 24, 32, torch.float32)
+    exact = copy.deepcopy(block).double()(hidden.double(), ScaledRows(*(t.double() for t in state)))
+    eager = block(hidden, state)
+    fused = decode_step(block, hidden, state)
+    for ours, theirs, want in zip((fused[0], fused[1].rows), (eager[0], eager[1].rows), (exact[0], exact[1].rows)):
+        assert norm_relative_error(ours, want) <= 2 * norm_relative_error(theirs, want) + 1e-7
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", ["bfloat16", "autocast"])
+@pytest.mark.parametrize("batch", [1, 64])
+@torch.no_grad()
+def test_half_precision_error_is_that_of_the_layer(weights, batch):
+    """bfloat16 weights, or float32 weights under bfloat16 autocast, at the 124M layer's sizes:
+    against the float64 layer with the same weights, the fused step's error is at most 1.5x
+    the eager layer's (it rounds the same operands, and keeps intermediates in float32)."""
+    block, hidden, state = make_case(batch, 768, 24, 32, torch.float32, device="cuda")
+    if weights == "bfloat16":
+        block, hidden = block.to(torch.bfloat16), hidden.to(torch.bfloat16)
+    exact = copy.deepcopy(block).double()(hidden.double(), ScaledRows(*(t.double() for t in state)))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights == "autocast"):
+        eager = block(hidden, state)
+        fused = decode_step(block, hidden, state)
+    assert fused[0].dtype == eager[0].dtype
+    for ours, theirs, want in zip((fused[0], fused[1].rows), (eager[0], eager[1].rows), (exact[0], exact[1].rows)):
+        assert norm_relative_error(ours, want) <= 1.5 * norm_relative_error(theirs, want)
