@@ -28,17 +28,39 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
-    _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                  torch.float16: tl.float16}
+    from .triton_scan import _TL_DTYPES
 
     @triton.jit
-    def _row_block_times(x_ptr, m, m_ok, K, w_ptr, stride_wk, stride_wn, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
-                         LAYER_NORM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                         DOT: tl.constexpr, ACC: tl.constexpr):
-        """``f(x[m, :K]) @ w[:K, n]`` ``[BM, BN]`` in ``ACC``, operands in ``DOT``; ``f`` is the
-        LayerNorm ``(x - mean) * rstd * ln_w + ln_b`` with ``LAYER_NORM``, else the identity.
-        ``x`` is row-major ``[M, K]``; ``w`` has strides ``stride_wk``, ``stride_wn``."""
+    def _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
+        """Mean and ``1 / sqrt(var + eps)`` of rows ``m`` of ``h [M, E]``, in one pass: each
+        block's mean and sum of squared deviations, merged into the running ones (Chan et al.)."""
+        mean = tl.zeros([BM], ACC)
+        squares = tl.zeros([BM], ACC)
+        seen = tl.zeros([1], ACC)
+        for k0 in range(0, E, BK):
+            k = k0 + tl.arange(0, BK)
+            valid = (k < E)[None, :]
+            x = tl.load(h_ptr + m[:, None] * E + k[None, :], mask=m_ok[:, None] & valid, other=0.0).to(ACC)
+            count = tl.sum(valid.to(ACC), axis=1)
+            block_mean = tl.sum(x, axis=1) / count
+            deviation = tl.where(valid, x - block_mean[:, None], 0.0)
+            total = seen + count
+            delta = block_mean - mean
+            mean += delta * (count / total)
+            squares += tl.sum(deviation * deviation, axis=1) + delta * delta * (seen * count / total)
+            seen = total
+        return mean, 1.0 / tl.sqrt(squares / E + eps)
+
+    @triton.jit
+    def _products(x_ptr, m, m_ok, K, w_ptr, second_w_offset, stride_wk, stride_wn, n, n_ok, mean, rstd,
+                  ln_w_ptr, ln_b_ptr, LAYER_NORM: tl.constexpr, PAIR: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+        """``f(x[m, :K]) @ w[:K, n]`` ``[BM, BN]`` in ``ACC``, operands rounded to ``DOT``, and with
+        ``PAIR`` the same product with the weight at ``w_ptr + second_w_offset`` (else zeros).
+        ``f`` is the LayerNorm ``(x - mean) * rstd * ln_w + ln_b`` with ``LAYER_NORM``, else the
+        identity. ``x`` is row-major ``[M, K]``; ``w`` has strides ``stride_wk``, ``stride_wn``."""
         acc = tl.zeros([BM, BN], ACC)
+        second = tl.zeros([BM, BN], ACC)
         for k0 in range(0, K, BK):
             k = k0 + tl.arange(0, BK)
             k_ok = k < K
@@ -47,10 +69,14 @@ if HAS_TRITON:
                 ln_w = tl.load(ln_w_ptr + k, mask=k_ok, other=0.0).to(ACC)
                 ln_b = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(ACC)
                 x = tl.where(k_ok[None, :], (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :], 0.0)
-            w = tl.load(w_ptr + k[:, None] * stride_wk + n[None, :] * stride_wn, mask=k_ok[:, None] & n_ok[None, :],
-                        other=0.0)
-            acc += tl.dot(x.to(DOT), w.to(DOT), input_precision="ieee")
-        return acc
+            x = x.to(DOT)
+            w_offsets = k[:, None] * stride_wk + n[None, :] * stride_wn
+            w_ok = k_ok[:, None] & n_ok[None, :]
+            acc += tl.dot(x, tl.load(w_ptr + w_offsets, mask=w_ok, other=0.0).to(DOT), input_precision="ieee")
+            if PAIR:
+                w2 = tl.load(w_ptr + second_w_offset + w_offsets, mask=w_ok, other=0.0).to(DOT)
+                second += tl.dot(x, w2, input_precision="ieee")
+        return acc, second
 
     @triton.jit
     def _norm_in_proj_kernel(h_ptr, ln_w_ptr, ln_b_ptr, b_ptr, d_ptr, bu_ptr, du_ptr, M, E, NB, ND, eps,
@@ -61,32 +87,19 @@ if HAS_TRITON:
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         m = pid_m * BM + tl.arange(0, BM)
         m_ok = m < M
-        total = tl.zeros([BM], ACC)
-        for k0 in range(0, E, BK):
-            k = k0 + tl.arange(0, BK)
-            total += tl.sum(tl.load(h_ptr + m[:, None] * E + k[None, :], mask=m_ok[:, None] & (k < E)[None, :],
-                                    other=0.0).to(ACC), axis=1)
-        mean = total / E
-        total = tl.zeros([BM], ACC)
-        for k0 in range(0, E, BK):
-            k = k0 + tl.arange(0, BK)
-            ok = m_ok[:, None] & (k < E)[None, :]
-            x = tl.load(h_ptr + m[:, None] * E + k[None, :], mask=ok, other=0.0).to(ACC)
-            total += tl.sum(tl.where(ok, (x - mean[:, None]) * (x - mean[:, None]), 0.0), axis=1)
-        rstd = 1.0 / tl.sqrt(total / E + eps)
-
+        mean, rstd = _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM, BK, ACC)
         b_blocks = tl.cdiv(NB, BN)
         if pid_n < b_blocks:
             n = pid_n * BN + tl.arange(0, BN)
             n_ok = n < NB
-            acc = _row_block_times(h_ptr, m, m_ok, E, b_ptr, NB, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
-                                   True, BM, BN, BK, DOT, ACC)
+            acc, _ = _products(h_ptr, m, m_ok, E, b_ptr, 0, NB, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+                               True, False, BM, BN, BK, DOT, ACC)
             tl.store(bu_ptr + m[:, None] * NB + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
         else:
             n = (pid_n - b_blocks) * BN + tl.arange(0, BN)
             n_ok = n < ND
-            acc = _row_block_times(h_ptr, m, m_ok, E, d_ptr, ND, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
-                                   True, BM, BN, BK, DOT, ACC)
+            acc, _ = _products(h_ptr, m, m_ok, E, d_ptr, 0, ND, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+                               True, False, BM, BN, BK, DOT, ACC)
             tl.store(du_ptr + m[:, None] * ND + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
@@ -100,10 +113,8 @@ if HAS_TRITON:
         m_ok, n_ok = m < M, n < E
         ok = m_ok[:, None] & n_ok[None, :]
         unused = tl.zeros([BM], ACC)
-        value = _row_block_times(rows_ptr, m, m_ok, NR, c_ptr, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
-                                 False, BM, BN, BK, DOT, ACC)
-        gate = _row_block_times(rows_ptr, m, m_ok, NR, c_ptr + E, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
-                                False, BM, BN, BK, DOT, ACC)
+        value, gate = _products(rows_ptr, m, m_ok, NR, c_ptr, E, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
+                                False, True, BM, BN, BK, DOT, ACC)
         scale = tl.exp(tl.full([1, 1], LOG_SCALE, ACC))  # in ACC: a float argument would be float32
         value = value * scale + tl.load(du_ptr + m[:, None] * 2 * E + n[None, :], mask=ok, other=0.0)
         gate = gate * scale + tl.load(du_ptr + m[:, None] * 2 * E + E + n[None, :], mask=ok, other=0.0)
@@ -119,13 +130,15 @@ if HAS_TRITON:
         m_ok, n_ok = m < M, n < E
         ok = m_ok[:, None] & n_ok[None, :]
         unused = tl.zeros([BM], ACC)
-        acc = _row_block_times(g_ptr, m, m_ok, E, w_ptr, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
-                               False, BM, BN, BK, DOT, ACC)
+        acc, _ = _products(g_ptr, m, m_ok, E, w_ptr, 0, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
+                           False, False, BM, BN, BK, DOT, ACC)
         h = tl.load(h_ptr + m[:, None] * E + n[None, :], mask=ok, other=0.0).to(ACC)
         tl.store(out_ptr + m[:, None] * E + n[None, :], h + acc, mask=ok)
 
 
-BLOCK_N, BLOCK_K = 32, 64  # output columns per program, reduction step
+# Output columns per program (more programs read the weights in parallel) and reduction step
+# (fewer, larger loads in flight); rows per program: 16, or 32 above 16 sequences.
+BLOCK_N, BLOCK_K = 16, 256
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -156,7 +169,7 @@ def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[t
     dot = compute_dtype(ssm.B)
     acc = torch.float64 if dot == torch.float64 else torch.float32
     kinds = dict(DOT=_TL_DTYPES[dot], ACC=_TL_DTYPES[acc])
-    bm = max(16, min(64, triton.next_power_of_2(M)))
+    bm = 16 if M <= 16 else 32
     blocks = dict(BM=bm, BN=BLOCK_N, BK=BLOCK_K, num_warps=4)
     rows_m = triton.cdiv(M, bm)
     hidden = hidden.contiguous()
@@ -164,19 +177,19 @@ def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[t
     Bu = torch.empty(M, n * d, dtype=acc, device=hidden.device)
     Du = torch.empty(M, 2 * E, dtype=acc, device=hidden.device)
     grid = (triton.cdiv(n * d, BLOCK_N) + triton.cdiv(2 * E, BLOCK_N), rows_m)
-    _norm_in_proj_kernel[grid](hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(), Bu, Du, M, E, n * d, 2 * E,
-                               block.norm.eps, **blocks, **kinds)
+    _norm_in_proj_kernel[grid](hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(),
+                               Bu, Du, M, E, n * d, 2 * E, block.norm.eps, **blocks, **kinds)
 
     if out_state is None:
         out_state = ScaledRows(torch.empty_like(state.log_scale), torch.empty_like(state.rows))
-    _recurrence(Bu.view(M, 1, n, d), ssm.A.to(ssm.state_dtype).contiguous(), 1, 1, start=state,
-                mask=None if mask is None else mask.reshape(M), steps=True,
-                out_steps=(out_state.log_scale, out_state.rows))
+    _recurrence(Bu.view(M, 1, n, d), ssm.A.contiguous(), 1, 1, start=state, steps=True,
+                mask=None if mask is None else mask.reshape(M), out_steps=(out_state.log_scale, out_state.rows),
+                state_dtype=ssm.state_dtype)
 
     g = torch.empty(M, E, dtype=acc, device=hidden.device)
     _output_glu_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](out_state.rows, ssm.C.contiguous(), Du, g, M, n * d, E,
                                                           STATE_OUTPUT_LOG_SCALE, **blocks, **kinds)
     out = torch.empty_like(hidden)
-    _out_proj_residual_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](g, block.out_proj.weight.contiguous(), hidden, out, M, E,
-                                                                 **blocks, **kinds)
+    _out_proj_residual_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](g, block.out_proj.weight.contiguous(), hidden, out,
+                                                                 M, E, **blocks, **kinds)
     return out, out_state

@@ -49,6 +49,8 @@ MIN_CHUNK, MAX_CHUNK = 16, 256
 
 if HAS_TRITON:
     _NO_STATE = tl.constexpr(NO_STATE_LOG_SCALE)
+    _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
 
     @triton.jit
     def _advance(s, v, u, u_log_scale, A, a_log_scale, tiny):
@@ -85,23 +87,24 @@ if HAS_TRITON:
     def _power_kernel(a_ptr, out_s_ptr, out_v_ptr, exponent, tiny: tl.constexpr, D: tl.constexpr,
                       BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr):
         """``exp(out_s) out_v = M^exponent`` for ``M = A`` (or ``A^T``), ``A [D, D]``, by repeated
-        squaring, every product normalised (so no power overflows)."""
+        squaring in float64 (the carry across chunks multiplies by it many times), every
+        product normalised (so no power overflows)."""
         feats = tl.arange(0, BLOCK)
         ok = (feats < D)[:, None] & (feats < D)[None, :]
-        base, base_s = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE), tiny)
+        base, base_s = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE).to(tl.float64), tiny)
         result = tl.where(ok & (feats[:, None] == feats[None, :]), 1.0, 0.0).to(base.dtype)
         result_s = tl.zeros_like(base_s)
         e = exponent
         while e > 0:
             if e % 2 == 1:
-                result, s = _normalized(tl.dot(result, base, input_precision="ieee"), tiny)
+                result, s = _normalized(tl.dot(result, base), tiny)
                 result_s += base_s + s
             e = e // 2
             if e > 0:
-                base, s = _normalized(tl.dot(base, base, input_precision="ieee"), tiny)
+                base, s = _normalized(tl.dot(base, base), tiny)
                 base_s = 2 * base_s + s
-        tl.store(out_v_ptr + feats[:, None] * D + feats[None, :], result, mask=ok)
-        tl.store(out_s_ptr, result_s.to(result.dtype))
+        tl.store(out_v_ptr + feats[:, None] * D + feats[None, :], result, mask=ok)  # rounded to the output's dtype
+        tl.store(out_s_ptr, result_s)
 
     @triton.jit
     def _load_input(u_ptr, u_scale_ptr, step, feats, row_ok, ok, dtype: tl.constexpr, D: tl.constexpr,
@@ -122,7 +125,7 @@ if HAS_TRITON:
         u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr, mask_ptr,
         out_s_ptr, out_v_ptr, end_s_ptr, end_v_ptr,
         fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr,
-        seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr,
+        seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr, STATE: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, REVERSE: tl.constexpr,
         TRANSPOSE_A: tl.constexpr, HAS_U_SCALE: tl.constexpr, NEGATE_U_SCALE: tl.constexpr,
         HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr, HAS_CARRY: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -131,7 +134,7 @@ if HAS_TRITON:
         """Program (c, b, r): chunk ``first_chunk + c`` of sequence ``b``, state rows
         ``r * BLOCK_R ...``. Contiguous layouts: ``u [B, T, n, D]`` (any float dtype) and
         its log-scales ``[B, T, n]``; ``A [D, D]`` (or its transpose, ``TRANSPOSE_A``;
-        normalised here, times ``exp(a_scale)``). The state entering a chunk: ``start``
+        converted to the state dtype ``STATE``, normalised here, times ``exp(a_scale)``). The state entering a chunk: ``start``
         (``[B, n]`` / ``[B, n, D]``) for the first chunk in the direction of travel, ``carry``
         (``[B, K - 1, n]`` / ``[..., D]``, the K - 1 other chunks in time order), else none.
         ``mask [B]`` (one step only): a sequence whose flag is 0 keeps its state.
@@ -147,7 +150,7 @@ if HAS_TRITON:
         feats = tl.arange(0, BLOCK_D)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & (feats < D)[None, :]
-        A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE_A), tiny)
+        A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE_A).to(STATE), tiny)
         if HAS_A_SCALE:
             a_log_scale += tl.load(a_scale_ptr).to(tl.float64)
 
@@ -235,15 +238,16 @@ def default_chunk_length(seq_len: int) -> int:
 def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, transpose=False, u_log_scale=None,
                 negate_u_scale=False, a_log_scale=None, start: Optional[ScaledRows] = None,
                 carry: Optional[ScaledRows] = None, mask=None, steps=False, plain_dtype=None, out_steps=None,
-                ends=False, gradients_from=None):
+                ends=False, gradients_from=None, state_dtype=None):
     """Launch ``_recurrence_kernel`` over ``num_chunks`` chunks (from ``first_chunk``) of
     ``u [B, T, n, d]`` (see the kernel for the options); returns a dict of the outputs asked
     for: ``steps`` (``ScaledRows`` ``[B, T, n, 1]`` / ``[B, T, n, d]``, written into
     ``out_steps`` if given, or given ``plain_dtype`` the tensor ``exp(s) v`` in that dtype),
     ``ends`` (``ScaledRows`` ``[B, num_chunks, n, 1]`` / ``[..., d]``), and with
-    ``gradients_from = (forward states, initial state)`` ``grad_a [d, d]`` and ``grad_init [B, n, d]``."""
+    ``gradients_from = (forward states, initial state)`` ``grad_a [d, d]`` and ``grad_init [B, n, d]``.
+    ``state_dtype`` (default ``A.dtype``): the dtype the kernel computes and stores states in."""
     batch, seq_len, n, d = u.shape
-    state_dtype, device = A.dtype, u.device
+    state_dtype, device = state_dtype or A.dtype, u.device
     block_r = min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
     grid = (num_chunks, batch, triton.cdiv(n, block_r))
     out = {}
@@ -272,7 +276,8 @@ def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, tr
         start.log_scale, start.rows, carry.log_scale, carry.rows, empty if mask is None else mask,
         step_s, step_v, end_s, end_v, *forward_states, *initial, grad_a, grad_init,
         seq_len, n, chunk_len, first_chunk, torch.finfo(state_dtype).tiny,  # constexpr: a float argument would be float32
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse, TRANSPOSE_A=transpose,
+        STATE=_TL_DTYPES[state_dtype], D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse,
+        TRANSPOSE_A=transpose,
         HAS_U_SCALE=u_log_scale is not None, NEGATE_U_SCALE=negate_u_scale, HAS_A_SCALE=a_log_scale is not None,
         HAS_START=start.rows.numel() > 0, HAS_CARRY=carry.rows.numel() > 0, HAS_MASK=mask is not None,
         WRITE_STEPS=steps, PLAIN_STEPS=plain, WRITE_ENDS=ends, GRADIENTS=gradients_from is not None,
