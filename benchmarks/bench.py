@@ -3,10 +3,10 @@
 Prints a Markdown table per section; every row of a section uses the same settings.
 
     python benchmarks/bench.py --sections train --models goom:triton goom:chunked:32 goom:goom_prefix gpt2
-    python benchmarks/bench.py --sections prefill decode --decode-models goom:triton goom:triton:compiled-decode gpt2
+    python benchmarks/bench.py --sections prefill decode --decode-models goom:triton goom:chunked gpt2
 
 Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA) or
-``goom:<scan>[:<chunk>][:compile][:compiled-decode]`` (the 124M GOOM-SSM with scan_implementation
+``goom:<scan>[:<chunk>][:compile]`` (the 124M GOOM-SSM with scan_implementation
 ``triton`` (the CUDA fast path), ``chunked`` (pure PyTorch) or ``goom_prefix`` (the original
 design)); ``compile``: training through ``torch.compile(model, fullgraph=True)``.
 
@@ -28,15 +28,14 @@ from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
 
 
 def build(name: str, device: str) -> torch.nn.Module:
-    """``gpt2[:compile]`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compile][:compiled-decode]``
+    """``gpt2[:compile]`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compile]``
     (124M GOOM-SSM); see the module docstring."""
     if name.split(":")[0] == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
     else:
         _, scan, *options = name.split(":")
         chunk = int(options[0]) if options and options[0].isdigit() else 64
-        config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk,
-                               compile_decode_step="compiled-decode" in options)
+        config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk)
         model = GoomSSMForCausalLM(config)
     return model.to(device)
 

@@ -136,9 +136,11 @@ if HAS_TRITON:
         tl.store(out_ptr + m[:, None] * E + n[None, :], h + acc, mask=ok)
 
 
-# Output columns per program (more programs read the weights in parallel) and reduction step
-# (fewer, larger loads in flight); rows per program: 16, or 32 above 16 sequences.
-BLOCK_N, BLOCK_K = 16, 256
+# Launch configuration (measured on an H200): output columns per program (more programs read
+# the weights in parallel); bytes of each weight row per reduction step (fewer, larger loads
+# in flight); rows per program: 16, or 32 above 16 sequences.
+BLOCK_N, BLOCK_K_BYTES = 32, 512
+NUM_WARPS, NUM_STAGES = 4, 3
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -170,7 +172,8 @@ def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[t
     acc = torch.float64 if dot == torch.float64 else torch.float32
     kinds = dict(DOT=_TL_DTYPES[dot], ACC=_TL_DTYPES[acc])
     bm = 16 if M <= 16 else 32
-    blocks = dict(BM=bm, BN=BLOCK_N, BK=BLOCK_K, num_warps=4)
+    block_k = BLOCK_K_BYTES // ssm.B.element_size()
+    blocks = dict(BM=bm, BN=BLOCK_N, BK=block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     rows_m = triton.cdiv(M, bm)
     hidden = hidden.contiguous()
 

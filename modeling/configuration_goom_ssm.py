@@ -29,9 +29,8 @@ class GoomSSMConfig(PretrainedConfig):
         scan_chunk_size: time steps per chunk of the chunked (pure PyTorch) scan.
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
-            CUDA graph (one per batch size), instead of launching every kernel from Python.
-        compile_decode_step: fuse the kernels of that graph's layer step with ``torch.compile``
-            (several times faster decoding; the first decoding step then waits for compilation).
+            CUDA graph (one per batch size), instead of launching every kernel from Python; with
+            Triton (and the ``"auto"`` or ``"triton"`` scan) each layer's step is four fused kernels.
         tie_word_embeddings: tie the output head to the input embeddings (as the original).
         bos_token_id, eos_token_id, pad_token_id: special ids; bos and eos default to GPT-2's
             ``<|endoftext|>`` (50256), and to ``None`` when the vocabulary is smaller.
@@ -54,7 +53,6 @@ class GoomSSMConfig(PretrainedConfig):
         scan_chunk_size: int = 64,
         use_cache: bool = True,
         decode_with_cuda_graphs: bool = True,
-        compile_decode_step: bool = False,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = GPT2_EOS_TOKEN_ID,
         eos_token_id: int | None = GPT2_EOS_TOKEN_ID,
@@ -73,7 +71,6 @@ class GoomSSMConfig(PretrainedConfig):
         self.scan_chunk_size = scan_chunk_size
         self.use_cache = use_cache
         self.decode_with_cuda_graphs = decode_with_cuda_graphs
-        self.compile_decode_step = compile_decode_step
         if bos_token_id is not None and bos_token_id >= vocab_size:
             bos_token_id = None  # the GPT-2 defaults do not apply to a smaller vocabulary
         if eos_token_id is not None and eos_token_id >= vocab_size:

@@ -20,10 +20,6 @@ from ..scan import ScaledRows
 from ..triton_decode import HAS_TRITON, decode_step
 
 
-def _call_layer(layer, hidden_states, state, mask):
-    return layer(hidden_states, state, mask)
-
-
 def _fused_layer_step(layer, hidden_states, state, mask):
     return decode_step(layer, hidden_states, state, mask, out_state=state)
 
@@ -31,19 +27,14 @@ def _fused_layer_step(layer, hidden_states, state, mask):
 class CUDAGraphDecoder:
     """Captured single-token step of ``model`` (a ``GoomSSMForCausalLM`` on CUDA, eval mode)
     for ``batch_size`` sequences. Each layer runs as the fused Triton step when the model's
-    scan is ``"auto"`` or ``"triton"`` and Triton is installed; with ``compile_layers`` it is
-    fused by ``torch.compile`` instead (one compilation serves all layers); otherwise op by op.
+    scan is ``"auto"`` or ``"triton"`` and Triton is installed, otherwise op by op.
     Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool) and a cache holding the state
     of every layer; it advances the cache and returns the logits ``[batch, 1, vocab_size]`` (float32)."""
 
-    def __init__(self, model, batch_size: int, compile_layers: bool = False):
+    def __init__(self, model, batch_size: int):
         config, device = model.config, model.device
-        if compile_layers:  # same shapes in every layer; parameters are graph inputs
-            self.call_layer = torch.compile(_call_layer, fullgraph=True, dynamic=False)
-        elif HAS_TRITON and config.scan_implementation in ("auto", "triton"):
-            self.call_layer = _fused_layer_step
-        else:
-            self.call_layer = None
+        fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
+        self.call_layer = _fused_layer_step if fused else None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()

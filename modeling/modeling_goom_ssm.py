@@ -339,5 +339,5 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         key = (batch, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
         decoder = self._cuda_graph_decoders.get(key)
         if decoder is None or not decoder.is_valid_for(self):
-            decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch, self.config.compile_decode_step)
+            decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch)
         return decoder(input_ids, mask, cache)

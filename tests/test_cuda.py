@@ -15,10 +15,10 @@ def make_model(**overrides):
                                           state_size=16, **overrides)).cuda().eval()
 
 
-@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("scan", ["auto", "chunked"])  # the fused Triton layer step, and the layer op by op
 @torch.no_grad()
-def test_graph_decoding_equals_eager_decoding(compiled):
-    model = make_model(compile_decode_step=compiled)
+def test_graph_decoding_equals_eager_decoding(scan):
+    model = make_model(scan_implementation=scan)
     ids = torch.randint(0, 500, (3, 40), device="cuda")
     eager_cache = model(ids[:, :20], use_cache=True).past_key_values
     graph_cache = model(ids[:, :20], use_cache=True).past_key_values
