@@ -22,13 +22,11 @@ import torch
 
 from .layers import STATE_OUTPUT_LOG_SCALE
 from .scan import ScaledRows
-from .triton_scan import HAS_TRITON, _recurrence
+from .triton_scan import _TL_DTYPES, HAS_TRITON, _recurrence
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
-
-    from .triton_scan import _TL_DTYPES
 
     @triton.jit
     def _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):

@@ -47,10 +47,12 @@ NUM_WARPS = 1
 MIN_CHUNK, MAX_CHUNK = 16, 256
 
 
+_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+              torch.float16: tl.float16} if HAS_TRITON else {}
+
+
 if HAS_TRITON:
     _NO_STATE = tl.constexpr(NO_STATE_LOG_SCALE)
-    _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-                  torch.float16: tl.float16}
 
     @triton.jit
     def _advance(s, v, u, u_log_scale, A, a_log_scale, tiny):
