@@ -9,15 +9,19 @@ of ``L`` steps (``K`` chunks), evaluated in three launches:
 
 1. every chunk but the last from a zero state, in parallel: its end state ``E_k``;
 2. the states entering the chunks, ``S_k = S_{k-1} A^L + E_{k-1}`` from the initial state:
-   the same recurrence over ``K - 1`` steps, with ``A^L`` and inputs in scaled form;
-3. every chunk from its entering state, in parallel, writing every step.
+   the same recurrence over ``K - 1`` steps, with ``A^L`` (squared up in float64 by a small
+   kernel of its own) and inputs in scaled form;
+3. every chunk from its entering state (read in place: the initial state or ``S_k``), in
+   parallel, writing every step.
 
 The backward pass is the adjoint recurrence ``lambda_t = lambda_{t+1} A^T + g_t e^{-s_t}``
 (``g_t`` the gradient of the output rows, whose scales ``s_t`` are detached as in the
 original): the same three launches in reverse time, its inputs in scaled form too. The
-third writes ``du_t = lambda_t`` and accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each
+third writes ``du_t = lambda_t``, accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each
 term's two scales added before exponentiating, so gradients are right however large the
-states and however small the adjoints. Only the outputs are saved for the backward pass:
+states and however small the adjoints, and ends with the initial state's gradient
+``lambda_0 A^T``. Every step but these launches happens inside the kernels, because at
+small batches the host's time per launch, not the GPU's, bounds training. Only the outputs are saved for the backward pass:
 memory is ``O(T)``, with no ``O(T log T)`` intermediates.
 
 The scan is the custom operator ``goom_ssm::scan`` (with its backward registered), so that
