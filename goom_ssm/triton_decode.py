@@ -101,14 +101,18 @@ if HAS_TRITON:
             tl.store(du_ptr + m[:, None] * ND + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
+    def _output_block(M, N, BM: tl.constexpr, BN: tl.constexpr):
+        """This program's output rows ``m`` (axis 1) and columns ``n`` (axis 0), and which exist."""
+        m = tl.program_id(1) * BM + tl.arange(0, BM)
+        n = tl.program_id(0) * BN + tl.arange(0, BN)
+        return m, m < M, n, n < N
+
+    @triton.jit
     def _output_glu_kernel(rows_ptr, c_ptr, du_ptr, g_ptr, M, NR, E, LOG_SCALE: tl.constexpr, BM: tl.constexpr,
                            BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
         """``y = exp(LOG_SCALE) rows @ C + Du`` (``rows [M, NR]``, ``C [NR, 2E]``, ``Du [M, 2E]``),
         then ``g = y[:, :E] * sigmoid(y[:, E:])`` ``[M, E]``: both halves of output block ``n`` here."""
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        m = pid_m * BM + tl.arange(0, BM)
-        n = pid_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = m < M, n < E
+        m, m_ok, n, n_ok = _output_block(M, E, BM, BN)
         ok = m_ok[:, None] & n_ok[None, :]
         unused = tl.zeros([BM], ACC)
         value, gate = _products(rows_ptr, m, m_ok, NR, c_ptr, E, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
@@ -122,10 +126,7 @@ if HAS_TRITON:
     def _out_proj_residual_kernel(g_ptr, w_ptr, h_ptr, out_ptr, M, E, BM: tl.constexpr, BN: tl.constexpr,
                                   BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
         """``out = h + g @ W^T`` with ``W [E, E]`` (an ``nn.Linear`` weight), all rows ``[M, E]``."""
-        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
-        m = pid_m * BM + tl.arange(0, BM)
-        n = pid_n * BN + tl.arange(0, BN)
-        m_ok, n_ok = m < M, n < E
+        m, m_ok, n, n_ok = _output_block(M, E, BM, BN)
         ok = m_ok[:, None] & n_ok[None, :]
         unused = tl.zeros([BM], ACC)
         acc, _ = _products(g_ptr, m, m_ok, E, w_ptr, 0, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
