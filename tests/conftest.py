@@ -26,6 +26,20 @@ def norm_relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).norm() / expected.norm()).item()
 
 
+def random_scan_case(batch, length, n, d, radius, dtype=torch.float64, seed=0, device="cpu"):
+    """A scan problem: inputs ``u [batch, length, n, d]``, ``A [d, d]`` (orthogonal times
+    ``radius``), an initial state ``[batch, n, ...]`` with rows in (-0.1, 0.1); drawn in
+    float64, then cast to ``dtype`` and moved to ``device``."""
+    from goom_ssm.scan import ScaledRows, normalize_rows
+
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    A = (q * radius).to(dtype)
+    u = torch.randn(batch, length, n, d, generator=g, dtype=torch.float64).to(dtype)
+    initial = normalize_rows((torch.rand(batch, n, d, generator=g, dtype=torch.float64) * 0.2 - 0.1).to(dtype))
+    return u.to(device), A.to(device), ScaledRows(*(t.to(device) for t in initial))
+
+
 def sequential_recurrence(u: torch.Tensor, A: torch.Tensor, log_scale: torch.Tensor, rows: torch.Tensor):
     """The slow, obvious recurrence ``x_t = x_{t-1} A + u_t`` in float64, one step at a time,
     each state row kept as ``exp(log_scale) * rows`` with ``max|rows| = 1``.

@@ -3,18 +3,9 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, relative_error, sequential_recurrence
+from conftest import TRITON_DEVICE, random_scan_case as random_case, relative_error, sequential_recurrence
 from goom_ssm.scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scaled_powers
 from goom_ssm.triton_scan import HAS_TRITON, triton_scan
-
-
-def random_case(batch, length, n, d, radius, dtype=torch.float64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    A = (q * radius).to(dtype)
-    u = torch.randn(batch, length, n, d, generator=g, dtype=torch.float64).to(dtype)
-    initial = normalize_rows((torch.rand(batch, n, d, generator=g, dtype=torch.float64) * 0.2 - 0.1).to(dtype))
-    return u, A, initial
 
 
 def assert_same_states(out: ScaledRows, log_scale, rows, rows_tol, scale_tol):
@@ -91,8 +82,7 @@ def test_gradients_are_those_of_the_exact_recurrence(implementation):
         if not HAS_TRITON:
             pytest.skip("needs the triton package")
         scan, chunk, device, sizes = triton_scan, 2, TRITON_DEVICE, (1, 5, 2, 3)  # small: interpreted on CPU
-    u, A, initial = (t.to(device) if torch.is_tensor(t) else ScaledRows(*(x.to(device) for x in t))
-                     for t in random_case(*sizes, 0.9, seed=11))
+    u, A, initial = random_case(*sizes, 0.9, seed=11, device=device)
     u.requires_grad_(True)
     A.requires_grad_(True)
     init_rows = initial.rows.clone().requires_grad_(True)

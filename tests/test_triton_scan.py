@@ -4,26 +4,21 @@ Without a GPU the kernels run in Triton's interpreter (see conftest), so every c
 checked on CPU too; the long and large cases run on CUDA only.
 """
 
+import functools
+
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
-from conftest import TRITON_DEVICE, sequential_recurrence  # noqa: E402
+from conftest import TRITON_DEVICE, random_scan_case, sequential_recurrence  # noqa: E402
 from goom_ssm.scan import ScaledRows, chunked_scan, normalize_rows  # noqa: E402
 from goom_ssm.triton_scan import default_chunk_length, triton_scan  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def random_case(batch, length, n, d, radius, dtype=torch.float64, seed=0, device=TRITON_DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    A = q * radius
-    u = torch.randn(batch, length, n, d, generator=g, dtype=torch.float64)
-    initial = normalize_rows(torch.rand(batch, n, d, generator=g, dtype=torch.float64) * 0.2 - 0.1)
-    move = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
-    return move(u), move(A), ScaledRows(*map(move, initial))
+random_case = functools.partial(random_scan_case, device=TRITON_DEVICE)  # where the kernels run
 
 
 def states_and_gradients(scan, u, A, initial, weights, **kwargs):
