@@ -34,7 +34,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_goom_ssm.GoomSSMModel",
     "AutoModelForCausalLM": "modeling_goom_ssm.GoomSSMForCausalLM",
 }
-_RELATIVE_IMPORT = re.compile(r"^from \.+[\w.]* import \(?[^)]*?\)?\n", re.MULTILINE)
+_RELATIVE_IMPORT = re.compile(r"^([ \t]*)from \.+[\w.]* import \(?[^)]*?\)?\n", re.MULTILINE)
 _MODULE_DOCSTRING = re.compile(r'\A""".*?"""\n', re.DOTALL)
 _FUTURE_IMPORT = re.compile(r"^from __future__ import .*\n", re.MULTILINE)
 
@@ -53,7 +53,9 @@ def bundled_modeling_source() -> str:
     ]
     for package, name in _BUNDLED:
         text = _MODULE_DOCSTRING.sub("", _source(package, name), count=1)
-        text = _RELATIVE_IMPORT.sub("", _FUTURE_IMPORT.sub("", text))
+        # Imports between bundled modules go (their names are all in this one file); an
+        # indented one leaves a ``pass``, so that its block stays valid.
+        text = _RELATIVE_IMPORT.sub(lambda m: f"{m[1]}pass\n" if m[1] else "", _FUTURE_IMPORT.sub("", text))
         parts.append(f"\n# ---- {package}.{name[:-3]} ----\n{text}")
     return "".join(parts)
 

@@ -1,14 +1,15 @@
-"""One decoding step of a residual GOOM-SSM layer in four Triton launches.
+"""One decoding step of a residual GOOM-SSM layer in three Triton launches.
 
 For one token per sequence, a layer (:class:`goom_ssm.layers.GoomSSMBlock`) is a few
 matrix-vector products around a tiny recurrent step; run op by op it is about sixteen
-kernels, each much shorter than its launch. :func:`decode_step` runs it as four:
+kernels, each much shorter than its launch. :func:`decode_step` runs it as three:
 
-1. ``LayerNorm(h) @ [B | D]``: the state input ``Bu [M, n*d]`` and the skip term ``Du [M, 2E]``;
-2. the recurrent step ``x <- x A + Bu`` (the kernel of :mod:`goom_ssm.triton_scan`), in
-   place, a padded sequence (mask 0) keeping its state;
-3. ``g = GLU(e^2 rows @ C + Du)`` ``[M, E]``, ``rows`` the new normalised state rows;
-4. ``h + g @ W_out^T``, the layer's output.
+1. ``LayerNorm(h) @ [B | D]``: each state row's input ``Bu_j`` followed at once by that row's
+   recurrent step ``x_j <- x_j A + Bu_j`` (the step of :mod:`goom_ssm.triton_scan`; rows do
+   not mix, so each program owns one row, updated in place; a padded sequence, mask 0,
+   keeps its state), and the skip term ``Du [M, 2E]``;
+2. ``g = GLU(e^2 rows @ C + Du)`` ``[M, E]``, ``rows`` the new normalised state rows;
+3. ``h + g @ W_out^T``, the layer's output.
 
 Products take their operands in the compute dtype (the autocast dtype where autocast is on,
 else the weights' dtype) and accumulate in float32 (float64 for float64 weights), as the
@@ -22,11 +23,13 @@ import torch
 
 from .layers import STATE_OUTPUT_LOG_SCALE
 from .scan import ScaledRows
-from .triton_scan import _TL_DTYPES, HAS_TRITON, _recurrence
+from .triton_scan import _TL_DTYPES, HAS_TRITON
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
+
+    from .triton_scan import _advance, _load_matrix, _normalized
 
     @triton.jit
     def _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
@@ -77,27 +80,41 @@ if HAS_TRITON:
         return acc, second
 
     @triton.jit
-    def _norm_in_proj_kernel(h_ptr, ln_w_ptr, ln_b_ptr, b_ptr, d_ptr, bu_ptr, du_ptr, M, E, NB, ND, eps,
-                             BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr,
-                             ACC: tl.constexpr):
-        """``Bu = LN(h) @ B`` ``[M, NB]`` and ``Du = LN(h) @ D`` ``[M, ND]``: column blocks of ``Bu``
-        first, then of ``Du``, over program axis 0; row blocks over axis 1."""
+    def _norm_in_proj_step_kernel(h_ptr, ln_w_ptr, ln_b_ptr, b_ptr, d_ptr, a_ptr, s_ptr, v_ptr, mask_ptr,
+                                  out_s_ptr, out_v_ptr, du_ptr, M, E, n_rows, ND, eps, tiny: tl.constexpr,
+                                  D: tl.constexpr, BLOCK_D: tl.constexpr, STATE: tl.constexpr,
+                                  HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                                  DOT: tl.constexpr, ACC: tl.constexpr):
+        """Program ``(j, i)``, sequences ``m`` of row block ``i`` (axis 1). For ``j < n_rows``: the
+        state input of row ``j``, ``LN(h) @ B[:, j D:(j + 1) D]``, then the step of that row,
+        ``x_j <- x_j A + Bu_j`` (state ``[M, n_rows, 1]`` / ``[M, n_rows, D]`` in ``STATE``; a
+        sequence whose ``mask`` is 0 keeps its row), written to ``out`` (which may be the state
+        itself: a row is read and written by its own program only). Other programs: column
+        block ``j - n_rows`` of ``Du = LN(h) @ D`` ``[M, ND]``."""
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         m = pid_m * BM + tl.arange(0, BM)
         m_ok = m < M
         mean, rstd = _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM, BK, ACC)
-        b_blocks = tl.cdiv(NB, BN)
-        if pid_n < b_blocks:
-            n = pid_n * BN + tl.arange(0, BN)
-            n_ok = n < NB
-            acc, _ = _products(h_ptr, m, m_ok, E, b_ptr, 0, NB, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
-                               True, False, BM, BN, BK, DOT, ACC)
-            tl.store(bu_ptr + m[:, None] * NB + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+        if pid_n < n_rows:
+            feats = tl.arange(0, BLOCK_D)
+            ok = m_ok[:, None] & (feats < D)[None, :]
+            u = _products(h_ptr, m, m_ok, E, b_ptr, 0, n_rows * D, 1, pid_n * D + feats, feats < D, mean, rstd,
+                          ln_w_ptr, ln_b_ptr, True, False, BM, BLOCK_D, BK, DOT, ACC)[0]
+            A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, False).to(STATE), tiny)
+            row = m * n_rows + pid_n
+            s = tl.load(s_ptr + row, mask=m_ok, other=0.0).to(tl.float64)
+            v = tl.load(v_ptr + row[:, None] * D + feats[None, :], mask=ok, other=0.0)
+            new_s, new_v = _advance(s, v, u.to(STATE), tl.zeros([BM], tl.float64), A, a_log_scale, tiny)
+            if HAS_MASK:
+                keep = tl.load(mask_ptr + m, mask=m_ok, other=0) != 0
+                new_s, new_v = tl.where(keep, new_s, s), tl.where(keep[:, None], new_v, v)
+            tl.store(out_s_ptr + row, new_s.to(STATE), mask=m_ok)
+            tl.store(out_v_ptr + row[:, None] * D + feats[None, :], new_v, mask=ok)
         else:
-            n = (pid_n - b_blocks) * BN + tl.arange(0, BN)
+            n = (pid_n - n_rows) * BN + tl.arange(0, BN)
             n_ok = n < ND
-            acc, _ = _products(h_ptr, m, m_ok, E, d_ptr, 0, ND, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
-                               True, False, BM, BN, BK, DOT, ACC)
+            acc = _products(h_ptr, m, m_ok, E, d_ptr, 0, ND, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+                            True, False, BM, BN, BK, DOT, ACC)[0]
             tl.store(du_ptr + m[:, None] * ND + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
     @triton.jit
@@ -142,6 +159,11 @@ BLOCK_N, BLOCK_K_BYTES = 32, 512
 NUM_WARPS, NUM_STAGES = 4, 3
 
 
+def _state_block(d: int) -> int:
+    """Columns of a state row's block: a power of two, and at least 16 (``tl.dot``'s smallest)."""
+    return max(16, triton.next_power_of_2(d))
+
+
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of the products' operands: autocast's when it is on for the weight's device, else the weight's."""
     if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
@@ -176,17 +198,15 @@ def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[t
     rows_m = triton.cdiv(M, bm)
     hidden = hidden.contiguous()
 
-    Bu = torch.empty(M, n * d, dtype=acc, device=hidden.device)
-    Du = torch.empty(M, 2 * E, dtype=acc, device=hidden.device)
-    grid = (triton.cdiv(n * d, BLOCK_N) + triton.cdiv(2 * E, BLOCK_N), rows_m)
-    _norm_in_proj_kernel[grid](hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(),
-                               Bu, Du, M, E, n * d, 2 * E, block.norm.eps, **blocks, **kinds)
-
     if out_state is None:
         out_state = ScaledRows(torch.empty_like(state.log_scale), torch.empty_like(state.rows))
-    _recurrence(Bu.view(M, 1, n, d), ssm.A.contiguous(), 1, 1, start=state, steps=True,
-                mask=None if mask is None else mask.reshape(M), out_steps=(out_state.log_scale, out_state.rows),
-                state_dtype=ssm.state_dtype)
+    Du = torch.empty(M, 2 * E, dtype=acc, device=hidden.device)
+    state_dtype = ssm.state_dtype
+    _norm_in_proj_step_kernel[(n + triton.cdiv(2 * E, BLOCK_N), rows_m)](
+        hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(), ssm.A.contiguous(),
+        state.log_scale, state.rows, mask.reshape(M) if mask is not None else Du, out_state.log_scale, out_state.rows,
+        Du, M, E, n, 2 * E, block.norm.eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=_state_block(d),
+        STATE=_TL_DTYPES[state_dtype], HAS_MASK=mask is not None, **blocks, **kinds)
 
     g = torch.empty(M, E, dtype=acc, device=hidden.device)
     _output_glu_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](out_state.rows, ssm.C.contiguous(), Du, g, M, n * d, E,

@@ -24,8 +24,9 @@ states and however small the adjoints, and ends with the initial state's gradien
 small batches the host's time per launch, not the GPU's, bounds training. Only the outputs are saved for the backward pass:
 memory is ``O(T)``, with no ``O(T log T)`` intermediates.
 
-The scan is the custom operator ``goom_ssm::scan`` (with its backward registered), so that
-``torch.compile(fullgraph=True)`` keeps it whole. Without a GPU the kernels run under
+The forward and the backward are the custom operators ``goom_ssm::scan`` and
+``goom_ssm::scan_backward``, joined by an ``autograd.Function``, so that
+``torch.compile(fullgraph=True)`` keeps them whole. Without a GPU the kernels run under
 Triton's interpreter (``TRITON_INTERPRET=1`` before importing), as the tests do.
 """
 
@@ -45,7 +46,7 @@ except ImportError:  # CPU-only installs use the pure-PyTorch scans
 HAS_TRITON = triton is not None
 NO_STATE_LOG_SCALE = -1e30  # log-scale of "no state yet": a zero row that any input outweighs
 # Measured on an H200 (rows of 32, 1024 programs): a step of 8 rows takes 1.3 us in one warp,
-# 10.5 us in four. (Blocks of 16 rows gave wrong states on the GPU and are not used.)
+# 10.5 us in four.
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1
 MIN_CHUNK, MAX_CHUNK = 16, 256
@@ -66,7 +67,12 @@ if HAS_TRITON:
         is renormalised (an all-zero row gets the log of ``tiny``, as ``normalize_rows``).
         Log-scales are float64: they grow by a sum every step, which float32 would round
         at each of thousands of steps (at s ~ 800, by up to 3e-5 a step)."""
-        w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
+        if v.shape[0] >= 16:
+            # At 16 rows and more Triton would turn the broadcast product below into a TF32
+            # tensor-core product (errors ~1e-4 in float32): ask for an exact one.
+            w = tl.dot(v, A, input_precision="ieee")
+        else:
+            w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
         carried = s + a_log_scale
         u_peak = tl.maximum(tl.max(tl.abs(u), axis=1), tiny)
         common = tl.maximum(carried, tl.log(u_peak).to(tl.float64) + u_log_scale)
@@ -357,22 +363,28 @@ def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dty
     return grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows)
 
 
-def _setup_context(ctx, inputs, output):
-    u, A, init_log_scale, init_rows, chunk_len = inputs
-    ctx.save_for_backward(A, init_log_scale, init_rows, *output)
-    ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
+class _Scan(torch.autograd.Function):
+    """Autograd of the two operators (a plain ``autograd.Function``: the operators' own
+    ``register_autograd`` wrapper cost ~0.8 ms of host time per layer and training step on an
+    H200, more than the kernels; ``torch.compile`` traces this class and keeps the operators whole)."""
 
+    @staticmethod
+    def forward(ctx, u, A, init_log_scale, init_rows, chunk_len):
+        log_scale, rows = _scan_op(u, A, init_log_scale, init_rows, chunk_len)
+        ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows)
+        ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
+        ctx.mark_non_differentiable(log_scale)
+        ctx.set_materialize_grads(False)
+        return log_scale, rows
 
-def _scan_op_backward(ctx, grad_log_scale, grad_rows):
-    A, init_log_scale, init_rows, log_scale, rows = ctx.saved_tensors
-    if grad_rows is None:
-        grad_rows = torch.zeros_like(rows)
-    grad_u, grad_A, grad_init = _scan_backward_op(grad_rows.contiguous(), A, init_log_scale, init_rows, log_scale,
-                                                  rows, ctx.chunk_len, ctx.u_dtype)
-    return grad_u, grad_A, None, grad_init, None
-
-
-_scan_op.register_autograd(_scan_op_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad_log_scale, grad_rows):
+        if grad_rows is None:  # the log-scales are constants: no gradient reaches the inputs
+            return None, None, None, None, None
+        A, init_log_scale, init_rows, log_scale, rows = ctx.saved_tensors
+        grad_u, grad_A, grad_init = _scan_backward_op(grad_rows.contiguous(), A, init_log_scale, init_rows, log_scale,
+                                                      rows, ctx.chunk_len, ctx.u_dtype)
+        return grad_u, grad_A, None, grad_init, None
 
 
 def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: Optional[int] = None) -> ScaledRows:
@@ -385,6 +397,6 @@ def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_siz
     if not HAS_TRITON:
         raise RuntimeError("the 'triton' scan needs the triton package; use scan_implementation='chunked'")
     chunk_len = chunk_size or default_chunk_length(u.shape[1])
-    log_scale, rows = _scan_op(u.contiguous(), A.contiguous(), initial.log_scale.to(A.dtype).contiguous(),
-                               initial.rows.to(A.dtype).contiguous(), chunk_len)
-    return ScaledRows(log_scale.detach(), rows)
+    log_scale, rows = _Scan.apply(u.contiguous(), A.contiguous(), initial.log_scale.to(A.dtype).contiguous(),
+                                  initial.rows.to(A.dtype).contiguous(), chunk_len)
+    return ScaledRows(log_scale, rows)

@@ -10,9 +10,15 @@ update those buffers in place.
 A cache that last ran through a decoder points at the decoder's buffers. Before another
 cache uses the same decoder, the previous one gets private copies of its states, so a
 cache a user kept is never overwritten.
+
+The ids are checked against the vocabulary without holding the graph back: they are copied
+to the host before the replay is queued, and read after it. An id outside the
+vocabulary makes the graph change no state (every sequence is treated as padding, the ids
+are clamped for the embedding), and the call raises.
 """
 
 import weakref
+from typing import Optional
 
 import torch
 
@@ -28,8 +34,7 @@ class CUDAGraphDecoder:
     """Captured single-token step of ``model`` (a ``GoomSSMForCausalLM`` on CUDA, eval mode)
     for ``batch_size`` sequences. Each layer runs as the fused Triton step when the model's
     scan is ``"auto"`` or ``"triton"`` and Triton is installed, otherwise op by op.
-    Call it with ``ids [batch, 1]``, ``mask [batch, 1]`` (bool) and a cache holding the state
-    of every layer; it advances the cache and returns the logits ``[batch, 1, vocab_size]`` (float32)."""
+    Call it with the ids, the mask and a cache holding the state of every layer (see :meth:`__call__`)."""
 
     def __init__(self, model, batch_size: int):
         config, device = model.config, model.device
@@ -38,8 +43,12 @@ class CUDAGraphDecoder:
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()
+        self.vocab_size = config.vocab_size
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.mask = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
+        self.mask_is_all_true = True  # skip refilling it for calls without a mask
+        self.host_ids = torch.zeros(batch_size, 1, dtype=torch.long, pin_memory=True)
+        self.host_ids_copied = torch.cuda.Event()
         self.states = [
             ScaledRows(torch.zeros(batch_size, config.num_state_heads, 1, dtype=ssm.state_dtype, device=device),
                        torch.zeros(batch_size, config.num_state_heads, config.state_size, dtype=ssm.state_dtype, device=device))
@@ -58,8 +67,10 @@ class CUDAGraphDecoder:
             self.logits = self._step(model)
 
     def _step(self, model) -> torch.Tensor:
-        hidden = model.backbone.embeddings(self.ids)
-        hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, self.mask, call_layer=self.call_layer)
+        in_vocabulary = ((self.ids >= 0) & (self.ids < self.vocab_size)).all()
+        hidden = model.backbone.embeddings(self.ids.clamp(0, self.vocab_size - 1))
+        mask = self.mask & in_vocabulary
+        hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, mask, call_layer=self.call_layer)
         for buffer, new in zip(self.states, new_states):
             if new.rows is not buffer.rows:  # the fused step writes into the buffers themselves
                 buffer.log_scale.copy_(new.log_scale)
@@ -80,10 +91,22 @@ class CUDAGraphDecoder:
                 buffer.rows.copy_(state.rows)
         self.owner = weakref.ref(cache)
 
-    def __call__(self, ids: torch.Tensor, mask: torch.Tensor, cache) -> torch.Tensor:
+    def __call__(self, ids: torch.Tensor, mask: Optional[torch.Tensor], cache, check_id_range) -> torch.Tensor:
+        """One step for ``ids [batch, 1]`` and ``mask [batch, 1]`` (bool; None: no padding)
+        from ``cache``'s states: advances ``cache`` and returns the logits ``[batch, 1, vocab_size]``
+        (float32). ``check_id_range(lowest, highest)`` raises for ids outside the vocabulary;
+        then ``cache`` is left as it was."""
         self.ids.copy_(ids)
-        self.mask.copy_(mask)
+        self.host_ids.copy_(ids, non_blocking=True)
+        self.host_ids_copied.record()
+        if mask is not None:
+            self.mask.copy_(mask)
+        elif not self.mask_is_all_true:
+            self.mask.fill_(True)
+        self.mask_is_all_true = mask is None
         self._take_buffers_for(cache)
         self.graph.replay()
+        self.host_ids_copied.synchronize()  # waits for the copy only: the graph is queued behind it
+        check_id_range(*(int(bound) for bound in torch.aminmax(self.host_ids)))
         cache.advance(self.states, 1)
         return self.logits.clone()

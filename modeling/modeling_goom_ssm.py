@@ -5,6 +5,7 @@ LayerNorm. ``GoomSSMForCausalLM`` adds a bias-free head tied to the embedding, a
 cross-entropy loss, and generation with a recurrent-state cache (:class:`GoomSSMCache`).
 """
 
+import functools
 import math
 from typing import Optional, Union
 
@@ -68,7 +69,8 @@ class GoomSSMPreTrainedModel(PreTrainedModel):
         ]
 
 
-def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
+def _check_input_ids(input_ids: torch.Tensor) -> None:
+    """Type and shape of ``input_ids`` (the values: :func:`_check_token_range`)."""
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
     if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
@@ -77,9 +79,16 @@ def _check_input_ids(input_ids: torch.Tensor, vocab_size: int) -> None:
         raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(input_ids.shape)}")
     if input_ids.numel() == 0:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per sequence")
-    if torch.compiler.is_compiling():
-        return  # the range check reads values from the device; compiled graphs skip it
-    low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device-to-host copy
+
+
+def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Raises if an id is outside the vocabulary: waits for ``input_ids`` (one device-to-host
+    copy), so compiled graphs skip it."""
+    if not torch.compiler.is_compiling():
+        _check_id_range(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size=vocab_size)
+
+
+def _check_id_range(low: int, high: int, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
@@ -191,7 +200,8 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("give exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
-            _check_input_ids(input_ids, self.config.vocab_size)
+            _check_input_ids(input_ids)
+            _check_token_range(input_ids, self.config.vocab_size)
             inputs_embeds = self.embeddings(input_ids)
         elif inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or inputs_embeds.shape[1] == 0:
             raise ValueError(
@@ -329,15 +339,12 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         )
 
     def _decode_with_cuda_graph(self, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
-        _check_input_ids(input_ids, self.config.vocab_size)
+        _check_input_ids(input_ids)
         batch = input_ids.shape[0]
         cache.check_compatible(self.config, batch)
-        if attention_mask is None:
-            mask = torch.ones(batch, 1, dtype=torch.bool, device=input_ids.device)
-        else:
-            mask = _current_mask(attention_mask, batch, 1) != 0
+        mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1) != 0
         key = (batch, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
         decoder = self._cuda_graph_decoders.get(key)
         if decoder is None or not decoder.is_valid_for(self):
             decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch)
-        return decoder(input_ids, mask, cache)
+        return decoder(input_ids, mask, cache, functools.partial(_check_id_range, vocab_size=self.config.vocab_size))

@@ -46,6 +46,21 @@ def test_a_kept_cache_is_not_overwritten_by_another_generation():
     assert all(torch.equal(k, s.rows) for k, s in zip(kept, cache_a.states))
 
 
+@torch.no_grad()
+def test_an_id_outside_the_vocabulary_in_graph_decoding_is_refused_and_changes_nothing():
+    model = make_model()
+    ids = torch.randint(0, 500, (2, 12), device="cuda")
+    cache = model(ids[:, :10], use_cache=True).past_key_values
+    model(ids[:, 10:11], past_key_values=cache)  # captures the graph
+    before = [s.rows.clone() for s in cache.states]
+    with pytest.raises(ValueError, match="token id 500, outside the vocabulary"):
+        model(torch.tensor([[3], [500]], device="cuda"), past_key_values=cache)
+    assert cache.get_seq_length() == 11
+    assert all(torch.equal(b, s.rows) for b, s in zip(before, cache.states))
+    logits = model(ids[:, 11:12], past_key_values=cache).logits
+    assert torch.allclose(logits, model(ids).logits[:, 11:12], atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("settings", [dict(do_sample=False), dict(do_sample=False, num_beams=3),
                                       dict(do_sample=True, top_p=0.9)])
 def test_generate_with_graphs_equals_without(settings):
