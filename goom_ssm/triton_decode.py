@@ -11,6 +11,8 @@ kernels, each much shorter than its launch. :func:`decode_step` runs it as three
 2. ``g = GLU(e^2 rows @ C + Du)`` ``[M, E]``, ``rows`` the new normalised state rows;
 3. ``h + g @ W_out^T``, the layer's output.
 
+:func:`head_logits` is the model's head for one token, with the cast of its logits to float32.
+
 Products take their operands in the compute dtype (the autocast dtype where autocast is on,
 else the weights' dtype) and accumulate in float32 (float64 for float64 weights), as the
 layer's own matmuls do; intermediate results stay in the accumulation dtype. The
@@ -152,6 +154,18 @@ if HAS_TRITON:
         tl.store(out_ptr + m[:, None] * E + n[None, :], h + acc, mask=ok)
 
 
+    @triton.jit
+    def _head_kernel(h_ptr, w_ptr, out_ptr, M, E, V, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     DOT: tl.constexpr, ACC: tl.constexpr):
+        """``logits = h @ W^T`` ``[M, V]`` (``h [M, E]``, ``W [V, E]`` an ``nn.Linear`` weight),
+        rounded to ``DOT`` as the head's own output is, then stored in float32."""
+        m, m_ok, n, n_ok = _output_block(M, V, BM, BN)
+        unused = tl.zeros([BM], ACC)
+        acc = _products(h_ptr, m, m_ok, E, w_ptr, 0, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
+                        False, False, BM, BN, BK, DOT, ACC)[0]
+        tl.store(out_ptr + m[:, None] * V + n[None, :], acc.to(DOT).to(tl.float32), mask=m_ok[:, None] & n_ok[None, :])
+
+
 # Launch configuration (measured on an H200): output columns per program (more programs read
 # the weights in parallel); bytes of each weight row per reduction step (fewer, larger loads
 # in flight); rows per program: 16, or 32 above 16 sequences.
@@ -169,6 +183,28 @@ def compute_dtype(weight: torch.Tensor) -> torch.dtype:
     if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
         return torch.get_autocast_dtype(weight.device.type)
     return weight.dtype
+
+
+def _launch_settings(weight: torch.Tensor, M: int):
+    """For products with ``weight`` over ``M`` rows: the accumulation dtype, the kernels'
+    block sizes, dtypes and launch options, and the number of row blocks."""
+    dot = compute_dtype(weight)
+    acc = torch.float64 if dot == torch.float64 else torch.float32
+    bm = 16 if M <= 16 else 32
+    settings = dict(BM=bm, BN=BLOCK_N, BK=BLOCK_K_BYTES // weight.element_size(), DOT=_TL_DTYPES[dot],
+                    ACC=_TL_DTYPES[acc], num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+    return acc, settings, triton.cdiv(M, bm)
+
+
+def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+    """``head(hidden).float()`` for ``hidden [M, 1, E]`` in one launch: ``[M, 1, V]`` float32."""
+    M, _, E = hidden.shape
+    V = head.weight.shape[0]
+    _, settings, rows_m = _launch_settings(head.weight, M)
+    logits = torch.empty(M, 1, V, dtype=torch.float32, device=hidden.device)
+    _head_kernel[(triton.cdiv(V, BLOCK_N), rows_m)](hidden.contiguous(), head.weight.contiguous(), logits, M, E, V,
+                                                    **settings)
+    return logits
 
 
 def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor] = None,
@@ -189,13 +225,7 @@ def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[t
     ssm = block.ssm
     M, _, E = hidden.shape
     n, d = ssm.n_hid, ssm.d_hid
-    dot = compute_dtype(ssm.B)
-    acc = torch.float64 if dot == torch.float64 else torch.float32
-    kinds = dict(DOT=_TL_DTYPES[dot], ACC=_TL_DTYPES[acc])
-    bm = 16 if M <= 16 else 32
-    block_k = BLOCK_K_BYTES // ssm.B.element_size()
-    blocks = dict(BM=bm, BN=BLOCK_N, BK=block_k, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
-    rows_m = triton.cdiv(M, bm)
+    acc, settings, rows_m = _launch_settings(ssm.B, M)
     hidden = hidden.contiguous()
 
     if out_state is None:
@@ -206,12 +236,12 @@ def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[t
         hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(), ssm.A.contiguous(),
         state.log_scale, state.rows, mask.reshape(M) if mask is not None else Du, out_state.log_scale, out_state.rows,
         Du, M, E, n, 2 * E, block.norm.eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=_state_block(d),
-        STATE=_TL_DTYPES[state_dtype], HAS_MASK=mask is not None, **blocks, **kinds)
+        STATE=_TL_DTYPES[state_dtype], HAS_MASK=mask is not None, **settings)
 
     g = torch.empty(M, E, dtype=acc, device=hidden.device)
     _output_glu_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](out_state.rows, ssm.C.contiguous(), Du, g, M, n * d, E,
-                                                          STATE_OUTPUT_LOG_SCALE, **blocks, **kinds)
+                                                          STATE_OUTPUT_LOG_SCALE, **settings)
     out = torch.empty_like(hidden)
     _out_proj_residual_kernel[(triton.cdiv(E, BLOCK_N), rows_m)](g, block.out_proj.weight.contiguous(), hidden, out,
-                                                                 M, E, **blocks, **kinds)
+                                                                 M, E, **settings)
     return out, out_state

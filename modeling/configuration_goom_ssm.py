@@ -30,7 +30,7 @@ class GoomSSMConfig(PretrainedConfig):
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python; with
-            Triton (and the ``"auto"`` or ``"triton"`` scan) each layer's step is four fused kernels.
+            Triton (and the ``"auto"`` or ``"triton"`` scan) each layer's step is three fused kernels.
         tie_word_embeddings: tie the output head to the input embeddings (as the original).
         bos_token_id, eos_token_id, pad_token_id: special ids; bos and eos default to GPT-2's
             ``<|endoftext|>`` (50256), and to ``None`` when the vocabulary is smaller.

@@ -4,8 +4,8 @@ A single-token forward of a GOOM-SSM model is a few hundred small kernels (a rec
 projections and norms per layer); launching them one by one costs far more than running
 them. :class:`CUDAGraphDecoder` captures the whole step (embedding, every layer, head) once
 per batch size and replays it, reading and writing the recurrent states in static buffers.
-With Triton, each layer runs as four fused kernels (:mod:`goom_ssm.triton_decode`) that
-update those buffers in place.
+With Triton, each layer runs as three fused kernels (:mod:`goom_ssm.triton_decode`) that
+update those buffers in place, and the head as one.
 
 A cache that last ran through a decoder points at the decoder's buffers. Before another
 cache uses the same decoder, the previous one gets private copies of its states, so a
@@ -23,7 +23,7 @@ from typing import Optional
 import torch
 
 from ..scan import ScaledRows
-from ..triton_decode import HAS_TRITON, decode_step
+from ..triton_decode import HAS_TRITON, decode_step, head_logits
 
 
 def _fused_layer_step(layer, hidden_states, state, mask):
@@ -32,14 +32,14 @@ def _fused_layer_step(layer, hidden_states, state, mask):
 
 class CUDAGraphDecoder:
     """Captured single-token step of ``model`` (a ``GoomSSMForCausalLM`` on CUDA, eval mode)
-    for ``batch_size`` sequences. Each layer runs as the fused Triton step when the model's
-    scan is ``"auto"`` or ``"triton"`` and Triton is installed, otherwise op by op.
+    for ``batch_size`` sequences. Each layer and the head run as the fused Triton kernels when
+    the model's scan is ``"auto"`` or ``"triton"`` and Triton is installed, otherwise op by op.
     Call it with the ids, the mask and a cache holding the state of every layer (see :meth:`__call__`)."""
 
     def __init__(self, model, batch_size: int):
         config, device = model.config, model.device
-        fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
-        self.call_layer = _fused_layer_step if fused else None
+        self.fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
+        self.call_layer = _fused_layer_step if self.fused else None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()
@@ -48,7 +48,8 @@ class CUDAGraphDecoder:
         self.mask = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
         self.mask_is_all_true = True  # skip refilling it for calls without a mask
         self.host_ids = torch.zeros(batch_size, 1, dtype=torch.long, pin_memory=True)
-        self.host_ids_copied = torch.cuda.Event()
+        self.ids_ready, self.host_ids_copied = torch.cuda.Event(), torch.cuda.Event()
+        self.copy_stream = torch.cuda.Stream(device)  # the copy to the host runs beside the graph
         self.states = [
             ScaledRows(torch.zeros(batch_size, config.num_state_heads, 1, dtype=ssm.state_dtype, device=device),
                        torch.zeros(batch_size, config.num_state_heads, config.state_size, dtype=ssm.state_dtype, device=device))
@@ -67,15 +68,15 @@ class CUDAGraphDecoder:
             self.logits = self._step(model)
 
     def _step(self, model) -> torch.Tensor:
-        in_vocabulary = ((self.ids >= 0) & (self.ids < self.vocab_size)).all()
-        hidden = model.backbone.embeddings(self.ids.clamp(0, self.vocab_size - 1))
-        mask = self.mask & in_vocabulary
+        ids = self.ids.clamp(0, self.vocab_size - 1)
+        mask = self.mask & (ids == self.ids).all()  # an id outside the vocabulary: no state changes
+        hidden = model.backbone.embeddings(ids)
         hidden, new_states, _ = model.backbone.run_layers(hidden, self.states, mask, call_layer=self.call_layer)
         for buffer, new in zip(self.states, new_states):
             if new.rows is not buffer.rows:  # the fused step writes into the buffers themselves
                 buffer.log_scale.copy_(new.log_scale)
                 buffer.rows.copy_(new.rows)
-        return model.lm_head(hidden).float()
+        return head_logits(model.lm_head, hidden) if self.fused else model.lm_head(hidden).float()
 
     def is_valid_for(self, model) -> bool:
         """False once the model's weights were moved or replaced (the graph reads the old memory)."""
@@ -97,8 +98,11 @@ class CUDAGraphDecoder:
         (float32). ``check_id_range(lowest, highest)`` raises for ids outside the vocabulary;
         then ``cache`` is left as it was."""
         self.ids.copy_(ids)
-        self.host_ids.copy_(ids, non_blocking=True)
-        self.host_ids_copied.record()
+        self.ids_ready.record()
+        with torch.cuda.stream(self.copy_stream):
+            self.ids_ready.wait()
+            self.host_ids.copy_(self.ids, non_blocking=True)
+            self.host_ids_copied.record()
         if mask is not None:
             self.mask.copy_(mask)
         elif not self.mask_is_all_true:
@@ -106,7 +110,7 @@ class CUDAGraphDecoder:
         self.mask_is_all_true = mask is None
         self._take_buffers_for(cache)
         self.graph.replay()
-        self.host_ids_copied.synchronize()  # waits for the copy only: the graph is queued behind it
+        self.host_ids_copied.synchronize()  # waits for the copy only, not for the graph
         check_id_range(*(int(bound) for bound in torch.aminmax(self.host_ids)))
         cache.advance(self.states, 1)
         return self.logits.clone()

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 from conftest import TRITON_DEVICE, norm_relative_error  # noqa: E402
 from goom_ssm.layers import GoomSSMBlock  # noqa: E402
 from goom_ssm.scan import ScaledRows, normalize_rows  # noqa: E402
-from goom_ssm.triton_decode import decode_step  # noqa: E402
+from goom_ssm.triton_decode import decode_step, head_logits  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (Triton's interpreter "
                                 "multiplies bfloat16 wrongly and rounds it toward zero)")
@@ -96,3 +96,41 @@ def test_half_precision_error_is_that_of_the_layer(weights, batch):
     assert fused[0].dtype == eager[0].dtype
     for ours, theirs, want in zip((fused[0], fused[1].rows), (eager[0], eager[1].rows), (exact[0], exact[1].rows)):
         assert norm_relative_error(ours, want) <= 1.5 * norm_relative_error(theirs, want)
+
+
+def make_head(batch, d_emb, vocab, dtype, device=TRITON_DEVICE):
+    torch.manual_seed(1)
+    head = torch.nn.Linear(d_emb, vocab, bias=False).to(device=device, dtype=dtype)
+    return head, (torch.randn(batch, 1, d_emb, dtype=torch.float64) * 2).to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 65])
+@torch.no_grad()
+def test_head_equals_the_linear_layer(batch):
+    """float64 to rounding, and float32 within twice the linear layer's error, a vocabulary
+    that is not a multiple of the block."""
+    head, hidden = make_head(batch, 40, 97, torch.float64)
+    logits = head_logits(head, hidden)
+    assert logits.shape == (batch, 1, 97) and logits.dtype == torch.float32
+    assert torch.equal(logits, head(hidden).float())  # float64 sums agree long before the cast
+    head, hidden = head.float(), hidden.float()
+    exact = head.double()(hidden.double())
+    assert norm_relative_error(head_logits(head.float(), hidden), exact) <= 2 * norm_relative_error(
+        head.float()(hidden), exact) + 1e-7
+
+
+@needs_cuda
+@pytest.mark.parametrize("weights", ["bfloat16", "autocast"])
+@pytest.mark.parametrize("batch", [1, 64])
+@torch.no_grad()
+def test_half_precision_head_is_the_linear_layer(weights, batch):
+    """The 124M head (GPT-2 vocabulary): logits rounded to bfloat16 as the layer's output is,
+    and against the float64 product, an error at most 1.5x the linear layer's."""
+    head, hidden = make_head(batch, 768, 50257, torch.float32, device="cuda")
+    if weights == "bfloat16":
+        head, hidden = head.to(torch.bfloat16), hidden.to(torch.bfloat16)
+    exact = copy.deepcopy(head).double()(hidden.double())
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights == "autocast"):
+        ours, theirs = head_logits(head, hidden), head(hidden).float()
+    assert ours.dtype == torch.float32 and torch.equal(ours, ours.bfloat16().float())
+    assert norm_relative_error(ours, exact) <= 1.5 * norm_relative_error(theirs, exact)
