@@ -65,14 +65,14 @@ def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
     repeated doubling (``O(log n)`` batched products).
     """
     d = base.rows.shape[-1]
-    log_scale = torch.stack([torch.zeros_like(base.log_scale), base.log_scale]).reshape(2)
+    log_scale = torch.stack([torch.zeros_like(base.log_scale), base.log_scale]).reshape(2, 1, 1)
     rows = torch.stack([torch.eye(d, dtype=base.rows.dtype, device=base.rows.device), base.rows])
     while rows.shape[0] <= n:
-        k = rows.shape[0] - 1  # powers 0..k known: M^(k+j) = M^k @ M^j for j = 1..k
-        new_scale, new_rows = normalize_rows(rows[k] @ rows[1:], dims=(-2, -1))
-        log_scale = torch.cat([log_scale, log_scale[k] + log_scale[1:] + new_scale.reshape(-1)])
+        k = rows.shape[0] - 1  # powers 0..k known: M^(j+k) = M^j @ M^k for j = 1..k
+        new_scale, new_rows = normalize_rows(rows[1:] @ rows[k], dims=(-2, -1))  # one [k*d, d] @ [d, d] product
+        log_scale = torch.cat([log_scale, log_scale[k] + log_scale[1:] + new_scale])
         rows = torch.cat([rows, new_rows])
-    return ScaledRows(log_scale[: n + 1], rows[: n + 1])
+    return ScaledRows(log_scale[: n + 1].view(-1), rows[: n + 1])
 
 
 def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: int = 64) -> ScaledRows:
