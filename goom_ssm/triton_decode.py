@@ -153,7 +153,6 @@ if HAS_TRITON:
         h = tl.load(h_ptr + m[:, None] * E + n[None, :], mask=ok, other=0.0).to(ACC)
         tl.store(out_ptr + m[:, None] * E + n[None, :], h + acc, mask=ok)
 
-
     @triton.jit
     def _head_kernel(h_ptr, w_ptr, out_ptr, M, E, V, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      DOT: tl.constexpr, ACC: tl.constexpr):
@@ -163,7 +162,8 @@ if HAS_TRITON:
         unused = tl.zeros([BM], ACC)
         acc = _products(h_ptr, m, m_ok, E, w_ptr, 0, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
                         False, False, BM, BN, BK, DOT, ACC)[0]
-        tl.store(out_ptr + m[:, None] * V + n[None, :], acc.to(DOT).to(tl.float32), mask=m_ok[:, None] & n_ok[None, :])
+        logits = acc.to(DOT).to(tl.float32)
+        tl.store(out_ptr + m[:, None] * V + n[None, :], logits, mask=m_ok[:, None] & n_ok[None, :])
 
 
 # Launch configuration (measured on an H200): output columns per program (more programs read
