@@ -38,8 +38,10 @@ class CUDAGraphDecoder:
 
     def __init__(self, model, batch_size: int):
         config, device = model.config, model.device
-        self.fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
-        self.call_layer = _fused_layer_step if self.fused else None
+        fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
+        self.call_layer = _fused_layer_step if fused else None
+        head = model.lm_head  # the fused head is a bias-free linear map, as the model's own
+        self.fused_head = fused and isinstance(head, torch.nn.Linear) and head.bias is None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()
@@ -76,7 +78,7 @@ class CUDAGraphDecoder:
             if new.rows is not buffer.rows:  # the fused step writes into the buffers themselves
                 buffer.log_scale.copy_(new.log_scale)
                 buffer.rows.copy_(new.rows)
-        return head_logits(model.lm_head, hidden) if self.fused else model.lm_head(hidden).float()
+        return head_logits(model.lm_head, hidden) if self.fused_head else model.lm_head(hidden).float()
 
     def is_valid_for(self, model) -> bool:
         """False once the model's weights were moved or replaced (the graph reads the old memory)."""
@@ -98,7 +100,7 @@ class CUDAGraphDecoder:
         (float32). ``check_id_range(lowest, highest)`` raises for ids outside the vocabulary;
         then ``cache`` is left as it was."""
         self.ids.copy_(ids)
-        self.ids_ready.record()
+        self.ids_ready.record(torch.cuda.current_stream(self.ids.device))
         with torch.cuda.stream(self.copy_stream):
             self.ids_ready.wait()
             self.host_ids.copy_(self.ids, non_blocking=True)

@@ -34,6 +34,20 @@ def test_graph_decoding_equals_eager_decoding(scan):
 
 
 @torch.no_grad()
+def test_graph_decoding_with_a_head_that_has_a_bias():
+    """A head replaced by one with a bias (set_output_embeddings) is run as it is, not by the
+    fused bias-free head kernel."""
+    model = make_model()
+    head = torch.nn.Linear(64, 500, bias=True).cuda()
+    model.set_output_embeddings(head)
+    ids = torch.randint(0, 500, (2, 12), device="cuda")
+    cache = model(ids[:, :10], use_cache=True).past_key_values
+    graphed = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in (10, 11)]
+    assert model._cuda_graph_decoders
+    assert torch.allclose(torch.cat(graphed, 1), model(ids).logits[:, 10:], atol=1e-4, rtol=1e-4)
+
+
+@torch.no_grad()
 def test_a_kept_cache_is_not_overwritten_by_another_generation():
     model = make_model()
     a_ids, b_ids = torch.randint(0, 500, (2, 1, 10), device="cuda")
