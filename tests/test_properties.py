@@ -54,11 +54,18 @@ def test_splitting_a_sequence_anywhere_and_carrying_the_state_changes_nothing(ca
 @PROPERTY_SETTINGS
 @given(scan_cases(max_length=200))
 def test_float32_scan_stays_finite_and_close_to_float64(case):
+    """Each state is compared in units of the largest state of its row so far, ``e^M``, to
+    ``1e-3 + 1e-4 |M|`` (the float32 rounding of log-scales near ``M``). Not in units of the
+    state itself: a float32 sum is exact only to its largest term, so where a state passes
+    near zero its own log-scale is off by far more in any float32 evaluation (hypothesis
+    found a random walk, ``A = 1``, whose state fell to 0.2 from steps of 1e3)."""
     u, A, initial, chunk = case
     out32 = chunked_scan(u.float(), A.float(), ScaledRows(*(t.float() for t in initial)), chunk_size=chunk)
     out64 = chunked_scan(u, A, initial, chunk_size=chunk)
     assert torch.isfinite(out32.rows).all() and torch.isfinite(out32.log_scale).all()
-    assert torch.allclose(out32.log_scale.double(), out64.log_scale, rtol=1e-4, atol=1e-3)
+    largest = out64.log_scale.cummax(dim=1).values
+    in_units = [out.rows.double() * (out.log_scale.double() - largest).exp() for out in (out32, out64)]
+    assert ((in_units[0] - in_units[1]).abs() <= 1e-3 + 1e-4 * largest.abs()).all()
 
 
 MODEL = GoomSSMForCausalLM(tiny_config(scan_chunk_size=8)).eval()
