@@ -34,7 +34,7 @@ def build(name: str, device: str) -> torch.nn.Module:
         model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
     else:
         _, scan, *options = name.split(":")
-        chunk = int(options[0]) if options and options[0].isdigit() else 64
+        chunk = int(options[0]) if options and options[0].isdigit() else None
         config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk)
         model = GoomSSMForCausalLM(config)
     return model.to(device)

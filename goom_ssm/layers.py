@@ -36,12 +36,13 @@ class GoomSSM(nn.Module):
             installed, else ``"chunked"``), ``"triton"`` (:mod:`goom_ssm.triton_scan`),
             ``"chunked"`` (pure PyTorch) or ``"goom_prefix"`` (the original's complex parallel
             prefix scan); see :mod:`goom_ssm.scan`. All give the same states.
-        chunk_size: steps per chunk of the chunked scan.
+        chunk_size: steps per chunk of the chunked scan (None: chosen for the device, see
+            :func:`goom_ssm.scan.default_chunk_size`).
         init_state_range, transition_init_gain: initialisation (see :meth:`reset_parameters`).
     """
 
     def __init__(self, d_inp: int, d_out: int, n_hid: int, d_hid: int, scan_implementation: str = "auto",
-                 chunk_size: int = 64, init_state_range: float = 0.1, transition_init_gain: float = 0.99):
+                 chunk_size: Optional[int] = None, init_state_range: float = 0.1, transition_init_gain: float = 0.99):
         super().__init__()
         if scan_implementation not in SCAN_IMPLEMENTATIONS:
             raise ValueError(f"unknown scan implementation {scan_implementation!r}; choose one of {SCAN_IMPLEMENTATIONS}")

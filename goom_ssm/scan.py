@@ -20,7 +20,7 @@ All scale constants (maxima, log-scales) are detached, as in the original, so gr
 are those of the exact recurrence.
 """
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -75,19 +75,28 @@ def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
     return ScaledRows(log_scale[: n + 1].view(-1), rows[: n + 1])
 
 
-def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: int = 64) -> ScaledRows:
+def default_chunk_size(device: torch.device) -> int:
+    """Steps per chunk of :func:`chunked_scan` when none is given. On CPU, 8: the dense chunk
+    products cost ``n L d^2`` multiply-adds per token, which at ``L = 64`` rival the layer's
+    projections (forward + backward at ``d = 32`` measured 3.5-7x faster than at 64, for 256
+    to 4,096 steps, with the same float32 error). Elsewhere 64, where fewer and larger
+    operations pay (a GPU at small batch is bound by the host's launches)."""
+    return 8 if torch.device(device).type == "cpu" else 64
+
+
+def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: Optional[int] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, in scaled form.
 
     Args:
         u: ``[batch, seq_len, n, d]`` inputs (plain floats).
         A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
         initial: state before the first step, log_scale ``[batch, n, 1]``, rows ``[batch, n, d]``.
-        chunk_size: steps per dense chunk.
+        chunk_size: steps per dense chunk (default: :func:`default_chunk_size` for ``u``'s device).
 
     Returns:
         ``ScaledRows`` with log_scale ``[batch, seq_len, n, 1]`` and rows ``[batch, seq_len, n, d]``.
     """
-    length = max(1, min(chunk_size, u.shape[1]))
+    length = max(1, min(chunk_size or default_chunk_size(u.device), u.shape[1]))
     powers = scaled_powers(normalize_rows(A, dims=(-2, -1)), length)
     return _scan(u, powers, initial)
 

@@ -26,7 +26,8 @@ class GoomSSMConfig(PretrainedConfig):
             backward), ``"chunked"`` (pure PyTorch, any device) or ``"goom_prefix"`` (the
             original's complex parallel prefix scan, slow; for reference). All compute the same
             states to float32 rounding; the choice is a matter of speed only.
-        scan_chunk_size: time steps per chunk of the chunked (pure PyTorch) scan.
+        scan_chunk_size: time steps per chunk of the chunked (pure PyTorch) scan; ``None``
+            (default): 8 on CPU, 64 on other devices (a matter of speed only).
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python; with
@@ -50,7 +51,7 @@ class GoomSSMConfig(PretrainedConfig):
         init_state_range: float = 0.1,
         transition_init_gain: float = 0.99,
         scan_implementation: str = "auto",
-        scan_chunk_size: int = 64,
+        scan_chunk_size: int | None = None,
         use_cache: bool = True,
         decode_with_cuda_graphs: bool = True,
         tie_word_embeddings: bool = True,
@@ -88,6 +89,8 @@ class GoomSSMConfig(PretrainedConfig):
         """Raise ``ValueError`` naming the first inconsistent field."""
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_state_heads", "state_size", "scan_chunk_size"):
             value = getattr(self, name)
+            if name == "scan_chunk_size" and value is None:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GoomSSMConfig.{name} must be a positive integer, got {value!r}")
         if self.scan_implementation not in SCAN_IMPLEMENTATIONS:

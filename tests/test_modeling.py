@@ -31,7 +31,7 @@ def test_default_config_is_the_published_124m_model():
 
 @pytest.mark.parametrize("bad", [
     dict(hidden_size=0), dict(num_hidden_layers=-1), dict(state_size=2.5), dict(scan_implementation="fft"),
-    dict(layer_norm_epsilon=0.0), dict(pad_token_id=97), dict(num_state_heads=True),
+    dict(layer_norm_epsilon=0.0), dict(pad_token_id=97), dict(num_state_heads=True), dict(scan_chunk_size=0),
 ])
 def test_inconsistent_config_is_refused(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):

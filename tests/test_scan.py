@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, random_scan_case as random_case, relative_error, sequential_recurrence
-from goom_ssm.scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scaled_powers
+from conftest import TRITON_DEVICE, random_scan_case as random_case, relative_error, sequential_recurrence, tiny_config
+from goom_ssm.layers import GoomSSM
+from goom_ssm.scan import ScaledRows, chunked_scan, default_chunk_size, goom_prefix_scan, normalize_rows, scaled_powers
 from goom_ssm.triton_scan import HAS_TRITON, triton_scan
 
 
@@ -102,3 +103,17 @@ def test_stress_layer_states_stay_finite_forward_and_backward():
     assert out.log_scale.max() > 1600  # ~ 4096 * log(1.5): e^1660, far past float64
     out.rows.square().sum().backward()
     assert torch.isfinite(u.grad).all() and torch.isfinite(A.grad).all()
+
+
+def test_the_default_chunk_size_is_chosen_for_the_device():
+    """8 steps on CPU (where the dense chunk products dominate), 64 elsewhere; a model's
+    ``scan_chunk_size=None`` (the default) uses it."""
+    assert default_chunk_size(torch.device("cpu")) == 8 and default_chunk_size("cuda") == 64
+    u, A, initial = random_case(2, 70, 3, 4, 1.1, torch.float32, seed=3, device="cpu")
+    assert torch.equal(chunked_scan(u, A, initial).rows, chunked_scan(u, A, initial, chunk_size=8).rows)
+    assert tiny_config().scan_chunk_size is None
+    ssm = GoomSSM(8, 16, 3, 4)
+    x = torch.randn(2, 30, 8)
+    default_out = ssm(x)[0]
+    ssm.chunk_size = 8
+    assert torch.equal(default_out, ssm(x)[0])
