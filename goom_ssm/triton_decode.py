@@ -25,13 +25,16 @@ import torch
 
 from .layers import STATE_OUTPUT_LOG_SCALE
 from .scan import ScaledRows
-from .triton_scan import _TL_DTYPES, HAS_TRITON
+from .triton_scan import HAS_TRITON
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
 
     from .triton_scan import _advance, _load_matrix, _normalized
+
+    _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                  torch.float16: tl.float16}
 
     @triton.jit
     def _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):

@@ -52,10 +52,6 @@ NUM_WARPS = 1
 MIN_CHUNK, MAX_CHUNK = 16, 256
 
 
-_TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
-              torch.float16: tl.float16} if HAS_TRITON else {}
-
-
 if HAS_TRITON:
     _NO_STATE = tl.constexpr(NO_STATE_LOG_SCALE)
 
@@ -134,22 +130,21 @@ if HAS_TRITON:
 
     @triton.jit
     def _recurrence_kernel(
-        u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr, mask_ptr,
+        u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr,
         out_s_ptr, out_v_ptr, end_s_ptr, end_v_ptr,
         fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr,
-        seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr, STATE: tl.constexpr,
+        seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, REVERSE: tl.constexpr,
         TRANSPOSE_A: tl.constexpr, HAS_U_SCALE: tl.constexpr, NEGATE_U_SCALE: tl.constexpr,
-        HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr, HAS_CARRY: tl.constexpr, HAS_MASK: tl.constexpr,
+        HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr, HAS_CARRY: tl.constexpr,
         WRITE_STEPS: tl.constexpr, PLAIN_STEPS: tl.constexpr, WRITE_ENDS: tl.constexpr, GRADIENTS: tl.constexpr,
     ):
         """Program (c, b, r): chunk ``first_chunk + c`` of sequence ``b``, state rows
         ``r * BLOCK_R ...``. Contiguous layouts: ``u [B, T, n, D]`` (any float dtype) and
         its log-scales ``[B, T, n]``; ``A [D, D]`` (or its transpose, ``TRANSPOSE_A``;
-        converted to the state dtype ``STATE``, normalised here, times ``exp(a_scale)``). The state entering a chunk: ``start``
-        (``[B, n]`` / ``[B, n, D]``) for the first chunk in the direction of travel, ``carry``
+        normalised here, times ``exp(a_scale)``; states are computed in its dtype). The state
+        entering a chunk: ``start`` (``[B, n]`` / ``[B, n, D]``) for the first chunk in the direction of travel, ``carry``
         (``[B, K - 1, n]`` / ``[..., D]``, the K - 1 other chunks in time order), else none.
-        ``mask [B]`` (one step only): a sequence whose flag is 0 keeps its state.
         Outputs: chunk ends ``[B, C, n]`` / ``[B, C, n, D]`` (C = launched chunks); every
         step ``[B, T, n]`` / ``[B, T, n, D]`` (``PLAIN_STEPS``: ``exp(s) v`` only).
         ``GRADIENTS`` (the adjoint pass): also sum ``x_{t-1}^T lambda_t`` over this program's
@@ -162,7 +157,7 @@ if HAS_TRITON:
         feats = tl.arange(0, BLOCK_D)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & (feats < D)[None, :]
-        A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE_A).to(STATE), tiny)
+        A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE_A), tiny)
         if HAS_A_SCALE:
             a_log_scale += tl.load(a_scale_ptr).to(tl.float64)
 
@@ -181,8 +176,6 @@ if HAS_TRITON:
             s = tl.where(carry_ok, tl.load(carry_s_ptr + carry, mask=carry_ok, other=0.0).to(tl.float64), s)
             v = tl.where(carry_ok[:, None], tl.load(carry_v_ptr + carry[:, None] * D + feats[None, :],
                                                     mask=carry_ok[:, None] & ok, other=0.0), v)
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b) != 0
         if GRADIENTS:
             init = b * n_rows + rows
             init_s = tl.load(init_s_ptr + init, mask=row_ok, other=0.0).to(tl.float64)
@@ -207,11 +200,7 @@ if HAS_TRITON:
                 prev = (b * seq_len + tl.maximum(t - 1, 0)) * n_rows + rows
                 x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
-            new_s, new_v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
-            if HAS_MASK:
-                s, v = tl.where(keep, new_s, s), tl.where(keep, new_v, v)
-            else:
-                s, v = new_s, new_v
+            s, v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
             if WRITE_STEPS:
                 if PLAIN_STEPS:
                     plain = tl.where(v == 0, 0.0, v * tl.exp(s.to(v.dtype))[:, None])
@@ -249,17 +238,16 @@ def default_chunk_length(seq_len: int) -> int:
 
 def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, transpose=False, u_log_scale=None,
                 negate_u_scale=False, a_log_scale=None, start: Optional[ScaledRows] = None,
-                carry: Optional[ScaledRows] = None, mask=None, steps=False, plain_dtype=None, out_steps=None,
-                ends=False, gradients_from=None, state_dtype=None):
+                carry: Optional[ScaledRows] = None, steps=False, plain_dtype=None, ends=False, gradients_from=None):
     """Launch ``_recurrence_kernel`` over ``num_chunks`` chunks (from ``first_chunk``) of
     ``u [B, T, n, d]`` (see the kernel for the options); returns a dict of the outputs asked
-    for: ``steps`` (``ScaledRows`` ``[B, T, n, 1]`` / ``[B, T, n, d]``, written into
-    ``out_steps`` if given, or given ``plain_dtype`` the tensor ``exp(s) v`` in that dtype),
+    for: ``steps`` (``ScaledRows`` ``[B, T, n, 1]`` / ``[B, T, n, d]``, or given
+    ``plain_dtype`` the tensor ``exp(s) v`` in that dtype),
     ``ends`` (``ScaledRows`` ``[B, num_chunks, n, 1]`` / ``[..., d]``), and with
     ``gradients_from = (forward states, initial state)`` ``grad_a [d, d]`` and ``grad_init [B, n, d]``.
-    ``state_dtype`` (default ``A.dtype``): the dtype the kernel computes and stores states in."""
+    States are computed and stored in ``A``'s dtype."""
     batch, seq_len, n, d = u.shape
-    state_dtype, device = state_dtype or A.dtype, u.device
+    state_dtype, device = A.dtype, u.device
     block_r = min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
     grid = (num_chunks, batch, triton.cdiv(n, block_r))
     out = {}
@@ -268,11 +256,8 @@ def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, tr
     plain = plain_dtype is not None
     step_s = step_v = end_s = end_v = grad_a = grad_init = empty
     if steps:
-        if out_steps is not None:
-            step_s, step_v = out_steps
-        else:
-            step_v = torch.empty(batch, seq_len, n, d, dtype=plain_dtype or state_dtype, device=device)
-            step_s = empty if plain else torch.empty(batch, seq_len, n, 1, dtype=state_dtype, device=device)
+        step_v = torch.empty(batch, seq_len, n, d, dtype=plain_dtype or state_dtype, device=device)
+        step_s = empty if plain else torch.empty(batch, seq_len, n, 1, dtype=state_dtype, device=device)
         out["steps"] = step_v if plain else ScaledRows(step_s, step_v)
     if ends:
         end_s = torch.empty(batch, num_chunks, n, 1, dtype=state_dtype, device=device)
@@ -285,13 +270,13 @@ def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, tr
     start, carry = start or none, carry or none
     _recurrence_kernel[grid](
         u, empty if u_log_scale is None else u_log_scale, A, empty if a_log_scale is None else a_log_scale,
-        start.log_scale, start.rows, carry.log_scale, carry.rows, empty if mask is None else mask,
+        start.log_scale, start.rows, carry.log_scale, carry.rows,
         step_s, step_v, end_s, end_v, *forward_states, *initial, grad_a, grad_init,
         seq_len, n, chunk_len, first_chunk, torch.finfo(state_dtype).tiny,  # constexpr: a float argument would be float32
-        STATE=_TL_DTYPES[state_dtype], D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse,
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse,
         TRANSPOSE_A=transpose,
         HAS_U_SCALE=u_log_scale is not None, NEGATE_U_SCALE=negate_u_scale, HAS_A_SCALE=a_log_scale is not None,
-        HAS_START=start.rows.numel() > 0, HAS_CARRY=carry.rows.numel() > 0, HAS_MASK=mask is not None,
+        HAS_START=start.rows.numel() > 0, HAS_CARRY=carry.rows.numel() > 0,
         WRITE_STEPS=steps, PLAIN_STEPS=plain, WRITE_ENDS=ends, GRADIENTS=gradients_from is not None,
         num_warps=NUM_WARPS,
     )
