@@ -85,15 +85,16 @@ class GoomSSM(nn.Module):
         masked input is not written into it.
         """
         batch, seq_len, _ = u.shape
-        if state is None:
-            state = self.initial_state(batch)
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if mask is not None and seq_len > 1:
-                states = self._masked_scan(Bu, state, mask)
-            else:
+            if mask is None:
                 states = self._scan(Bu, state)
-                if mask is not None:  # one token: a padded position keeps the state
+            else:
+                state = self.initial_state(batch) if state is None else state
+                if seq_len > 1:
+                    states = self._masked_scan(Bu, state, mask)
+                else:  # one token: a padded position keeps the state
+                    states = self._scan(Bu, state)
                     keep = mask[:, :, None, None]
                     states = ScaledRows(torch.where(keep, states.log_scale, state.log_scale[:, None]),
                                         torch.where(keep, states.rows, state.rows[:, None]))
@@ -101,15 +102,17 @@ class GoomSSM(nn.Module):
         y = states.rows.flatten(-2).to(self.C.dtype) @ (STATE_OUTPUT_SCALE * self.C) + u @ self.D
         return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])
 
-    def _scan(self, Bu: torch.Tensor, state: ScaledRows) -> ScaledRows:
+    def _scan(self, Bu: torch.Tensor, state: Optional[ScaledRows]) -> ScaledRows:
         """States after every step of ``Bu [batch, seq_len, n, d]`` (any float dtype) from
-        ``state``, with the configured implementation; float32 (or float64) results."""
+        ``state`` (None: ``init_states``), with the configured implementation; float32 (or
+        float64) results."""
         implementation = self.scan_implementation
         if implementation == "auto":
             implementation = "triton" if Bu.is_cuda and HAS_TRITON else "chunked"
         A = self.A.to(self.state_dtype)
-        if implementation == "triton":
-            return triton_scan(Bu, A, state)
+        if implementation == "triton":  # takes init_states as they are (fewer operations per call)
+            return triton_scan(Bu, A, self.init_states if state is None else state)
+        state = self.initial_state(Bu.shape[0]) if state is None else state
         Bu = Bu.to(self.state_dtype)
         if Bu.shape[1] == 1:  # decoding: one step, fewer operations than a scan
             new = scan_step(Bu[:, 0], A, state)

@@ -54,6 +54,31 @@ def test_equals_the_float64_recurrence_and_its_gradients(length, chunk):
         assert ((got - want).norm() / want.norm()).item() < 1e-12
 
 
+@pytest.mark.parametrize("length, chunk", [(1, 16), (20, 16), (45, 4)])
+def test_shared_plain_initial_rows_equal_each_sequence_starting_from_them(length, chunk):
+    """A plain ``[n, d]`` initial state (a layer's ``init_states``, shared by the batch) gives
+    the states of the scaled, per-sequence form of the same rows, and their summed gradient."""
+    u, A, _ = random_case(3, length, 2, 5, 1.1, seed=length)
+    g = torch.Generator().manual_seed(length)
+    plain = (torch.randn(2, 5, generator=g, dtype=u.dtype) * 30).to(u.device).requires_grad_(True)
+    weights = torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device)
+
+    def run(initial):
+        u_, A_ = (t.detach().clone().requires_grad_(True) for t in (u, A))
+        out = triton_scan(u_, A_, initial(plain), chunk_size=chunk)
+        (out.rows * weights).sum().backward()
+        grads = (u_.grad, A_.grad, plain.grad.clone())
+        plain.grad = None
+        return out, grads
+
+    shared, shared_grads = run(lambda rows: rows)
+    expanded, expanded_grads = run(lambda rows: ScaledRows(*(t.expand(3, -1, -1) for t in normalize_rows(rows))))
+    assert torch.allclose(shared.rows, expanded.rows, atol=1e-12)
+    assert torch.allclose(shared.log_scale, expanded.log_scale, rtol=1e-13, atol=1e-12)
+    for got, want in zip(shared_grads, expanded_grads):
+        assert ((got - want).norm() / want.norm()).item() < 1e-12
+
+
 @pytest.mark.parametrize("radius", [0.01, 1.0, 1.5, 100.0])
 def test_float32_error_is_that_of_the_pure_pytorch_scan(radius):
     """float32 rounding, 700 steps, against the float64 recurrence: the kernel's errors in the
