@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_block import FusedBlock
 from .scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scan_step
 from .triton_scan import HAS_TRITON, triton_scan
 
@@ -106,9 +107,7 @@ class GoomSSM(nn.Module):
         """States after every step of ``Bu [batch, seq_len, n, d]`` (any float dtype) from
         ``state`` (None: ``init_states``), with the configured implementation; float32 (or
         float64) results."""
-        implementation = self.scan_implementation
-        if implementation == "auto":
-            implementation = "triton" if Bu.is_cuda and HAS_TRITON else "chunked"
+        implementation = self.resolved_scan(Bu)
         A = self.A.to(self.state_dtype)
         if implementation == "triton":  # takes init_states as they are (fewer operations per call)
             return triton_scan(Bu, A, self.init_states if state is None else state)
@@ -120,6 +119,12 @@ class GoomSSM(nn.Module):
         if implementation == "chunked":
             return chunked_scan(Bu, A, state, chunk_size=self.chunk_size)
         return goom_prefix_scan(Bu, A, state)
+
+    def resolved_scan(self, u: torch.Tensor) -> str:
+        """The scan implementation that runs for inputs ``u`` ("auto" resolved)."""
+        if self.scan_implementation == "auto":
+            return "triton" if u.is_cuda and HAS_TRITON else "chunked"
+        return self.scan_implementation
 
     def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor) -> ScaledRows:
         """Scan only the real tokens (moved to the front of each row, in order), then give
@@ -154,5 +159,38 @@ class GoomSSMBlock(nn.Module):
                 mask: Optional[torch.Tensor] = None):
         """``hidden_states [batch, seq_len, d_emb]`` -> (same shape, final SSM state).
         ``state`` and ``mask`` as in :meth:`GoomSSM.forward`."""
+        if state is None and mask is None and self._trains_fused(hidden_states):
+            return self._forward_fused(hidden_states)
+        return self._forward_modules(hidden_states, state, mask)
+
+    def _forward_modules(self, hidden_states, state=None, mask=None):
+        """The layer as its submodules' calls (one autograd node per operation)."""
         y, state = self.ssm(self.norm(hidden_states), state, mask)
         return hidden_states + self.out_proj(F.glu(y, dim=-1)), state
+
+    def _forward_fused(self, hidden_states):
+        """The same as one :class:`~goom_ssm.fused_block.FusedBlock` node (from ``init_states``, no mask)."""
+        ssm, device_type = self.ssm, hidden_states.device.type
+        autocast = torch.is_autocast_enabled(device_type) and hidden_states.dtype == torch.float32
+        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_states.dtype
+        out, log_scale, rows = FusedBlock.apply(
+            hidden_states, self.norm.weight, self.norm.bias, self.norm.eps, ssm.init_states, ssm.A, ssm.B, ssm.C, ssm.D,
+            self.out_proj.weight, STATE_OUTPUT_SCALE, compute_dtype)
+        return out, ScaledRows(log_scale, rows)
+
+    def _trains_fused(self, hidden_states: torch.Tensor) -> bool:
+        """Whether this call can run as one :class:`~goom_ssm.fused_block.FusedBlock` node: a
+        training step in eager mode with the Triton scan, float32 or float64 throughout, and
+        plain submodules without hooks (which the fused node would bypass)."""
+        modules, params = (self.norm, self.ssm, self.out_proj), list(self.parameters())
+        return (
+            torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and self.ssm.resolved_scan(hidden_states) == "triton"
+            and hidden_states.dtype in (torch.float32, torch.float64)
+            and all(p.dtype == hidden_states.dtype for p in params)
+            and (hidden_states.requires_grad or any(p.requires_grad for p in params))
+            and type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.norm.bias is not None
+            and type(self.ssm) is GoomSSM and type(self.out_proj) is nn.Linear and self.out_proj.bias is None
+            and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                        for m in modules)
+        )

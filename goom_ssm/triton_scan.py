@@ -24,11 +24,11 @@ states and however small the adjoints, and ends with the initial state's gradien
 small batches the host's time per launch, not the GPU's, bounds training. Only the outputs are saved for the backward pass:
 memory is ``O(T)``, with no ``O(T log T)`` intermediates.
 
-The forward and the backward are joined by an ``autograd.Function``. Under
-``torch.compile`` it calls them as the custom operators ``goom_ssm::scan`` and
-``goom_ssm::scan_backward``, so that ``torch.compile(fullgraph=True)`` keeps them whole; in
-eager mode it calls them directly (an operator's dispatch costs more host time than its four
-kernel launches). Without a GPU the kernels run under
+The forward and the backward (:func:`scan_forward`, :func:`scan_backward`) are joined by
+an ``autograd.Function``. Under ``torch.compile`` they are the custom operators
+``goom_ssm::scan`` and ``goom_ssm::scan_backward``, so that ``torch.compile(fullgraph=True)``
+keeps them whole; in eager mode they are called directly (an operator's dispatch costs
+more host time than its four kernel launches). Without a GPU the kernels run under
 Triton's interpreter (``TRITON_INTERPRET=1`` before importing), as the tests do.
 """
 
@@ -360,19 +360,35 @@ def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dty
     return grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows)
 
 
+def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
+    ``init_rows [n, d]``): log-scales ``[B, T, n, 1]`` and rows ``[B, T, n, d]``. Under
+    ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph); in eager mode
+    a direct call: an operator's dispatch cost more host time than its kernels (H200, forward
+    + backward at tiny sizes: 1.19 ms through the operators, 0.39 ms direct; the 24 layers of
+    a training step 72 -> 52 ms)."""
+    if torch.compiler.is_compiling():
+        return _scan_op(u, A, init_log_scale, init_rows, chunk_len)
+    return tuple(_forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len))
+
+
+def scan_backward(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len: int, u_dtype: torch.dtype):
+    """The backward launches for :func:`scan_forward`'s outputs ``log_scale, rows`` and the
+    gradient of the rows: ``grad_u`` (in ``u_dtype``), ``grad_A``, ``grad_init_rows``."""
+    if torch.compiler.is_compiling():
+        return _scan_backward_op(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype)
+    return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
+                     u_dtype)
+
+
 class _Scan(torch.autograd.Function):
-    """Autograd of the scan: the two operators under ``torch.compile`` (which traces this class
-    and keeps them whole), else ``_forward`` and ``_backward`` called directly. Measured on an
-    H200 (host time of forward + backward, tiny sizes): 1.19 ms through the operators, 0.39 ms
-    direct; over the 24 layers of a training step, 72 ms -> 52 ms. (The operators' own
-    ``register_autograd`` wrapper cost another ~0.8 ms per layer.)"""
+    """Autograd of :func:`scan_forward` (``torch.compile`` traces this class and keeps the
+    operators whole; the operators' own ``register_autograd`` wrapper cost ~0.8 ms of host
+    time per layer and training step)."""
 
     @staticmethod
     def forward(ctx, u, A, init_log_scale, init_rows, chunk_len):
-        if torch.compiler.is_compiling():
-            log_scale, rows = _scan_op(u, A, init_log_scale, init_rows, chunk_len)
-        else:
-            log_scale, rows = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len)
+        log_scale, rows = scan_forward(u, A, init_log_scale, init_rows, chunk_len)
         ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows)
         ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
         ctx.mark_non_differentiable(log_scale)
@@ -383,13 +399,8 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, grad_log_scale, grad_rows):
         if grad_rows is None:  # the log-scales are constants: no gradient reaches the inputs
             return None, None, None, None, None
-        A, init_log_scale, init_rows, log_scale, rows = ctx.saved_tensors
-        if torch.compiler.is_compiling():
-            grad_u, grad_A, grad_init = _scan_backward_op(grad_rows.contiguous(), A, init_log_scale, init_rows,
-                                                          log_scale, rows, ctx.chunk_len, ctx.u_dtype)
-        else:
-            grad_u, grad_A, grad_init = _backward(grad_rows.contiguous(), A, ScaledRows(init_log_scale, init_rows),
-                                                  ScaledRows(log_scale, rows), ctx.chunk_len, ctx.u_dtype)
+        grad_u, grad_A, grad_init = scan_backward(grad_rows.contiguous(), *ctx.saved_tensors, ctx.chunk_len,
+                                                  ctx.u_dtype)
         return grad_u, grad_A, None, grad_init, None
 
 

@@ -11,6 +11,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from safetensors import SafetensorError
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -314,7 +315,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self.lm_head(hidden_states).float()
+        logits = self._logits(hidden_states)
 
         loss = None
         if labels is not None:
@@ -328,6 +329,19 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(
             loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
         )
+
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head's float32 logits ``[..., vocab_size]``. On CUDA, for many positions at once
+        and a vocabulary that is not a multiple of 64 (GPT-2's 50257), the product runs against
+        the weight padded with zero rows, then drops their logits: cuBLAS has no fast kernel
+        for the odd size (H200, 8192 positions: an sm75 kernel at ~95 TFLOP/s)."""
+        head = self.lm_head
+        padding = -head.weight.shape[0] % 64 if type(head) is nn.Linear else 0
+        if padding and hidden_states.is_cuda and hidden_states.shape[:-1].numel() >= 1024:
+            bias = None if head.bias is None else F.pad(head.bias, (0, padding))
+            logits = F.linear(hidden_states, F.pad(head.weight, (0, 0, 0, padding)), bias)
+            return logits[..., : head.weight.shape[0]].float().contiguous()
+        return head(hidden_states).float()
 
     def _decodes_with_cuda_graph(self, input_ids, past_key_values, labels, output_hidden_states) -> bool:
         """Whether this call is one decoding step that a captured CUDA graph can run."""

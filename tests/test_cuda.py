@@ -101,3 +101,29 @@ def test_compiled_training_step_equals_eager():
     assert torch.allclose(loss, eager_loss, rtol=1e-5)
     for a, p in zip(eager_grads, model.parameters()):
         assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_padded_head_equals_the_linear_head(autocast):
+    """Many positions on CUDA: the head runs against its weight padded with zero rows
+    (vocabulary 500 -> 512); logits and gradients as accurate as the plain linear head's."""
+    model = make_model().train()
+    hidden = torch.randn(2, 600, 64, device="cuda", requires_grad=True)
+    weights = torch.randn(2, 600, 500, device="cuda")
+    weight = model.lm_head.weight
+
+    def run(head):
+        hidden.grad = weight.grad = None
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            logits = head(hidden)
+        (logits * weights).sum().backward()
+        return logits.detach(), hidden.grad, weight.grad
+
+    padded = run(model._logits)
+    plain = run(lambda h: model.lm_head(h).float())
+    h, w, g = hidden.detach().double(), weight.detach().double(), weights.double()
+    exact = (h @ w.T, g @ w, (g.flatten(0, 1).T @ h.flatten(0, 1)))
+    assert padded[0].shape == (2, 600, 500) and padded[0].is_contiguous() and padded[0].dtype == torch.float32
+    for ours, theirs, want in zip(padded, plain, exact):
+        error = lambda t: ((t.double() - want).norm() / want.norm()).item()  # noqa: E731
+        assert error(ours) <= 1.5 * error(theirs) + 1e-7

@@ -1,0 +1,87 @@
+"""The residual GOOM-SSM layer as one autograd node: the training fast path on CUDA.
+
+:class:`goom_ssm.layers.GoomSSMBlock` computes, with ``h = LayerNorm(x)``::
+
+    out = x + W_out GLU(rows(states(h B)) (e^2 C) + h D)
+
+as some 30 operations forward and 45 backward, each an autograd node with its own host
+cost. At the batch sizes where a training step is bound by the host (the 124M model at
+batch 8 x 1024 on an H200: ~2 ms of host time per layer and step against ~1.9 ms of GPU
+time), :class:`FusedBlock` runs the same operations, in the same dtypes and order, as one
+node with a hand-written backward: about half the operations and none of the per-operation
+autograd bookkeeping.
+
+``GoomSSMBlock`` uses it when it trains in eager mode with the Triton scan from the layer's
+own initial state, without a padding mask, with float32 (or float64) parameters, under
+autocast or not, and plain submodules without hooks; everything else, including
+``torch.compile`` (whose own fusion sees the operations), takes the module path, which the
+tests hold it equal to.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from .triton_scan import default_chunk_length, scan_backward, scan_forward
+
+
+class FusedBlock(torch.autograd.Function):
+    """``apply(x, norm_weight, norm_bias, eps, init_states, A, B, C, D, out_weight, state_output_scale, compute_dtype)``
+    -> ``(out [batch, seq_len, d_emb], final log-scale [batch, n, 1], final rows [batch, n, d])``.
+
+    ``x [batch, seq_len, d_emb]`` and every parameter in one dtype (float32 or float64; the
+    states are computed in it); ``compute_dtype``: the dtype of the matrix products (autocast's,
+    or the parameters'). The final log-scale is a constant, as everywhere in this package.
+    """
+
+    @staticmethod
+    def forward(ctx, x, norm_weight, norm_bias, eps, init_states, A, B, C, D, out_weight, state_output_scale,
+                compute_dtype):
+        batch, seq_len, d_emb = x.shape
+        n, d = init_states.shape
+        h, mean, rstd = torch.native_layer_norm(x, (d_emb,), norm_weight, norm_bias, eps)
+        h = h.to(compute_dtype).view(batch * seq_len, d_emb)
+        B_c, D_c, out_weight_c = B.to(compute_dtype), D.to(compute_dtype), out_weight.to(compute_dtype)
+        C_c = (state_output_scale * C).to(compute_dtype)
+        Bu = h.mm(B_c).view(batch, seq_len, n, d)
+        shared = A.new_empty(0)  # no log-scales: init_states are plain rows shared by the batch
+        chunk_len = default_chunk_length(seq_len)
+        log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len)
+        rows_c = rows.view(batch * seq_len, n * d).to(compute_dtype)
+        y = rows_c.mm(C_c) + h.mm(D_c)
+        glu = F.glu(y, dim=-1)
+        out = x + glu.mm(out_weight_c.t()).view(batch, seq_len, d_emb)
+
+        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
+                              init_states, log_scale, rows, rows_c, y, glu)
+        ctx.eps, ctx.state_output_scale, ctx.chunk_len = eps, state_output_scale, chunk_len
+        final_log_scale = log_scale[:, -1]
+        ctx.mark_non_differentiable(final_log_scale)
+        ctx.set_materialize_grads(False)
+        return out, final_log_scale, rows[:, -1]
+
+    @staticmethod
+    def backward(ctx, grad_out, _, grad_final_rows):
+        (x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared, init_states, log_scale,
+         rows, rows_c, y, glu) = ctx.saved_tensors
+        batch, seq_len, d_emb = x.shape
+        if grad_out is None:  # only the final state was used
+            grad_out = torch.zeros_like(x)
+        # Each product's gradients as autograd forms them (mm's backward; casts back to the
+        # parameters' dtype; the two uses of h summed in float32).
+        grad_o = grad_out.to(out_weight_c.dtype).view(-1, d_emb)
+        grad_out_weight = grad_o.t().mm(glu).to(x.dtype)
+        grad_y = torch.ops.aten.glu_backward(grad_o.mm(out_weight_c), y, -1)
+        grad_C = rows_c.t().mm(grad_y).to(x.dtype) * ctx.state_output_scale
+        grad_rows = grad_y.mm(C_c.t()).to(rows.dtype).view(rows.shape)
+        if grad_final_rows is not None:
+            grad_rows[:, -1] += grad_final_rows
+        grad_D = h.t().mm(grad_y).to(x.dtype)
+        grad_Bu, grad_A, grad_init = scan_backward(grad_rows, A, shared, init_states, log_scale, rows, ctx.chunk_len,
+                                                   h.dtype)
+        grad_Bu = grad_Bu.view(batch * seq_len, -1)
+        grad_B = h.t().mm(grad_Bu).to(x.dtype)
+        grad_h = grad_y.mm(D_c.t()).to(x.dtype) + grad_Bu.mm(B_c.t()).to(x.dtype)
+        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
+            grad_h.view(x.shape), x, (d_emb,), mean, rstd, norm_weight, norm_bias, [True, True, True])
+        return (grad_x + grad_out, grad_norm_weight, grad_norm_bias, None, grad_init, grad_A, grad_B, grad_C, grad_D,
+                grad_out_weight, None, None)

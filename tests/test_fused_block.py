@@ -1,0 +1,65 @@
+"""The fused residual layer (one autograd node) against the layer's module path.
+
+Both run the same operations in the same dtypes and order, so outputs, final states and
+every gradient are equal to the bit, in float64, float32 and under bf16 autocast. Without
+a GPU the Triton scan runs in Triton's interpreter (see conftest)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from conftest import TRITON_DEVICE  # noqa: E402
+from goom_ssm import fused_block  # noqa: E402
+from goom_ssm.layers import GoomSSMBlock  # noqa: E402
+
+
+def outputs_and_gradients(block, forward, x, weights, final_weight):
+    """``forward(x)``'s output, final state and the gradients of a loss using both, in ``x`` and every parameter."""
+    x = x.detach().clone().requires_grad_(True)
+    block.zero_grad()
+    out, state = forward(x)
+    ((out * weights).sum() + final_weight * state.rows.sum()).backward()
+    return [out, state.log_scale, state.rows, x.grad] + [p.grad for p in block.parameters()]
+
+
+@pytest.mark.parametrize("dtype, autocast", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
+@pytest.mark.parametrize("seq_len", [1, 40, 100])
+def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len):
+    torch.manual_seed(seq_len)
+    block = GoomSSMBlock(32, 3, 8, scan_implementation="triton").to(TRITON_DEVICE, dtype)
+    x = torch.randn(2, seq_len, 32, dtype=dtype, device=TRITON_DEVICE)
+    weights = torch.randn_like(x)
+    results = []
+    for forward in (block._forward_fused, block._forward_modules):
+        with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            results.append(outputs_and_gradients(block, forward, x, weights, final_weight=0.3))
+    names = ["out", "final log-scale", "final rows", "x.grad"] + [f"{name}.grad" for name, _ in block.named_parameters()]
+    for name, fused, modules in zip(names, *results):
+        assert fused.dtype == modules.dtype and torch.equal(fused, modules), name
+
+
+def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computation(monkeypatch):
+    calls = []
+    apply = fused_block.FusedBlock.apply
+    monkeypatch.setattr(fused_block.FusedBlock, "apply", lambda *args: calls.append(1) or apply(*args))
+
+    def fused(block, x, **kwargs):
+        calls.clear()
+        block(x, **kwargs)
+        return bool(calls)
+
+    block = GoomSSMBlock(16, 2, 4, scan_implementation="triton").to(TRITON_DEVICE)
+    x = torch.randn(2, 5, 16, device=TRITON_DEVICE)
+    assert fused(block, x)
+    with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16):
+        assert fused(block, x)
+    with torch.no_grad():
+        assert not fused(block, x)  # inference: the module path costs no autograd nodes
+    assert not fused(block, x, mask=torch.ones(2, 5, dtype=torch.bool, device=TRITON_DEVICE))
+    assert not fused(block, x, state=block.ssm.initial_state(2))
+    handle = block.ssm.register_forward_hook(lambda *args: None)
+    assert not fused(block, x)  # a hook must see its module called
+    handle.remove()
+    assert not fused(GoomSSMBlock(16, 2, 4, scan_implementation="chunked").to(TRITON_DEVICE), x)
+    assert not fused(block.to(torch.bfloat16), x.to(torch.bfloat16))
