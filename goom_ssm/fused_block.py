@@ -5,11 +5,12 @@
     out = x + W_out GLU(rows(states(h B)) (e^2 C) + h D)
 
 as some 30 operations forward and 45 backward, each an autograd node with its own host
-cost. At the batch sizes where a training step is bound by the host (the 124M model at
-batch 8 x 1024 on an H200: ~2 ms of host time per layer and step against ~1.9 ms of GPU
-time), :class:`FusedBlock` runs the same operations, in the same dtypes and order, as one
-node with a hand-written backward: about half the operations and none of the per-operation
-autograd bookkeeping.
+cost. At the batch sizes where a training step is bound by the host (the 124M model's 24
+layers at batch 8 x 1024 on an H200), :class:`FusedBlock` runs the same operations, in the
+same dtypes and order, as one node with a hand-written backward: 17 operations forward and
+about 20 backward, none with autograd's bookkeeping. Measured on an H200: host time of a
+tiny training step 52 -> 37 ms; batch 8 x 1024, 136,758 -> 177,450 tokens/s (together with
+the padded head of ``GoomSSMForCausalLM._logits``).
 
 ``GoomSSMBlock`` uses it when it trains in eager mode with the Triton scan from the layer's
 own initial state, without a padding mask, with float32 (or float64) parameters, under
