@@ -22,6 +22,7 @@ _BUNDLED = [
     ("goom_ssm", "gooms.py"),
     ("goom_ssm", "scan.py"),
     ("goom_ssm", "triton_scan.py"),
+    ("goom_ssm", "fused_block.py"),
     ("goom_ssm", "layers.py"),
     ("goom_ssm", "triton_decode.py"),
     ("goom_ssm.modeling", "cache_goom_ssm.py"),

@@ -95,3 +95,37 @@ def test_push_refuses_an_incomplete_folder(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["push", str(tmp_path), "user/model"]) == 2
     assert "missing model.safetensors" in capsys.readouterr().err
+
+
+def test_the_bundle_defines_every_name_its_modules_import_from_each_other():
+    """The bundler drops imports between goom_ssm modules: each imported name must be defined
+    in the one file (a name used only on the GPU paths would otherwise fail late, on CUDA)."""
+    import ast
+    from importlib import resources
+
+    from goom_ssm.hub import _BUNDLED, bundled_modeling_source
+
+    def bound(statements):
+        for node in statements:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+                yield node.name
+            elif isinstance(node, ast.Assign):
+                yield from (t.id for t in node.targets if isinstance(t, ast.Name))
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+                yield node.target.id
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield from ((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, (ast.If, ast.Try)):
+                yield from bound(node.body + node.orelse + getattr(node, "handlers", []) + getattr(node, "finalbody", []))
+            elif isinstance(node, ast.ExceptHandler):
+                yield from bound(node.body)
+
+    defined = set(bound(ast.parse(bundled_modeling_source()).body))
+    imported = {
+        alias.asname or alias.name
+        for package, name in _BUNDLED
+        for node in ast.walk(ast.parse(resources.files(package).joinpath(name).read_text()))
+        if isinstance(node, ast.ImportFrom) and node.level > 0
+        for alias in node.names
+    }
+    assert imported and imported <= defined, sorted(imported - defined)
