@@ -185,12 +185,12 @@ class GoomSSMBlock(nn.Module):
         modules, params = (self.norm, self.ssm, self.out_proj), list(self.parameters())
         return (
             torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.norm.bias is not None
+            and type(self.ssm) is GoomSSM and type(self.out_proj) is nn.Linear and self.out_proj.bias is None
             and self.ssm.resolved_scan(hidden_states) == "triton"
             and hidden_states.dtype in (torch.float32, torch.float64)
             and all(p.dtype == hidden_states.dtype for p in params)
             and (hidden_states.requires_grad or any(p.requires_grad for p in params))
-            and type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.norm.bias is not None
-            and type(self.ssm) is GoomSSM and type(self.out_proj) is nn.Linear and self.out_proj.bias is None
             and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                         for m in modules)
         )

@@ -62,4 +62,7 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
     assert not fused(block, x)  # a hook must see its module called
     handle.remove()
     assert not fused(GoomSSMBlock(16, 2, 4, scan_implementation="chunked").to(TRITON_DEVICE), x)
+    wrapped = GoomSSMBlock(16, 2, 4, scan_implementation="triton").to(TRITON_DEVICE)
+    wrapped.out_proj = type("LoraLinear", (torch.nn.Linear,), {})(16, 16, bias=False).to(TRITON_DEVICE)
+    assert not fused(wrapped, x)  # an adapter (PEFT wraps modules and parameters) must run as it is
     assert not fused(block.to(torch.bfloat16), x.to(torch.bfloat16))
