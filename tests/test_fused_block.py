@@ -66,3 +66,23 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
     wrapped.out_proj = type("LoraLinear", (torch.nn.Linear,), {})(16, 16, bias=False).to(TRITON_DEVICE)
     assert not fused(wrapped, x)  # an adapter (PEFT wraps modules and parameters) must run as it is
     assert not fused(block.to(torch.bfloat16), x.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_gradient_checkpointing_of_fused_layers_gives_the_same_gradients(use_reentrant):
+    """Reentrant checkpointing runs the first forward without grad (the module path) and
+    recomputes with it (the fused node); the non-reentrant kind fuses both: same gradients."""
+    from conftest import tiny_config
+    from goom_ssm import GoomSSMForCausalLM
+
+    ids = torch.randint(0, 97, (2, 30), device=TRITON_DEVICE)
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = GoomSSMForCausalLM(tiny_config(hidden_size=32, num_state_heads=2, state_size=8,
+                                               scan_implementation="triton")).to(TRITON_DEVICE).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
