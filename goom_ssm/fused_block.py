@@ -54,7 +54,7 @@ class FusedBlock(torch.autograd.Function):
 
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
                               init_states, log_scale, rows, rows_c, y, glu)
-        ctx.eps, ctx.state_output_scale, ctx.chunk_len = eps, state_output_scale, chunk_len
+        ctx.state_output_scale, ctx.chunk_len = state_output_scale, chunk_len
         final_log_scale = log_scale[:, -1]
         ctx.mark_non_differentiable(final_log_scale)
         ctx.set_materialize_grads(False)
