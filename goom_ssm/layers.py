@@ -27,6 +27,13 @@ STATE_OUTPUT_SCALE = math.exp(STATE_OUTPUT_LOG_SCALE)
 SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")
 
 
+def compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the products' operands: autocast's when it is on for the weight's device, else the weight's."""
+    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
+        return torch.get_autocast_dtype(weight.device.type)
+    return weight.dtype
+
+
 class GoomSSM(nn.Module):
     """Linear time-invariant, non-diagonal state-space model over GOOMs.
 
@@ -170,12 +177,10 @@ class GoomSSMBlock(nn.Module):
 
     def _forward_fused(self, hidden_states):
         """The same as one :class:`~goom_ssm.fused_block.FusedBlock` node (from ``init_states``, no mask)."""
-        ssm, device_type = self.ssm, hidden_states.device.type
-        autocast = torch.is_autocast_enabled(device_type) and hidden_states.dtype == torch.float32
-        compute_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_states.dtype
+        ssm = self.ssm
         out, log_scale, rows = FusedBlock.apply(
             hidden_states, self.norm.weight, self.norm.bias, self.norm.eps, ssm.init_states, ssm.A, ssm.B, ssm.C, ssm.D,
-            self.out_proj.weight, STATE_OUTPUT_SCALE, compute_dtype)
+            self.out_proj.weight, STATE_OUTPUT_SCALE, compute_dtype(ssm.B))
         return out, ScaledRows(log_scale, rows)
 
     def _trains_fused(self, hidden_states: torch.Tensor) -> bool:

@@ -23,7 +23,7 @@ from typing import Optional
 
 import torch
 
-from .layers import STATE_OUTPUT_LOG_SCALE
+from .layers import STATE_OUTPUT_LOG_SCALE, compute_dtype
 from .scan import ScaledRows
 from .triton_scan import HAS_TRITON
 
@@ -179,13 +179,6 @@ NUM_WARPS, NUM_STAGES = 4, 3
 def _state_block(d: int) -> int:
     """Columns of a state row's block: a power of two, and at least 16 (``tl.dot``'s smallest)."""
     return max(16, triton.next_power_of_2(d))
-
-
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the products' operands: autocast's when it is on for the weight's device, else the weight's."""
-    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
-        return torch.get_autocast_dtype(weight.device.type)
-    return weight.dtype
 
 
 def _launch_settings(weight: torch.Tensor, M: int):
