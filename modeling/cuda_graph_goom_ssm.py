@@ -41,7 +41,7 @@ class CUDAGraphDecoder:
         fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
         self.call_layer = _fused_layer_step if fused else None
         head = model.lm_head  # the fused head is a bias-free linear map, as the model's own
-        self.fused_head = fused and isinstance(head, torch.nn.Linear) and head.bias is None
+        self.fused_head = fused and type(head) is torch.nn.Linear and head.bias is None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
         self.weights_ptr = model.lm_head.weight.data_ptr()
