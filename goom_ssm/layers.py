@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fused_block import FusedBlock
-from .scan import ScaledRows, chunked_scan, goom_prefix_scan, normalize_rows, scan_step
+from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, normalize_rows, scan_step, split_plan
 from .triton_scan import HAS_TRITON, triton_scan
 
 STATE_OUTPUT_LOG_SCALE = 2.0  # a scaled state row's largest magnitude is e^2
@@ -84,23 +84,26 @@ class GoomSSM(nn.Module):
         log_scale, rows = normalize_rows(self.init_states.to(self.state_dtype))
         return ScaledRows(log_scale.expand(batch_size, -1, -1), rows.expand(batch_size, -1, -1))
 
-    def forward(self, u: torch.Tensor, state: Optional[ScaledRows] = None, mask: Optional[torch.Tensor] = None):
+    def forward(self, u: torch.Tensor, state: Optional[ScaledRows] = None, mask: Optional[torch.Tensor] = None,
+                chunk_plan: Optional[list] = None):
         """``u [batch, seq_len, d_inp]`` -> ``(y [batch, seq_len, d_out], final state)``.
 
         ``state`` continues from a carried state (as returned by an earlier call) instead of
         ``init_states``. ``mask [batch, seq_len]`` (bool, True = real token) makes every
         masked position an identity step: the state is carried through unchanged and the
-        masked input is not written into it.
+        masked input is not written into it. ``chunk_plan``: this layer's
+        :func:`~goom_ssm.scan.chunk_plan` for ``seq_len`` steps, if computed already (used by
+        the chunked scan only; see :func:`shared_chunk_plans`).
         """
         batch, seq_len, _ = u.shape
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
             if mask is None:
-                states = self._scan(Bu, state)
+                states = self._scan(Bu, state, chunk_plan)
             else:
                 state = self.initial_state(batch) if state is None else state
                 if seq_len > 1:
-                    states = self._masked_scan(Bu, state, mask)
+                    states = self._masked_scan(Bu, state, mask, chunk_plan)
                 else:  # one token: a padded position keeps the state
                     states = self._scan(Bu, state)
                     keep = mask[:, :, None, None]
@@ -110,7 +113,7 @@ class GoomSSM(nn.Module):
         y = states.rows.flatten(-2).to(self.C.dtype) @ (STATE_OUTPUT_SCALE * self.C) + u @ self.D
         return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])
 
-    def _scan(self, Bu: torch.Tensor, state: Optional[ScaledRows]) -> ScaledRows:
+    def _scan(self, Bu: torch.Tensor, state: Optional[ScaledRows], chunk_plan: Optional[list] = None) -> ScaledRows:
         """States after every step of ``Bu [batch, seq_len, n, d]`` (any float dtype) from
         ``state`` (None: ``init_states``), with the configured implementation; float32 (or
         float64) results."""
@@ -124,7 +127,7 @@ class GoomSSM(nn.Module):
             new = scan_step(Bu[:, 0], A, state)
             return ScaledRows(new.log_scale[:, None], new.rows[:, None])
         if implementation == "chunked":
-            return chunked_scan(Bu, A, state, chunk_size=self.chunk_size)
+            return chunked_scan(Bu, A, state, chunk_size=self.chunk_size, plan=chunk_plan)
         return goom_prefix_scan(Bu, A, state)
 
     def resolved_scan(self, u: torch.Tensor) -> str:
@@ -133,12 +136,13 @@ class GoomSSM(nn.Module):
             return "triton" if u.is_cuda and HAS_TRITON else "chunked"
         return self.scan_implementation
 
-    def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor) -> ScaledRows:
+    def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor,
+                     chunk_plan: Optional[list] = None) -> ScaledRows:
         """Scan only the real tokens (moved to the front of each row, in order), then give
         every position the state after the last real token at or before it."""
         n, d = self.n_hid, self.d_hid
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [batch, seq_len]
-        packed = self._scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), state)
+        packed = self._scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), state, chunk_plan)
         # Index 0 holds the state before any real token; index k the state after k real tokens.
         log_scale = torch.cat([state.log_scale[:, None], packed.log_scale], dim=1)
         rows = torch.cat([state.rows[:, None], packed.rows], dim=1)
@@ -163,16 +167,16 @@ class GoomSSMBlock(nn.Module):
         self.out_proj = nn.Linear(d_emb, d_emb, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, state: Optional[ScaledRows] = None,
-                mask: Optional[torch.Tensor] = None):
+                mask: Optional[torch.Tensor] = None, chunk_plan: Optional[list] = None):
         """``hidden_states [batch, seq_len, d_emb]`` -> (same shape, final SSM state).
-        ``state`` and ``mask`` as in :meth:`GoomSSM.forward`."""
+        ``state``, ``mask`` and ``chunk_plan`` as in :meth:`GoomSSM.forward`."""
         if state is None and mask is None and self._trains_fused(hidden_states):
             return self._forward_fused(hidden_states)
-        return self._forward_modules(hidden_states, state, mask)
+        return self._forward_modules(hidden_states, state, mask, chunk_plan)
 
-    def _forward_modules(self, hidden_states, state=None, mask=None):
+    def _forward_modules(self, hidden_states, state=None, mask=None, chunk_plan=None):
         """The layer as its submodules' calls (one autograd node per operation)."""
-        y, state = self.ssm(self.norm(hidden_states), state, mask)
+        y, state = self.ssm(self.norm(hidden_states), state, mask, chunk_plan)
         return hidden_states + self.out_proj(F.glu(y, dim=-1)), state
 
     def _forward_fused(self, hidden_states):
@@ -199,3 +203,26 @@ class GoomSSMBlock(nn.Module):
             and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                         for m in modules)
         )
+
+
+def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
+    """Each block's :func:`~goom_ssm.scan.chunk_plan` for ``hidden_states [batch, seq_len, d_emb]``,
+    computed for all the blocks at once, where every one runs the chunked scan on it; else None.
+
+    A plan depends on the transition matrix ``A`` alone, not on the batch: stacking the
+    blocks' ``A`` computes their powers with the operations of one layer instead of one set
+    per layer (a few hundred small operations per layer and step, most of a layer's time on
+    a GPU bound by the host's launches). Plain :class:`GoomSSMBlock` / :class:`GoomSSM`
+    modules only, without forward pre-hooks: a wrapped SSM (e.g. a PEFT adapter on its
+    parameters) or a hook may change ``A`` inside its own call, so it plans there.
+    """
+    seq_len = hidden_states.shape[1]
+    ssms = [block.ssm for block in blocks if type(block) is GoomSSMBlock and type(block.ssm) is GoomSSM]
+    if seq_len == 1 or not ssms or len(ssms) != len(blocks):
+        return None
+    first = ssms[0]
+    if any(ssm.resolved_scan(hidden_states) != "chunked" or ssm._forward_pre_hooks or ssm.chunk_size != first.chunk_size
+           or ssm.state_dtype != first.state_dtype or ssm.A.shape != first.A.shape for ssm in ssms):
+        return None
+    A = torch.stack([ssm.A.to(ssm.state_dtype) for ssm in ssms])
+    return split_plan(chunk_plan(A, seq_len, first.chunk_size))

@@ -11,7 +11,9 @@ Two pure-PyTorch algorithms compute the states (``goom_ssm.triton_scan`` holds t
 - :func:`chunked_scan`, the default pure-PyTorch path: each chunk of ``L`` steps is one
   dense matrix product with the (shared) powers ``A^0 .. A^L``; the states at chunk
   boundaries follow the same recurrence with ``A^L`` and are computed by recursing on
-  the chunk-end values, so depth is ``O(log_L T)`` and memory ``O(T)``.
+  the chunk-end values, so depth is ``O(log_L T)`` and memory ``O(T)``. What each level
+  needs of the powers of ``A`` (its :class:`ChunkLevel`) depends on ``A`` alone:
+  :func:`chunk_plan` computes it, for a stack of matrices (a model's layers) at once.
 - :func:`goom_prefix_scan`, the original design: an inclusive parallel prefix scan of
   complex log-matmul-exps over the stacked matrices ``[[A], [u_t]]``, ``O(T log T)``
   memory. Kept as the literal reference and as the benchmark baseline.
@@ -58,21 +60,87 @@ def scan_step(u: torch.Tensor, A: torch.Tensor, state: ScaledRows) -> ScaledRows
 
 
 def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
-    """Powers ``M^0 .. M^n`` of the matrix ``M = exp(base.log_scale) * base.rows``.
+    """Powers ``M^0 .. M^n`` of the matrices ``M = exp(base.log_scale) * base.rows``.
 
-    ``base``: log_scale of shape ``[]``, rows ``[d, d]``. Returns log_scale ``[n + 1]`` and
-    rows ``[n + 1, d, d]``, each power normalised by its own largest magnitude, computed by
+    ``base``: rows ``[..., d, d]`` (any leading dims: a stack of matrices, each raised on its
+    own), log_scale ``[...]`` or ``[..., 1, 1]``. Returns log_scale ``[..., n + 1]`` and rows
+    ``[..., n + 1, d, d]``, each power normalised by its own largest magnitude, computed by
     repeated doubling (``O(log n)`` batched products).
     """
-    d = base.rows.shape[-1]
-    log_scale = torch.stack([torch.zeros_like(base.log_scale), base.log_scale]).reshape(2, 1, 1)
-    rows = torch.stack([torch.eye(d, dtype=base.rows.dtype, device=base.rows.device), base.rows])
-    while rows.shape[0] <= n:
-        k = rows.shape[0] - 1  # powers 0..k known: M^(j+k) = M^j @ M^k for j = 1..k
-        new_scale, new_rows = normalize_rows(rows[1:] @ rows[k], dims=(-2, -1))  # one [k*d, d] @ [d, d] product
-        log_scale = torch.cat([log_scale, log_scale[k] + log_scale[1:] + new_scale])
-        rows = torch.cat([rows, new_rows])
-    return ScaledRows(log_scale[: n + 1].view(-1), rows[: n + 1])
+    lead, d = base.rows.shape[:-2], base.rows.shape[-1]
+    base_scale = base.log_scale.reshape(lead)
+    log_scale = torch.stack([torch.zeros_like(base_scale), base_scale], dim=-1)
+    eye = torch.eye(d, dtype=base.rows.dtype, device=base.rows.device).expand_as(base.rows)
+    rows = torch.stack([eye, base.rows], dim=-3)
+    while rows.shape[-3] <= n:
+        k = rows.shape[-3] - 1  # powers 0..k known: M^(j+k) = M^j @ M^k for j = 1..k
+        new_scale, new_rows = normalize_rows(rows[..., 1:, :, :] @ rows[..., k : k + 1, :, :], dims=(-2, -1))
+        log_scale = torch.cat([log_scale, log_scale[..., k : k + 1] + log_scale[..., 1:] + new_scale[..., 0, 0]], dim=-1)
+        rows = torch.cat([rows, new_rows], dim=-3)
+    return ScaledRows(log_scale[..., : n + 1], rows[..., : n + 1, :, :])
+
+
+class ChunkLevel(NamedTuple):
+    """One level of :func:`chunked_scan`, for chunks of ``L`` steps: what the scan needs of the
+    powers of its transition matrix ``M`` (``A``, or at the next level ``A^L``), which depend
+    on neither the batch nor the inputs. Leading dims ``[...]`` (none for one layer; one per
+    layer for a stack of them, see :func:`chunk_plan`).
+
+    - ``within [..., L d, L d]``: block ``(s, t)`` is ``exp(a_(t-s) - m_t) M^(t-s)`` (normalised
+      rows) for ``s <= t``, else 0, so that ``h_t = sum_{s<=t} u_s M^(t-s)`` of a chunk's inputs
+      is one product ``[.., L d] @ within``, in units of ``exp(m_t)``;
+    - ``within_log_scale [..., L]``: ``m_t = max_{k<=t} a_k``, ``a_k`` the log-scale of ``M^k``;
+    - ``carry [..., d, L d]``: the normalised ``M^1 .. M^L`` side by side, so that a chunk's
+      start state times it gives its contribution to each step of the chunk;
+    - ``carry_log_scale [..., L]``: ``a_1 .. a_L``.
+    """
+
+    within: torch.Tensor
+    within_log_scale: torch.Tensor
+    carry: torch.Tensor
+    carry_log_scale: torch.Tensor
+
+
+def _chunk_level(powers: ScaledRows) -> ChunkLevel:
+    """The :class:`ChunkLevel` for chunks of ``L`` steps from the powers ``M^0 .. M^L``
+    (log_scale ``[..., L + 1]``, rows ``[..., L + 1, d, d]``, as :func:`scaled_powers` gives)."""
+    lead, L, d = powers.rows.shape[:-3], powers.rows.shape[-3] - 1, powers.rows.shape[-1]
+    m = torch.cummax(powers.log_scale[..., :L], dim=-1).values  # [..., L]
+    steps = torch.arange(L, device=m.device)
+    lag = steps[:, None] - steps[None, :]  # [t, s]
+    lag_index = lag.clamp(min=0)
+    weight = torch.where(lag >= 0, (powers.log_scale[..., lag_index] - m[..., :, None]).exp(), 0.0)  # [..., t, s]
+    within = powers.rows[..., lag_index, :, :] * weight[..., None, None]  # [..., t, s, i, j]
+    within = within.movedim(-4, -2).reshape(*lead, L * d, L * d)  # rows (s, i), columns (t, j)
+    carry = powers.rows[..., 1:, :, :].movedim(-3, -2).reshape(*lead, d, L * d)
+    return ChunkLevel(within, m, carry, powers.log_scale[..., 1:])
+
+
+def chunk_plan(A: torch.Tensor, seq_len: int, chunk_size: Optional[int] = None) -> list:
+    """Every :class:`ChunkLevel` that :func:`chunked_scan` needs for ``seq_len`` steps of
+    ``A [..., d, d]`` (leading dims: several matrices at once, e.g. one per layer, which
+    takes as many operations as one): level 0 for chunks of ``L`` steps of ``A``, level 1
+    for the ``K - 1`` chunk ends (``K`` chunks) with ``A^L``, and so on until one chunk is left.
+    """
+    L = max(1, min(chunk_size or default_chunk_size(A.device), seq_len))
+    base = normalize_rows(A, dims=(-2, -1))
+    levels, steps = [], seq_len
+    while True:
+        powers = scaled_powers(base, L)
+        levels.append(_chunk_level(powers))
+        chunks = -(-steps // L)
+        if chunks == 1:
+            return levels
+        steps = chunks - 1
+        base = ScaledRows(powers.log_scale[..., L], powers.rows[..., L, :, :])
+        L = min(L, steps)
+
+
+def split_plan(plan: list) -> list:
+    """A plan for a stack of matrices (leading dim ``N``) as ``N`` plans, one per matrix. Split
+    with ``unbind``, so that the backward gathers the ``N`` gradients with one ``stack``."""
+    per_level = [[ChunkLevel(*parts) for parts in zip(*(t.unbind(0) for t in level))] for level in plan]
+    return [list(levels) for levels in zip(*per_level)]
 
 
 def default_chunk_size(device: torch.device) -> int:
@@ -84,7 +152,8 @@ def default_chunk_size(device: torch.device) -> int:
     return 8 if torch.device(device).type == "cpu" else 64
 
 
-def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: Optional[int] = None) -> ScaledRows:
+def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: Optional[int] = None,
+                 plan: Optional[list] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, in scaled form.
 
     Args:
@@ -92,19 +161,22 @@ def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_si
         A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
         initial: state before the first step, log_scale ``[batch, n, 1]``, rows ``[batch, n, d]``.
         chunk_size: steps per dense chunk (default: :func:`default_chunk_size` for ``u``'s device).
+        plan: ``chunk_plan(A, seq_len, chunk_size)``, if already computed (e.g. for all of a
+            model's layers at once); ``A`` and ``chunk_size`` are then unused.
 
     Returns:
         ``ScaledRows`` with log_scale ``[batch, seq_len, n, 1]`` and rows ``[batch, seq_len, n, d]``.
     """
-    length = max(1, min(chunk_size or default_chunk_size(u.device), u.shape[1]))
-    powers = scaled_powers(normalize_rows(A, dims=(-2, -1)), length)
-    return _scan(u, powers, initial)
+    if plan is None:
+        plan = chunk_plan(A, u.shape[1], chunk_size)
+    return _scan(u, plan, initial)
 
 
-def _scan(u: torch.Tensor, powers: ScaledRows, initial: ScaledRows) -> ScaledRows:
-    """Recursive step of :func:`chunked_scan`; ``powers`` holds ``A^0 .. A^L`` for chunks of L."""
+def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
+    """Recursive step of :func:`chunked_scan`: ``plan[0]`` is this level's :class:`ChunkLevel`."""
     batch, seq_len, n, d = u.shape
-    L = powers.rows.shape[0] - 1
+    level = plan[0]
+    L = level.within_log_scale.shape[-1]
     K = -(-seq_len // L)
 
     # Work in units where the inputs of each row peak at 1 (undone at the end).
@@ -113,31 +185,22 @@ def _scan(u: torch.Tensor, powers: ScaledRows, initial: ScaledRows) -> ScaledRow
     u = torch.nn.functional.pad(u, (0, 0, 0, 0, 0, K * L - seq_len))
     u = u.view(batch, K, L, n, d).transpose(2, 3)  # [batch, K, n, L, d]
 
-    # Within a chunk: h_t = sum_{s<=t} u_s A^(t-s), held as exp(m_t) * h_t with
-    # m_t = max_{k<=t} log-scale(A^k), as one product with the matrix W[(s,i),(t,j)].
-    m = torch.cummax(powers.log_scale[:L], dim=0).values  # [L]
-    steps = torch.arange(L, device=u.device)
-    lag = steps[:, None] - steps[None, :]  # [t, s]
-    lag_index = lag.clamp(min=0)
-    weight = torch.where(lag >= 0, (powers.log_scale[lag_index] - m[:, None]).exp(), 0.0)
-    W = powers.rows[lag_index] * weight[..., None, None]  # [t, s, i, j]
-    W = W.permute(1, 2, 0, 3).reshape(L * d, L * d)
-    h = (u.reshape(batch, K, n, L * d) @ W).view(batch, K, n, L, d)
+    # Within a chunk: h_t = sum_{s<=t} u_s A^(t-s), held as exp(m_t) * h_t (one product).
+    m = level.within_log_scale
+    h = (u.reshape(batch, K, n, L * d) @ level.within).view(batch, K, n, L, d)
 
     # States entering each chunk: the initial state, then the chunk-end states, which obey
     # the same recurrence with A^L and inputs h_{L-1} (in units of exp(m_{L-1})).
     if K == 1:
         start_scale, start_rows = s0[:, None], initial.rows[:, None]
     else:
-        step = ScaledRows(powers.log_scale[L], powers.rows[L])
-        ends = _scan(h[:, : K - 1, :, L - 1], scaled_powers(step, min(L, K - 1)), ScaledRows(s0 - m[L - 1], initial.rows))
+        ends = _scan(h[:, : K - 1, :, L - 1], plan[1:], ScaledRows(s0 - m[L - 1], initial.rows))
         start_scale = torch.cat([s0[:, None], ends.log_scale + m[L - 1]], dim=1)  # [batch, K, n, 1]
         start_rows = torch.cat([initial.rows[:, None], ends.rows], dim=1)  # [batch, K, n, d]
 
     # x_t = x_start A^(t+1) + exp(m_t) h_t
-    carried = (start_rows.reshape(batch, K * n, d) @ powers.rows[1:].permute(1, 0, 2).reshape(d, L * d))
-    carried = carried.view(batch, K, n, L, d)
-    carried_scale = start_scale[..., None] + powers.log_scale[1:, None]  # [batch, K, n, L, 1]
+    carried = (start_rows.reshape(batch, K * n, d) @ level.carry).view(batch, K, n, L, d)
+    carried_scale = start_scale[..., None] + level.carry_log_scale[:, None]  # [batch, K, n, L, 1]
     log_scale, rows = add_scaled(carried_scale, carried, m[:, None], h)
     log_scale = log_scale + in_scale[..., None]  # [batch, K, n, L, 1]
 

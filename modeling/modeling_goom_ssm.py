@@ -16,7 +16,7 @@ from safetensors import SafetensorError
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..layers import GoomSSM, GoomSSMBlock
+from ..layers import GoomSSM, GoomSSMBlock, shared_chunk_plans
 from .cache_goom_ssm import GoomSSMCache
 from .cuda_graph_goom_ssm import CUDAGraphDecoder
 from .configuration_goom_ssm import GoomSSMConfig
@@ -157,15 +157,19 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
             the tuple of embeddings and layer outputs (the last one after the final LayerNorm).
         """
         all_hidden_states = (hidden_states,) if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training
+        # Checkpointed layers plan their own scans: a reentrant checkpoint passes no gradient to
+        # tensors nested in its arguments.
+        plans = None if checkpointing or call_layer is not None else shared_chunk_plans(self.layers, hidden_states)
         new_states = []
         for i, layer in enumerate(self.layers):
             state = states[i] if states is not None else None
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 hidden_states, state = self._gradient_checkpointing_func(layer.__call__, hidden_states, state, mask)
             elif call_layer is not None:
                 hidden_states, state = call_layer(layer, hidden_states, state, mask)
             else:
-                hidden_states, state = layer(hidden_states, state, mask)
+                hidden_states, state = layer(hidden_states, state, mask, None if plans is None else plans[i])
             new_states.append(state)
             if output_hidden_states and i < len(self.layers) - 1:
                 all_hidden_states += (hidden_states,)

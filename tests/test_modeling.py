@@ -251,3 +251,59 @@ def test_padding_changes_no_gradient():
     (losses[0] + 0.5 * losses[1] + 0.5 * losses[2]).backward()
     for expected, p in zip(alone, model.parameters()):
         assert torch.allclose(p.grad, expected, atol=1e-6), p.shape
+
+
+def test_layers_plan_their_chunked_scans_at_once_with_the_same_results(monkeypatch):
+    """The model plans every layer's chunked scan in one computation (the powers of all the
+    layers' A as one stack); logits and every gradient equal those of layers that plan their
+    own (float64, a padded batch)."""
+    from goom_ssm import layers, scan
+    from goom_ssm.modeling import modeling_goom_ssm
+
+    calls = {"shared": 0, "own": 0}
+
+    def counted(function, key):
+        def wrapper(*args, **kwargs):
+            calls[key] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(layers, "chunk_plan", counted(layers.chunk_plan, "shared"))
+    monkeypatch.setattr(scan, "chunk_plan", counted(scan.chunk_plan, "own"))
+    torch.manual_seed(0)
+    model = GoomSSMForCausalLM(tiny_config(num_hidden_layers=3, scan_chunk_size=4, scan_implementation="chunked"))
+    model = model.double().train()
+    ids = torch.randint(0, 97, (2, 30))
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :7] = 0
+
+    def run():
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        return [out.logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    shared = run()
+    assert calls == {"shared": 1, "own": 0}
+    monkeypatch.setattr(modeling_goom_ssm, "shared_chunk_plans", lambda blocks, hidden_states: None)
+    own = run()
+    assert calls == {"shared": 1, "own": 3}
+    for a, b in zip(shared, own):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_that_cannot_share_a_plan_make_their_own():
+    """No shared plan for one token, another scan, a wrapped SSM or a forward pre-hook (which
+    may change A inside the SSM's own call)."""
+    from goom_ssm.layers import shared_chunk_plans
+
+    model = GoomSSMModel(tiny_config(scan_implementation="chunked"))
+    hidden = torch.randn(2, 9, 16)
+    assert len(shared_chunk_plans(model.layers, hidden)) == 2
+    assert shared_chunk_plans(model.layers, hidden[:, :1]) is None
+    assert shared_chunk_plans(GoomSSMModel(tiny_config(scan_implementation="goom_prefix")).layers, hidden) is None
+    handle = model.layers[1].ssm.register_forward_pre_hook(lambda module, args: None)
+    assert shared_chunk_plans(model.layers, hidden) is None
+    handle.remove()
+    model.layers[0].ssm = torch.nn.Sequential(model.layers[0].ssm)
+    assert shared_chunk_plans(model.layers, hidden) is None

@@ -5,7 +5,8 @@ import torch
 
 from conftest import TRITON_DEVICE, random_scan_case as random_case, relative_error, sequential_recurrence, tiny_config
 from goom_ssm.layers import GoomSSM
-from goom_ssm.scan import ScaledRows, chunked_scan, default_chunk_size, goom_prefix_scan, normalize_rows, scaled_powers
+from goom_ssm.scan import (ScaledRows, chunk_plan, chunked_scan, default_chunk_size, goom_prefix_scan, normalize_rows,
+                           scaled_powers, split_plan)
 from goom_ssm.triton_scan import HAS_TRITON, triton_scan
 
 
@@ -69,6 +70,24 @@ def test_scaled_powers_match_matrix_power():
     for k in range(14):
         expected = torch.linalg.matrix_power(M, k)
         assert torch.allclose(powers.log_scale[k].exp() * powers.rows[k], expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("length, chunk", [(1, 4), (5, 4), (100, 7), (1000, 8)])
+def test_a_plan_for_a_stack_of_matrices_is_each_matrix_plan(length, chunk):
+    """``chunk_plan`` of a stack ``[3, d, d]`` (what a model computes for all its layers at
+    once), split per matrix, equals each matrix's own plan at every level, and the scan with
+    it follows the sequential recurrence."""
+    cases = [random_case(2, length, 3, 5, radius, seed=i) for i, radius in enumerate((0.3, 1.0, 50.0))]
+    plans = split_plan(chunk_plan(torch.stack([A for _, A, _ in cases]), length, chunk))
+    assert len(plans) == 3
+    for plan, (u, A, initial) in zip(plans, cases):
+        own = chunk_plan(A, length, chunk)
+        assert len(plan) == len(own) >= (2 if length > chunk else 1)
+        for level, own_level in zip(plan, own):
+            for part, own_part in zip(level, own_level):
+                assert part.shape == own_part.shape and torch.allclose(part, own_part, rtol=1e-12, atol=1e-14)
+        out = chunked_scan(u, A, initial, plan=plan)
+        assert_same_states(out, *sequential_recurrence(u, A, *initial), rows_tol=1e-9, scale_tol=1e-12)
 
 
 @pytest.mark.parametrize("implementation", ["chunked", "triton"])
