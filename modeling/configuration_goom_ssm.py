@@ -27,7 +27,7 @@ class GoomSSMConfig(PretrainedConfig):
             original's complex parallel prefix scan, slow; for reference). All compute the same
             states to float32 rounding; the choice is a matter of speed only.
         scan_chunk_size: time steps per chunk of the chunked (pure PyTorch) scan; ``None``
-            (default): 8 on CPU, 64 on other devices (a matter of speed only).
+            (default): 8 on CPU, 32 on other devices (a matter of speed only).
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python; with

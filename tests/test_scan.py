@@ -125,9 +125,9 @@ def test_stress_layer_states_stay_finite_forward_and_backward():
 
 
 def test_the_default_chunk_size_is_chosen_for_the_device():
-    """8 steps on CPU (where the dense chunk products dominate), 64 elsewhere; a model's
+    """8 steps on CPU (where the dense chunk products dominate), 32 elsewhere; a model's
     ``scan_chunk_size=None`` (the default) uses it."""
-    assert default_chunk_size(torch.device("cpu")) == 8 and default_chunk_size("cuda") == 64
+    assert default_chunk_size(torch.device("cpu")) == 8 and default_chunk_size("cuda") == 32
     u, A, initial = random_case(2, 70, 3, 4, 1.1, torch.float32, seed=3, device="cpu")
     assert torch.equal(chunked_scan(u, A, initial).rows, chunked_scan(u, A, initial, chunk_size=8).rows)
     assert tiny_config().scan_chunk_size is None
