@@ -2,7 +2,7 @@
 
 Prints a Markdown table per section; every row of a section uses the same settings.
 
-    python benchmarks/bench.py --sections train --models goom:triton goom:chunked:32 goom:goom_prefix gpt2
+    python benchmarks/bench.py --sections train --models goom:triton goom:chunked goom:goom_prefix gpt2
     python benchmarks/bench.py --sections prefill decode --decode-models goom:triton goom:chunked gpt2
 
 Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA) or
@@ -145,7 +145,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", nargs="+", default=["train", "prefill", "decode"])
     parser.add_argument("--decode-models", nargs="+", default=None, help="models of the prefill and decode sections (default: --models)")
-    parser.add_argument("--models", nargs="+", default=["goom:triton", "goom:chunked:32", "gpt2"])
+    parser.add_argument("--models", nargs="+", default=["goom:triton", "goom:chunked", "gpt2"])
     parser.add_argument("--batches", nargs="+", type=int, default=[8, 16, 32, 64])
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[4096, 16384, 65536])
