@@ -213,8 +213,11 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
     blocks' ``A`` computes their powers with the operations of one layer instead of one set
     per layer (a few hundred small operations per layer and step, most of a layer's time on
     a GPU bound by the host's launches). Plain :class:`GoomSSMBlock` / :class:`GoomSSM`
-    modules only, without forward pre-hooks: a wrapped SSM (e.g. a PEFT adapter on its
-    parameters) or a hook may change ``A`` inside its own call, so it plans there.
+    modules only, without forward pre-hooks, each ``A`` a plain ``[d_hid, d_hid]`` parameter on
+    the inputs' device: a wrapped SSM (e.g. a PEFT adapter on its parameters) or a hook may
+    change ``A`` inside its own call, and a layer placed on another device, offloaded (``A``
+    on the meta device until accelerate's hook loads it) or sharded (FSDP gathers ``A`` in
+    the layer's own call) has no ``A`` to stack here; such layers plan in their own call.
     """
     seq_len = hidden_states.shape[1]
     ssms = [block.ssm for block in blocks if type(block) is GoomSSMBlock and type(block.ssm) is GoomSSM]
@@ -222,7 +225,8 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
         return None
     first = ssms[0]
     if any(ssm.resolved_scan(hidden_states) != "chunked" or ssm._forward_pre_hooks or ssm.chunk_size != first.chunk_size
-           or ssm.state_dtype != first.state_dtype or ssm.A.shape != first.A.shape for ssm in ssms):
+           or ssm.state_dtype != first.state_dtype or type(ssm.A) is not nn.Parameter
+           or ssm.A.shape != (first.d_hid, first.d_hid) or ssm.A.device != hidden_states.device for ssm in ssms):
         return None
     A = torch.stack([ssm.A.to(ssm.state_dtype) for ssm in ssms])
     return split_plan(chunk_plan(A, seq_len, first.chunk_size))

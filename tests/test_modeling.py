@@ -293,8 +293,9 @@ def test_layers_plan_their_chunked_scans_at_once_with_the_same_results(monkeypat
 
 
 def test_layers_that_cannot_share_a_plan_make_their_own():
-    """No shared plan for one token, another scan, a wrapped SSM or a forward pre-hook (which
-    may change A inside the SSM's own call)."""
+    """No shared plan for one token, another scan, a layer on another device or offloaded
+    (on the meta device), a sharded A (as FSDP leaves it between calls), a forward pre-hook
+    (which may change A inside the SSM's own call) or a wrapped SSM."""
     from goom_ssm.layers import shared_chunk_plans
 
     model = GoomSSMModel(tiny_config(scan_implementation="chunked"))
@@ -302,6 +303,14 @@ def test_layers_that_cannot_share_a_plan_make_their_own():
     assert len(shared_chunk_plans(model.layers, hidden)) == 2
     assert shared_chunk_plans(model.layers, hidden[:, :1]) is None
     assert shared_chunk_plans(GoomSSMModel(tiny_config(scan_implementation="goom_prefix")).layers, hidden) is None
+    model.layers[1].to("meta")
+    assert shared_chunk_plans(model.layers, hidden) is None
+    model.layers[1].to_empty(device="cpu")
+    assert len(shared_chunk_plans(model.layers, hidden)) == 2
+    full_A = model.layers[0].ssm.A
+    model.layers[0].ssm.A = torch.nn.Parameter(full_A.detach().flatten()[:5])
+    assert shared_chunk_plans(model.layers, hidden) is None
+    model.layers[0].ssm.A = full_A
     handle = model.layers[1].ssm.register_forward_pre_hook(lambda module, args: None)
     assert shared_chunk_plans(model.layers, hidden) is None
     handle.remove()
