@@ -220,8 +220,10 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
     the layer's own call) has no ``A`` to stack here; such layers plan in their own call.
     """
     seq_len = hidden_states.shape[1]
+    if seq_len == 1:  # decoding: a single step needs no plan (checked first: it is the per-token path)
+        return None
     ssms = [block.ssm for block in blocks if type(block) is GoomSSMBlock and type(block.ssm) is GoomSSM]
-    if seq_len == 1 or not ssms or len(ssms) != len(blocks):
+    if not ssms or len(ssms) != len(blocks):
         return None
     first = ssms[0]
     if any(ssm.resolved_scan(hidden_states) != "chunked" or ssm._forward_pre_hooks or ssm.chunk_size != first.chunk_size
