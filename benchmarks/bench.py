@@ -25,6 +25,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import goom_ssm
 from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
 def build(name: str, device: str) -> torch.nn.Module:
@@ -117,12 +118,12 @@ def bench_decode(name, batch, new_tokens, dtype):
 
     def raw_step_seconds():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        cache, token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=token, cache=cache, use_cache=True)
+            cache, token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
         torch.cuda.synchronize()
         return (time.perf_counter() - start) / new_tokens
 

@@ -110,6 +110,7 @@ import torch
 import torch.nn.functional as F
 
 import goom_ssm  # noqa: F401  (registers model_type "goom_ssm" with the Auto classes)
+from .modeling.cache_goom_ssm import CACHE_NAME
 
 __all__ = [
     "LM_EVAL_TASKS_DIR",
@@ -235,11 +236,11 @@ def _score_batch(model, seqs: list[list[int]], starts: list[int], block_size: in
         out = model(
             input_ids=inputs[:, b0:b1],
             attention_mask=None if bool(block_mask.all()) else block_mask,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=max(keep, 1),
         )
-        cache = out.past_key_values
+        cache = out[CACHE_NAME]
         if keep <= 0:
             continue
         logits = out.logits[:, -keep:].float()

@@ -190,19 +190,42 @@ class GoomSSMBlock(nn.Module):
     def _trains_fused(self, hidden_states: torch.Tensor) -> bool:
         """Whether this call can run as one :class:`~goom_ssm.fused_block.FusedBlock` node: a
         training step in eager mode with the Triton scan, float32 or float64 throughout, and
-        plain submodules without hooks (which the fused node would bypass)."""
-        modules, params = (self.norm, self.ssm, self.out_proj), list(self.parameters())
+        plain submodules (:func:`is_plain`, which the fused node would otherwise bypass)."""
+        params = list(self.parameters())
         return (
-            torch.is_grad_enabled() and not torch.compiler.is_compiling()
-            and type(self.norm) is nn.LayerNorm and self.norm.elementwise_affine and self.norm.bias is not None
-            and type(self.ssm) is GoomSSM and type(self.out_proj) is nn.Linear and self.out_proj.bias is None
+            torch.is_grad_enabled() and not torch.compiler.is_compiling() and is_plain(self)
+            and self.norm.elementwise_affine and self.norm.bias is not None and self.out_proj.bias is None
             and self.ssm.resolved_scan(hidden_states) == "triton"
             and hidden_states.dtype in (torch.float32, torch.float64)
             and all(p.dtype == hidden_states.dtype for p in params)
             and (hidden_states.requires_grad or any(p.requires_grad for p in params))
-            and not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                        for m in modules)
         )
+
+
+PLAIN_MODULE_TYPES = (GoomSSMBlock, GoomSSM, nn.LayerNorm, nn.Linear, nn.Embedding, nn.ModuleList)
+
+
+def is_plain(module: nn.Module, extra_types: tuple = ()) -> bool:
+    """Whether ``module`` and all its submodules compute exactly what this package's code says,
+    so that a fused path (a fused kernel or autograd node, a CUDA graph, a shared scan plan)
+    that reads their parameters computes what their ``forward`` would.
+
+    The one rule for every fast path: each module is exactly one of :data:`PLAIN_MODULE_TYPES`
+    (or ``extra_types``), not a subclass or a wrapper (a PEFT adapter layer or ``ParamWrapper``,
+    a quantised linear layer, a parametrization), has no hooks and no replaced ``forward``
+    (accelerate's offloading hooks), and holds plain ``nn.Parameter`` tensors. Anything else
+    takes the module path.
+    """
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return False
+    types = PLAIN_MODULE_TYPES + extra_types
+    for m in module.modules():
+        if (type(m) not in types or m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                or m._backward_pre_hooks or "forward" in m.__dict__):
+            return False
+        if any(p is not None and type(p) is not nn.Parameter for p in m._parameters.values()):
+            return False
+    return True
 
 
 def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
@@ -212,9 +235,8 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
     A plan depends on the transition matrix ``A`` alone, not on the batch: stacking the
     blocks' ``A`` computes their powers with the operations of one layer instead of one set
     per layer (a few hundred small operations per layer and step, most of a layer's time on
-    a GPU bound by the host's launches). Plain :class:`GoomSSMBlock` / :class:`GoomSSM`
-    modules only, without forward pre-hooks, each ``A`` a plain ``[d_hid, d_hid]`` parameter on
-    the inputs' device: a wrapped SSM (e.g. a PEFT adapter on its parameters) or a hook may
+    a GPU bound by the host's launches). Plain blocks only (:func:`is_plain`), each ``A``
+    ``[d_hid, d_hid]`` on the inputs' device: a wrapped SSM (e.g. a PEFT adapter on its parameters) or a hook may
     change ``A`` inside its own call, and a layer placed on another device, offloaded (``A``
     on the meta device until accelerate's hook loads it) or sharded (FSDP gathers ``A`` in
     the layer's own call) has no ``A`` to stack here; such layers plan in their own call.
@@ -222,12 +244,12 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
     seq_len = hidden_states.shape[1]
     if seq_len == 1:  # decoding: a single step needs no plan (checked first: it is the per-token path)
         return None
-    ssms = [block.ssm for block in blocks if type(block) is GoomSSMBlock and type(block.ssm) is GoomSSM]
-    if not ssms or len(ssms) != len(blocks):
+    if not len(blocks) or not all(type(block) is GoomSSMBlock and is_plain(block) for block in blocks):
         return None
+    ssms = [block.ssm for block in blocks]
     first = ssms[0]
-    if any(ssm.resolved_scan(hidden_states) != "chunked" or ssm._forward_pre_hooks or ssm.chunk_size != first.chunk_size
-           or ssm.state_dtype != first.state_dtype or type(ssm.A) is not nn.Parameter
+    if any(ssm.resolved_scan(hidden_states) != "chunked" or ssm.chunk_size != first.chunk_size
+           or ssm.state_dtype != first.state_dtype
            or ssm.A.shape != (first.d_hid, first.d_hid) or ssm.A.device != hidden_states.device for ssm in ssms):
         return None
     A = torch.stack([ssm.A.to(ssm.state_dtype) for ssm in ssms])

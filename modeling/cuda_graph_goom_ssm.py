@@ -15,6 +15,13 @@ The ids are checked against the vocabulary without holding the graph back: they 
 to the host before the replay is queued, and read after it. An id outside the
 vocabulary makes the graph change no state (every sequence is treated as padding, the ids
 are clamped for the embedding), and the call raises.
+
+A graph replays the kernels it captured, whatever happens to the modules afterwards, so it
+is used only for a plain model (:func:`goom_ssm.layers.is_plain`: no adapter, wrapper,
+quantised layer or hook; those decode op by op through their modules) whose parameters are
+where they were at capture. That is checked when a cache first runs through a decoder (the
+first step of each ``generate()``), not on every step. The decoders are kept beside the
+model (:func:`decoders_of`), not on it, so that the model deep-copies and pickles.
 """
 
 import weakref
@@ -24,6 +31,14 @@ import torch
 
 from ..scan import ScaledRows
 from ..triton_decode import HAS_TRITON, decode_step, head_logits
+
+
+_DECODERS = weakref.WeakKeyDictionary()  # model -> {(batch size, autocast dtype): CUDAGraphDecoder}
+
+
+def decoders_of(model) -> dict:
+    """The captured decoders of ``model``, by (batch size, autocast dtype)."""
+    return _DECODERS.setdefault(model, {})
 
 
 def _fused_layer_step(layer, hidden_states, state, mask):
@@ -41,10 +56,10 @@ class CUDAGraphDecoder:
         fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
         self.call_layer = _fused_layer_step if fused else None
         head = model.lm_head  # the fused head is a bias-free linear map, as the model's own
-        self.fused_head = fused and type(head) is torch.nn.Linear and head.bias is None
+        self.fused_head = fused and head.bias is None
         ssm = model.backbone.layers[0].ssm
         self.model = weakref.ref(model)
-        self.weights_ptr = model.lm_head.weight.data_ptr()
+        self.parameter_ptrs = _parameter_ptrs(model)
         self.vocab_size = config.vocab_size
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
         self.mask = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
@@ -81,13 +96,17 @@ class CUDAGraphDecoder:
         return head_logits(model.lm_head, hidden) if self.fused_head else model.lm_head(hidden).float()
 
     def is_valid_for(self, model) -> bool:
-        """False once the model's weights were moved or replaced (the graph reads the old memory)."""
-        return self.model() is model and model.lm_head.weight.data_ptr() == self.weights_ptr
+        """False once the model's parameters were moved or replaced (the graph reads the old memory)."""
+        return self.model() is model and _parameter_ptrs(model) == self.parameter_ptrs
+
+    def is_current_for(self, cache) -> bool:
+        """Whether ``cache`` ran the previous step through this decoder (and nothing needs checking)."""
+        return self.owner() is cache
 
     def _take_buffers_for(self, cache) -> None:
         previous = self.owner()
         if previous is not None and previous is not cache and previous.states[0].rows is self.states[0].rows:
-            previous.states = [ScaledRows(s.log_scale.clone(), s.rows.clone()) for s in self.states]
+            previous.advance([ScaledRows(s.log_scale.clone(), s.rows.clone()) for s in self.states], 0)
         for buffer, state in zip(self.states, cache.states):
             if state.rows is not buffer.rows:
                 buffer.log_scale.copy_(state.log_scale)
@@ -116,3 +135,7 @@ class CUDAGraphDecoder:
         check_id_range(*(int(bound) for bound in torch.aminmax(self.host_ids)))
         cache.advance(self.states, 1)
         return self.logits.clone()
+
+
+def _parameter_ptrs(model) -> tuple:
+    return tuple(p.data_ptr() for p in model.parameters())

@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from ..layers import GoomSSM, GoomSSMBlock, shared_chunk_plans
-from .cache_goom_ssm import GoomSSMCache
-from .cuda_graph_goom_ssm import CUDAGraphDecoder
+from ..layers import GoomSSM, GoomSSMBlock, is_plain, shared_chunk_plans
+from .cache_goom_ssm import CACHE_NAME, GoomSSMCache
+from .cuda_graph_goom_ssm import CUDAGraphDecoder, decoders_of
 from .configuration_goom_ssm import GoomSSMConfig
 
 
@@ -93,6 +93,23 @@ def _check_id_range(low: int, high: int, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+_LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+
+
+def _refuse_unknown_kwargs(model_name: str, kwargs: dict, allowed: tuple) -> None:
+    """Raise ``TypeError`` naming every keyword argument the model does not understand (``None`` values pass)."""
+    unknown = sorted(k for k, v in kwargs.items() if k not in allowed and v is not None)
+    if unknown:
+        raise TypeError(f"{model_name}.forward() got keyword arguments it does not understand: {unknown}")
+
+
+def _cache_argument(cache, past_key_values):
+    """The cache, given under transformers' name of 5.24+ (``cache``) or of earlier releases (``past_key_values``)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("give the cache once: as `cache` or as `past_key_values`, not both")
+    return past_key_values if cache is None else cache
 
 
 def _current_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
@@ -183,10 +200,11 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        past_key_values: Optional[GoomSSMCache] = None,
+        cache: Optional[GoomSSMCache] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        past_key_values: Optional[GoomSSMCache] = None,
         **kwargs,
     ) -> Union[tuple, BaseModelOutputWithPast]:
         """
@@ -194,10 +212,16 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
             input_ids: ``[batch, seq_len]`` token ids (or give ``inputs_embeds [batch, seq_len, hidden_size]``).
             attention_mask: ``[batch, seq_len]`` or ``[batch, past + seq_len]``, 1 for real tokens and 0 for
                 padding; a padded position is an identity step of every recurrence.
-            past_key_values: a :class:`GoomSSMCache` to continue from (and update in place).
+            cache: a :class:`GoomSSMCache` to continue from (and update in place); ``past_key_values`` is
+                the same argument under transformers' name before 5.24.
             use_cache: return the cache after these tokens (default ``config.use_cache`` in eval mode).
             output_hidden_states: also return the embeddings and every layer's output.
+
+        Returns the last hidden states ``[batch, seq_len, hidden_size]``, the cache under
+        :data:`CACHE_NAME` (transformers' name for it in the installed release) and the hidden states.
         """
+        _refuse_unknown_kwargs(type(self).__name__, kwargs, ())
+        cache = _cache_argument(cache, past_key_values)
         output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         use_cache = (self.config.use_cache and not self.training) if use_cache is None else use_cache
@@ -215,22 +239,23 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         batch, seq_len = inputs_embeds.shape[:2]
         mask = _state_mask(attention_mask, batch, seq_len)
 
-        if past_key_values is None and use_cache:
-            past_key_values = GoomSSMCache(self.config, batch)
-        if past_key_values is not None:
-            if not isinstance(past_key_values, GoomSSMCache):
-                raise TypeError(f"past_key_values must be a GoomSSMCache, got {type(past_key_values).__name__}")
-            past_key_values.check_compatible(self.config, batch)
+        if cache is None and use_cache:
+            cache = GoomSSMCache(self.config, batch)
+        if cache is not None:
+            if not isinstance(cache, GoomSSMCache):
+                raise TypeError(f"{CACHE_NAME} must be a GoomSSMCache, got {type(cache).__name__}")
+            cache.check_compatible(self.config, batch)
 
-        states = past_key_values.states if past_key_values is not None else None
+        states = cache.states if cache is not None else None
         hidden_states, states, all_hidden_states = self.run_layers(inputs_embeds, states, mask, output_hidden_states)
-        if past_key_values is not None:
-            past_key_values.advance(states, seq_len)
+        if cache is not None:
+            cache.advance(states, seq_len)
 
-        cache = past_key_values if use_cache else None
+        cache = cache if use_cache else None
         if not return_dict:
             return tuple(v for v in (hidden_states, cache, all_hidden_states) if v is not None)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=cache, hidden_states=all_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                       **{CACHE_NAME: cache})
 
 
 class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
@@ -242,7 +267,6 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.backbone = GoomSSMModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._cuda_graph_decoders = {}  # (batch size, autocast dtype) -> CUDAGraphDecoder
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -260,14 +284,18 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Optional[GoomSSMCache] = None,
+        cache: Optional[GoomSSMCache] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
         next_sequence_length: Optional[int] = None,
+        past_key_values: Optional[GoomSSMCache] = None,
         **kwargs,
     ) -> dict:
-        """Feed only the tokens the cache has not consumed yet (one per step after the prompt)."""
-        seen = past_key_values.get_seq_length() if past_key_values is not None else 0
+        """Feed only the tokens the cache has not consumed yet (``generate`` says how many in
+        ``next_sequence_length``: one per step after the prompt). ``inputs_embeds`` is the prompt
+        while the cache has consumed none of it."""
+        cache = _cache_argument(cache, past_key_values)
+        seen = cache.get_seq_length() if cache is not None else 0
         if inputs_embeds is not None and seen == 0:
             model_inputs = {"input_ids": None, "inputs_embeds": inputs_embeds}
         else:
@@ -278,7 +306,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             model_inputs = {"input_ids": input_ids.contiguous()}
         for unused in ("position_ids", "cache_position", "token_type_ids", "is_first_iteration"):
             kwargs.pop(unused, None)
-        model_inputs.update(past_key_values=past_key_values, attention_mask=attention_mask, **kwargs)
+        model_inputs.update({CACHE_NAME: cache, "attention_mask": attention_mask}, **kwargs)
         return model_inputs
 
     def forward(
@@ -286,12 +314,13 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         input_ids: Optional[torch.LongTensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         inputs_embeds: Optional[torch.FloatTensor] = None,
-        past_key_values: Optional[GoomSSMCache] = None,
+        cache: Optional[GoomSSMCache] = None,
         labels: Optional[torch.LongTensor] = None,
         use_cache: Optional[bool] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
+        past_key_values: Optional[GoomSSMCache] = None,
         **kwargs,
     ) -> Union[tuple, CausalLMOutputWithPast]:
         """
@@ -299,20 +328,25 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             labels: ``[batch, seq_len]`` target ids; the loss is the mean cross-entropy of the
                 logits at position ``t`` against ``labels[:, t + 1]`` (shifted inside), ignoring -100.
             logits_to_keep: if a positive int, compute logits only for the last that many positions.
+            kwargs: only the loss's options (``num_items_in_batch``, as the ``Trainer`` passes it,
+                ``ignore_index``, ``shift_labels``); any other keyword is refused.
             Other arguments: see :meth:`GoomSSMModel.forward`.
 
-        Returns ``logits [batch, seq_len, vocab_size]`` (float32), ``loss``, ``past_key_values``.
+        Returns ``logits [batch, seq_len, vocab_size]`` (float32), ``loss``, and the cache under
+        :data:`CACHE_NAME`.
         """
+        _refuse_unknown_kwargs(type(self).__name__, kwargs, _LOSS_KWARGS)
+        cache = _cache_argument(cache, past_key_values)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        if self._decodes_with_cuda_graph(input_ids, past_key_values, labels, output_hidden_states):
-            logits = self._decode_with_cuda_graph(input_ids, attention_mask, past_key_values)
+        decoder = self._cuda_graph_decoder(input_ids, cache, labels, output_hidden_states)
+        if decoder is not None:
+            logits = self._decode_with_cuda_graph(decoder, input_ids, attention_mask, cache)
             if not return_dict:
-                return (logits, past_key_values)
-            return CausalLMOutputWithPast(logits=logits, past_key_values=past_key_values)
+                return (logits, cache)
+            return CausalLMOutputWithPast(logits=logits, **{CACHE_NAME: cache})
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-            past_key_values=past_key_values, use_cache=use_cache, output_hidden_states=output_hidden_states,
-            return_dict=True,
+            cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -327,12 +361,11 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
                 raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
 
+        cache = getattr(outputs, CACHE_NAME)
         if not return_dict:
-            output = tuple(v for v in (logits, outputs.past_key_values, outputs.hidden_states) if v is not None)
+            output = tuple(v for v in (logits, cache, outputs.hidden_states) if v is not None)
             return (loss,) + output if loss is not None else output
-        return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values, hidden_states=outputs.hidden_states
-        )
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache})
 
     def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The head's float32 logits ``[..., vocab_size]``. On CUDA, for many positions at once
@@ -340,29 +373,38 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         the weight padded with zero rows, then drops their logits: cuBLAS has no fast kernel
         for the odd size (H200, 8192 positions: an sm75 kernel at ~95 TFLOP/s)."""
         head = self.lm_head
-        padding = -head.weight.shape[0] % 64 if type(head) is nn.Linear else 0
+        padding = -head.weight.shape[0] % 64 if is_plain(head) else 0
         if padding and hidden_states.is_cuda and hidden_states.shape[:-1].numel() >= 1024:
             bias = None if head.bias is None else F.pad(head.bias, (0, padding))
             logits = F.linear(hidden_states, F.pad(head.weight, (0, 0, 0, padding)), bias)
             return logits[..., : head.weight.shape[0]].float().contiguous()
         return head(hidden_states).float()
 
-    def _decodes_with_cuda_graph(self, input_ids, past_key_values, labels, output_hidden_states) -> bool:
-        """Whether this call is one decoding step that a captured CUDA graph can run."""
-        return (
+    def _cuda_graph_decoder(self, input_ids, cache, labels, output_hidden_states) -> Optional[CUDAGraphDecoder]:
+        """The captured CUDA graph that runs this call, if it is one decoding step of a plain
+        model (see :mod:`~goom_ssm.modeling.cuda_graph_goom_ssm`); else None (the module path)."""
+        if not (
             self.config.decode_with_cuda_graphs and input_ids is not None and input_ids.shape[-1] == 1
-            and input_ids.ndim == 2 and input_ids.is_cuda and isinstance(past_key_values, GoomSSMCache)
-            and past_key_values.states[0] is not None and labels is None and not output_hidden_states
+            and input_ids.ndim == 2 and input_ids.is_cuda and isinstance(cache, GoomSSMCache)
+            and cache.states[0] is not None and labels is None and not output_hidden_states
             and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        )
+        ):
+            return None
+        decoders = decoders_of(self)
+        key = (input_ids.shape[0], torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
+        decoder = decoders.get(key)
+        if decoder is not None and decoder.is_current_for(cache):
+            return decoder
+        if not is_plain(self, (GoomSSMForCausalLM, GoomSSMModel)):
+            return None
+        if decoder is None or not decoder.is_valid_for(self):
+            _check_input_ids(input_ids)
+            decoder = decoders[key] = CUDAGraphDecoder(self, input_ids.shape[0])
+        return decoder
 
-    def _decode_with_cuda_graph(self, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
+    def _decode_with_cuda_graph(self, decoder, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
         _check_input_ids(input_ids)
         batch = input_ids.shape[0]
         cache.check_compatible(self.config, batch)
         mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1) != 0
-        key = (batch, torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
-        decoder = self._cuda_graph_decoders.get(key)
-        if decoder is None or not decoder.is_valid_for(self):
-            decoder = self._cuda_graph_decoders[key] = CUDAGraphDecoder(self, batch)
         return decoder(input_ids, mask, cache, functools.partial(_check_id_range, vocab_size=self.config.vocab_size))

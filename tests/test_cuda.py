@@ -5,6 +5,8 @@ import torch
 
 from conftest import tiny_config
 from goom_ssm import GoomSSMForCausalLM
+from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
+from goom_ssm.modeling.cuda_graph_goom_ssm import decoders_of
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -20,13 +22,13 @@ def make_model(**overrides):
 def test_graph_decoding_equals_eager_decoding(scan):
     model = make_model(scan_implementation=scan)
     ids = torch.randint(0, 500, (3, 40), device="cuda")
-    eager_cache = model(ids[:, :20], use_cache=True).past_key_values
-    graph_cache = model(ids[:, :20], use_cache=True).past_key_values
+    eager_cache = model(ids[:, :20], use_cache=True)[CACHE_NAME]
+    graph_cache = model(ids[:, :20], use_cache=True)[CACHE_NAME]
     model.config.decode_with_cuda_graphs = False
-    eager = [model(ids[:, t : t + 1], past_key_values=eager_cache).logits for t in range(20, 40)]
+    eager = [model(ids[:, t : t + 1], cache=eager_cache).logits for t in range(20, 40)]
     model.config.decode_with_cuda_graphs = True
-    graphed = [model(ids[:, t : t + 1], past_key_values=graph_cache).logits for t in range(20, 40)]
-    assert model._cuda_graph_decoders
+    graphed = [model(ids[:, t : t + 1], cache=graph_cache).logits for t in range(20, 40)]
+    assert decoders_of(model)
     for a, b in zip(eager, graphed):
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     full = model(ids).logits[:, 20:]
@@ -41,9 +43,9 @@ def test_graph_decoding_with_a_head_that_has_a_bias():
     head = torch.nn.Linear(64, 500, bias=True).cuda()
     model.set_output_embeddings(head)
     ids = torch.randint(0, 500, (2, 12), device="cuda")
-    cache = model(ids[:, :10], use_cache=True).past_key_values
-    graphed = [model(ids[:, t : t + 1], past_key_values=cache).logits for t in (10, 11)]
-    assert model._cuda_graph_decoders
+    cache = model(ids[:, :10], use_cache=True)[CACHE_NAME]
+    graphed = [model(ids[:, t : t + 1], cache=cache).logits for t in (10, 11)]
+    assert decoders_of(model)
     assert torch.allclose(torch.cat(graphed, 1), model(ids).logits[:, 10:], atol=1e-4, rtol=1e-4)
 
 
@@ -51,12 +53,12 @@ def test_graph_decoding_with_a_head_that_has_a_bias():
 def test_a_kept_cache_is_not_overwritten_by_another_generation():
     model = make_model()
     a_ids, b_ids = torch.randint(0, 500, (2, 1, 10), device="cuda")
-    cache_a = model(a_ids, use_cache=True).past_key_values
-    model(a_ids[:, -1:], past_key_values=cache_a)
+    cache_a = model(a_ids, use_cache=True)[CACHE_NAME]
+    model(a_ids[:, -1:], cache=cache_a)
     kept = [s.rows.clone() for s in cache_a.states]
-    cache_b = model(b_ids, use_cache=True).past_key_values
+    cache_b = model(b_ids, use_cache=True)[CACHE_NAME]
     for _ in range(3):
-        model(b_ids[:, -1:], past_key_values=cache_b)
+        model(b_ids[:, -1:], cache=cache_b)
     assert all(torch.equal(k, s.rows) for k, s in zip(kept, cache_a.states))
 
 
@@ -64,14 +66,14 @@ def test_a_kept_cache_is_not_overwritten_by_another_generation():
 def test_an_id_outside_the_vocabulary_in_graph_decoding_is_refused_and_changes_nothing():
     model = make_model()
     ids = torch.randint(0, 500, (2, 12), device="cuda")
-    cache = model(ids[:, :10], use_cache=True).past_key_values
-    model(ids[:, 10:11], past_key_values=cache)  # captures the graph
+    cache = model(ids[:, :10], use_cache=True)[CACHE_NAME]
+    model(ids[:, 10:11], cache=cache)  # captures the graph
     before = [s.rows.clone() for s in cache.states]
     with pytest.raises(ValueError, match="token id 500, outside the vocabulary"):
-        model(torch.tensor([[3], [500]], device="cuda"), past_key_values=cache)
+        model(torch.tensor([[3], [500]], device="cuda"), cache=cache)
     assert cache.get_seq_length() == 11
     assert all(torch.equal(b, s.rows) for b, s in zip(before, cache.states))
-    logits = model(ids[:, 11:12], past_key_values=cache).logits
+    logits = model(ids[:, 11:12], cache=cache).logits
     assert torch.allclose(logits, model(ids).logits[:, 11:12], atol=1e-4, rtol=1e-4)
 
 

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from conftest import tiny_config
 from goom_ssm import GoomSSMCache, GoomSSMConfig, GoomSSMForCausalLM, GoomSSMModel
+from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
 def test_auto_classes_are_registered():
@@ -132,7 +133,7 @@ def test_padded_batch_matches_each_sequence_alone(tiny_model):
     assert torch.allclose(left.logits[1, 5:], alone_b[0], atol=1e-5)
     assert torch.allclose(right.logits[1, :7], alone_b[0], atol=1e-5)
     # the cache after a right-padded prompt is the state after its last real token
-    assert torch.allclose(right.past_key_values.get_state(0).rows[1], tiny_model(b, use_cache=True).past_key_values.get_state(0).rows[0], atol=1e-6)
+    assert torch.allclose(right[CACHE_NAME].states[0].rows[1], tiny_model(b, use_cache=True)[CACHE_NAME].states[0].rows[0], atol=1e-6)
 
 
 GENERATE_SETTINGS = [
@@ -174,7 +175,7 @@ def test_decoding_feeds_one_token_per_step_and_the_cache_stays_the_same_size(tin
     out = tiny_model.generate(ids, max_new_tokens=10, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
     hook.remove()
     assert seen_lengths == [30] + [1] * 9
-    cache = out.past_key_values
+    cache = out[CACHE_NAME]
     assert isinstance(cache, GoomSSMCache) and cache.get_seq_length() == 39
     sizes = [s.rows.numel() + s.log_scale.numel() for s in cache.states]
     assert sizes == [1 * 2 * 4 + 1 * 2] * 2  # batch x heads x (state_size + 1), whatever the length
@@ -182,14 +183,14 @@ def test_decoding_feeds_one_token_per_step_and_the_cache_stays_the_same_size(tin
 
 def test_cache_from_another_batch_or_model_is_refused(tiny_model):
     ids = torch.randint(0, 97, (2, 5))
-    cache = tiny_model(ids, use_cache=True).past_key_values
+    cache = tiny_model(ids, use_cache=True)[CACHE_NAME]
     with pytest.raises(ValueError, match="batch of 2"):
-        tiny_model(ids[:1], past_key_values=cache)
+        tiny_model(ids[:1], cache=cache)
     other = GoomSSMForCausalLM(tiny_config(num_hidden_layers=3)).eval()
     with pytest.raises(ValueError, match="made for a model"):
-        other(ids, past_key_values=cache)
+        other(ids, cache=cache)
     with pytest.raises(TypeError, match="GoomSSMCache"):
-        tiny_model(ids, past_key_values=((torch.zeros(1),),))
+        tiny_model(ids, cache=((torch.zeros(1),),))
 
 
 @pytest.mark.parametrize("ids, error, match", [

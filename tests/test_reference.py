@@ -9,6 +9,7 @@ from conftest import TRITON_DEVICE, norm_relative_error, relative_error, sequent
 from goom_ssm.conversion import original
 from goom_ssm.layers import GoomSSM
 from goom_ssm.triton_scan import HAS_TRITON
+from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 TRITON = pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="needs the triton package"))
 IMPLEMENTATIONS = ["chunked", "goom_prefix", TRITON]
@@ -32,7 +33,7 @@ def test_logits_full_and_continued(converted_tiny_dir, reference_vectors, implem
         assert relative_error(model(ids).logits, v["logits"]) <= 1e-5
         assert relative_error(model(torch.cat([ids, more_ids], dim=1)).logits, v["logits_full"]) <= 1e-5
         prompt = model(ids, use_cache=True)
-        continued = model(more_ids, past_key_values=prompt.past_key_values, use_cache=True).logits
+        continued = model(more_ids, cache=prompt[CACHE_NAME], use_cache=True).logits
         assert relative_error(continued, v["logits_continued"]) <= 1e-5
 
 

@@ -9,6 +9,7 @@ import torch
 
 from conftest import tiny_config
 from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
 def set_spectral_radius(model, radius):
@@ -71,12 +72,12 @@ def test_state_carried_across_a_million_tokens():
     cache = None
     for block in range(16):
         ids = torch.randint(0, 97, (1, 65536))
-        out = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        out = model(ids, cache=cache, use_cache=True, logits_to_keep=1)
+        cache = out[CACHE_NAME]
         assert torch.isfinite(out.logits).all()
-    state = cache.get_state(0)
+    state = cache.states[0]
     assert cache.get_seq_length() == 2**20
     assert torch.isfinite(state.rows).all() and state.log_scale.min() > 2**20 * 0.3
     for _ in range(100):  # and single-token steps continue from there
-        out = model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
+        out = model(out.logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
         assert torch.isfinite(out.logits).all()
