@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .fused_block import FusedBlock
 from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, normalize_rows, scan_step, split_plan
@@ -67,9 +68,18 @@ class GoomSSM(nn.Module):
     def reset_parameters(self):
         """The original's initialisation (with the default options): init_states ~ U(-0.1, 0.1);
         A orthogonal with gain 0.99; B, C, D ~ U(-1, 1) / sqrt(fan_in). Uses ``torch.nn.init``
-        functions, so that transformers can skip weights that were loaded from a checkpoint."""
+        functions, so that transformers can skip weights that were loaded from a checkpoint.
+
+        ``A`` is drawn in float32 (float64 for a float64 ``A``) and copied in, as the QR
+        decomposition has no half-precision kernels; the draw is the same as
+        ``nn.init.orthogonal_(A)`` for a float32 ``A``. Like transformers' guarded init
+        functions, it leaves an ``A`` marked ``_is_hf_initialized`` (loaded) unchanged."""
         nn.init.uniform_(self.init_states, -self.init_state_range, self.init_state_range)
-        nn.init.orthogonal_(self.A, gain=self.transition_init_gain)
+        if not getattr(self.A, "_is_hf_initialized", False):
+            A = torch.empty_like(self.A, dtype=torch.promote_types(self.A.dtype, torch.float32))
+            nn.init.orthogonal_(A, gain=self.transition_init_gain)
+            with torch.no_grad():
+                self.A.copy_(A)
         for weight in (self.B, self.C, self.D):
             bound = 1.0 / math.sqrt(weight.shape[0])
             nn.init.uniform_(weight, -bound, bound)
@@ -153,11 +163,13 @@ class GoomSSM(nn.Module):
         return f"d_inp={self.d_inp}, d_out={self.d_out}, n_hid={self.n_hid}, d_hid={self.d_hid}"
 
 
-class GoomSSMBlock(nn.Module):
+class GoomSSMBlock(GradientCheckpointingLayer):
     """Residual recurrent layer: ``out = inp + W_out GLU(SSM(LayerNorm(inp)))``.
 
     The SSM maps ``d_emb -> 2 * d_emb``; the GLU halves it (first half times the sigmoid of
-    the second); ``W_out`` is a bias-free ``d_emb x d_emb`` linear map.
+    the second); ``W_out`` is a bias-free ``d_emb x d_emb`` linear map. A transformers
+    ``GradientCheckpointingLayer``: ``gradient_checkpointing_enable(...)`` checkpoints it with
+    transformers' options (reentrant or not, every n-th layer).
     """
 
     def __init__(self, d_emb: int, n_hid: int, d_hid: int, layer_norm_eps: float = 1e-5, **ssm_options):

@@ -7,6 +7,7 @@ cross-entropy loss, and generation with a recurrent-state cache (:class:`GoomSSM
 
 import functools
 import math
+import warnings
 from typing import Optional, Union
 
 import torch
@@ -106,9 +107,13 @@ def _refuse_unknown_kwargs(model_name: str, kwargs: dict, allowed: tuple) -> Non
 
 
 def _cache_argument(cache, past_key_values):
-    """The cache, given under transformers' name of 5.24+ (``cache``) or of earlier releases (``past_key_values``)."""
+    """The cache, given under transformers' name of 5.24+ (``cache``) or of earlier releases
+    (``past_key_values``, deprecated with a warning where the release has renamed it)."""
     if cache is not None and past_key_values is not None:
         raise ValueError("give the cache once: as `cache` or as `past_key_values`, not both")
+    if past_key_values is not None and CACHE_NAME == "cache" and not torch.compiler.is_compiling():
+        warnings.warn("`past_key_values` is deprecated: transformers 5.24 renamed it `cache`", FutureWarning,
+                      stacklevel=3)
     return past_key_values if cache is None else cache
 
 
@@ -150,7 +155,6 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
             for _ in range(config.num_hidden_layers)
         )
         self.norm_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.gradient_checkpointing = False
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -174,16 +178,14 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
             the tuple of embeddings and layer outputs (the last one after the final LayerNorm).
         """
         all_hidden_states = (hidden_states,) if output_hidden_states else None
-        checkpointing = self.gradient_checkpointing and self.training
-        # Checkpointed layers plan their own scans: a reentrant checkpoint passes no gradient to
-        # tensors nested in its arguments.
+        checkpointing = self.training and any(layer.gradient_checkpointing for layer in self.layers)
+        # Checkpointed layers (GradientCheckpointingLayer) plan their own scans: a reentrant
+        # checkpoint passes no gradient to tensors nested in its arguments.
         plans = None if checkpointing or call_layer is not None else shared_chunk_plans(self.layers, hidden_states)
         new_states = []
         for i, layer in enumerate(self.layers):
             state = states[i] if states is not None else None
-            if checkpointing:
-                hidden_states, state = self._gradient_checkpointing_func(layer.__call__, hidden_states, state, mask)
-            elif call_layer is not None:
+            if call_layer is not None:
                 hidden_states, state = call_layer(layer, hidden_states, state, mask)
             else:
                 hidden_states, state = layer(hidden_states, state, mask, None if plans is None else plans[i])
