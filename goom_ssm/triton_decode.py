@@ -28,10 +28,9 @@ from .scan import ScaledRows
 from .triton_scan import HAS_TRITON
 
 if HAS_TRITON:
-    import triton
-    import triton.language as tl
-
-    from .triton_scan import _advance, _load_matrix, _normalized
+    # triton and tl as triton_scan imported them (in a try block, which transformers' remote-code
+    # check of required packages skips: a plain import here would demand Triton on CPU-only installs)
+    from .triton_scan import _advance, _load_matrix, _normalized, tl, triton
 
     _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                   torch.float16: tl.float16}
