@@ -1,0 +1,158 @@
+"""The shipped model folder (and every folder training writes) loads offline with the Auto
+classes and ``pipeline``: its tokenizer files give GPT-2's ids, and the pipeline generates
+what ``model.generate`` does."""
+
+import hashlib
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants as hub_constants
+
+import goom_ssm  # noqa: F401  (registers model_type "goom_ssm" with the Auto classes)
+from goom_ssm.cli import DEFAULT_MODEL_DIR
+from goom_ssm.conversion.tokenizer import (
+    ENDOFTEXT,
+    ENDOFTEXT_ID,
+    GPT2_VOCAB_SIZE,
+    gpt2_bpe_file_paths,
+    gpt2_hf_tokenizer,
+    save_gpt2_tokenizer,
+)
+
+TEMPEST = Path(goom_ssm.__file__).parent / "corpus_data" / "the_tempest.txt"
+PROMPT = "KING HENRY.\nMy lords,"
+ENGLISH = (
+    "The quick brown fox didn't jump over the lazy dog; it sat down instead, and we'll never know why. "
+    "In 1859, Charles Darwin published \"On the Origin of Species\" -- 502 pages long.\n\n"
+    "  Indented lines,\ttabs, and trailing spaces   \n"
+)
+# The URLs tiktoken's "gpt2" encoding reads (tiktoken_ext/openai_public.py); tiktoken caches
+# each file under the sha1 digest of its URL.
+TIKTOKEN_GPT2_URLS = {
+    "encoder.json": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json",
+    "vocab.bpe": "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vocab.bpe",
+}
+
+
+def sample_texts() -> list[str]:
+    """An English paragraph, the opening of The Tempest and the whole play."""
+    tempest = TEMPEST.read_text(encoding="utf-8")
+    return [ENGLISH, tempest[:2000], tempest]
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """No Hub access: HF_HUB_OFFLINE set (in the environment and in huggingface_hub, which
+    reads it at import) and every socket connection refused."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+
+
+@pytest.fixture(scope="module")
+def tiktoken_gpt2(tmp_path_factory):
+    """``tiktoken.get_encoding("gpt2")`` itself, its downloads served from a cache folder
+    holding the packaged copies of the two files."""
+    import tiktoken
+
+    cache = tmp_path_factory.mktemp("tiktoken_cache")
+    encoder_json, vocab_bpe = gpt2_bpe_file_paths()
+    for path in (encoder_json, vocab_bpe):
+        shutil.copyfile(path, cache / hashlib.sha1(TIKTOKEN_GPT2_URLS[path.name].encode()).hexdigest())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+        return tiktoken.get_encoding("gpt2")
+
+
+@pytest.fixture(scope="module")
+def generator():
+    """``pipeline("text-generation")`` on the shipped folder (model and tokenizer from it)."""
+    from transformers import pipeline
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+        return pipeline("text-generation", model=str(DEFAULT_MODEL_DIR))
+
+
+def test_folder_holds_the_packages_tokenizer_files(tmp_path):
+    """The files save_gpt2_tokenizer writes (tokenizer.json, tokenizer_config.json), no
+    duplicate vocab.json/merges.txt; the model has GPT-2's vocabulary."""
+    written = {Path(p).name for p in save_gpt2_tokenizer(tmp_path)}
+    assert written == {"tokenizer.json", "tokenizer_config.json"}
+    assert all((DEFAULT_MODEL_DIR / name).is_file() for name in written)
+    assert not (DEFAULT_MODEL_DIR / "vocab.json").exists() and not (DEFAULT_MODEL_DIR / "merges.txt").exists()
+    config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
+    assert config["vocab_size"] == GPT2_VOCAB_SIZE
+
+
+def test_auto_tokenizer_loads_offline_with_gpt2_ids(offline, tiktoken_gpt2):
+    """Same ids as gpt2_hf_tokenizer() and tiktoken's "gpt2", and decode() gives the text back."""
+    from transformers import AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    built = gpt2_hf_tokenizer()
+    assert loaded.is_fast and len(loaded) == GPT2_VOCAB_SIZE
+    for text in sample_texts():
+        ids = loaded(text)["input_ids"]
+        assert ids == built(text)["input_ids"] == tiktoken_gpt2.encode(text)
+        assert loaded.decode(ids) == built.decode(ids) == text
+
+
+def test_tokenizer_special_tokens(offline):
+    """bos, eos (and unk) are <|endoftext|>, with the config's ids; no pad token, as GPT-2."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    loaded = AutoTokenizer.from_pretrained(DEFAULT_MODEL_DIR)
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL_DIR)
+    assert loaded.bos_token == loaded.eos_token == loaded.unk_token == ENDOFTEXT
+    assert loaded.bos_token_id == config.bos_token_id == ENDOFTEXT_ID
+    assert loaded.eos_token_id == config.eos_token_id == ENDOFTEXT_ID
+    assert loaded.pad_token is None
+    assert loaded("a<|endoftext|>b")["input_ids"] == [64, ENDOFTEXT_ID, 65]
+
+
+def test_pipeline_generates_as_model_generate(generator):
+    """Greedy continuation of the pipeline == model.generate with the same model and tokenizer."""
+    model, tokenizer = generator.model, generator.tokenizer
+    assert model.config.model_type == "goom_ssm" and tokenizer.eos_token == ENDOFTEXT
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert expected.shape == (1, ids.shape[1] + 5)
+    as_ids = generator(PROMPT, max_new_tokens=5, do_sample=False, return_tensors=True)
+    assert as_ids[0]["generated_token_ids"] == expected[0].tolist()
+    as_text = generator(PROMPT, max_new_tokens=5, do_sample=False, return_full_text=False)
+    assert as_text[0]["generated_text"] == tokenizer.decode(expected[0, ids.shape[1]:])
+
+
+def test_trained_gpt2_model_folder_loads_with_auto_tokenizer(tmp_path, offline):
+    """goom_ssm.train writes the tokenizer files beside a GPT-2-vocabulary model."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from goom_ssm import train as train_mod
+
+    data = Path(__file__).parent / "data" / "english.txt"
+    args = train_mod.build_arg_parser().parse_args([
+        "--data", str(data), "--tokenizer", "gpt2", "--block-size", "32", "--hidden-size", "16",
+        "--num-hidden-layers", "1", "--num-state-heads", "2", "--state-size", "4", "--batch-size", "2",
+        "--micro-batch-size", "2", "--max-steps", "4", "--warmup-steps", "2", "--num-proc", "1",
+        "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run"), "--no-progress",
+        "--report-to", "none", "--save-every", "0"])
+    try:
+        final = Path(train_mod.train(args)["final_dir"])
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert AutoModelForCausalLM.from_pretrained(final).config.vocab_size == GPT2_VOCAB_SIZE
+    loaded = AutoTokenizer.from_pretrained(final)
+    assert loaded(ENGLISH)["input_ids"] == gpt2_hf_tokenizer()(ENGLISH)["input_ids"]
+    assert loaded.eos_token == ENDOFTEXT
