@@ -129,10 +129,13 @@ def _current_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> tor
 
 def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int) -> Optional[torch.Tensor]:
     """The part of ``attention_mask`` for the current tokens as bool ``[batch, seq_len]``,
-    or ``None`` when every current token is real."""
+    or ``None`` when every current token is real. The value checks (0/1 entries, all real)
+    wait for the mask, so compiled and exported graphs skip them and keep the mask."""
     if attention_mask is None:
         return None
     mask = _current_mask(attention_mask, batch, seq_len)
+    if torch.compiler.is_compiling():
+        return mask.bool()
     if mask.dtype != torch.bool:
         if not bool(((mask == 0) | (mask == 1)).all()):
             raise ValueError("attention_mask must contain only 0 (padding) and 1 (real token)")

@@ -89,30 +89,37 @@ def test_cache_under_the_old_name_is_accepted(model_class):
         model(ids, cache=_copy(cache), past_key_values=_copy(cache))
 
 
+class _Step(torch.nn.Module):
+    """A model's cached forward with the cache and the padding mask as plain arguments."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids, mask, cache):
+        out = self.model(ids, attention_mask=mask, **{CACHE_NAME: cache}, use_cache=True)
+        return out.logits, out[CACHE_NAME]
+
+
 def test_torch_export_of_a_cached_forward():
-    """``torch.export`` of one decoding step: the cache goes in and out as a pytree."""
+    """``torch.export`` of a cached step with a padding mask: the cache goes in and out as a
+    pytree, the mask's value checks stay out of the graph, the results equal eager ones."""
     torch.manual_seed(0)
     model = GoomSSMForCausalLM(GoomSSMModelTester(None).get_config()).eval()
     ids = torch.randint(0, 98, (2, 5))
+    padded = torch.tensor([[1, 1, 1, 1, 1], [0, 1, 1, 0, 1]])  # 3 past tokens, then 2 (one of them padding)
     with torch.no_grad():
-        cache = model(ids, use_cache=True)[CACHE_NAME]
-        expected = model(ids[:, -1:], **{CACHE_NAME: _copy(cache)}, use_cache=True)
-
-        class Step(torch.nn.Module):
-            def __init__(self, model):
-                super().__init__()
-                self.model = model
-
-            def forward(self, ids, cache):
-                out = self.model(ids, **{CACHE_NAME: cache}, use_cache=True)
-                return out.logits, out[CACHE_NAME]
-
-        exported = torch.export.export(Step(model), (ids[:, -1:], _copy(cache)), strict=False)
-        logits, new_cache = exported.module()(ids[:, -1:], _copy(cache))
-    assert isinstance(new_cache, GoomSSMCache) and new_cache.get_seq_length() == 6
-    torch.testing.assert_close(logits, expected.logits, rtol=0, atol=0)
-    for got, want in zip(new_cache.states, expected[CACHE_NAME].states):
-        torch.testing.assert_close(got.rows, want.rows, rtol=0, atol=0)
+        cache = model(ids[:, :3], attention_mask=padded[:, :3], use_cache=True)[CACHE_NAME]
+        exported = torch.export.export(_Step(model), (ids[:, 3:], padded, _copy(cache)), strict=False)
+        for step_mask in (padded, torch.ones_like(padded)):
+            step_ids = ids[:, 3:]
+            logits, new_cache = exported.module()(step_ids, step_mask, _copy(cache))
+            expected_logits, expected_cache = _Step(model)(step_ids, step_mask, _copy(cache))
+            assert isinstance(new_cache, GoomSSMCache) and new_cache.get_seq_length() == 5
+            torch.testing.assert_close(logits, expected_logits, rtol=0, atol=0)
+            for got, want in zip(new_cache.states, expected_cache.states):
+                torch.testing.assert_close(got.rows, want.rows, rtol=0, atol=0)
+                torch.testing.assert_close(got.log_scale, want.log_scale, rtol=0, atol=0)
 
 
 def _copy(cache: GoomSSMCache) -> GoomSSMCache:
