@@ -38,7 +38,7 @@ class GoomSSMConfig(PretrainedConfig):
     """
 
     model_type = "goom_ssm"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # the cache, under either release's name
 
     def __init__(
         self,

@@ -131,3 +131,16 @@ def test_forward_refuses_an_unknown_cache_keyword(name):
     model = GoomSSMForCausalLM(GoomSSMModelTester(None).get_config())
     with pytest.raises(TypeError, match=name):
         model(torch.tensor([[1, 2]]), **{name: GoomSSMCache(model.config, 1)})
+
+
+def test_trainer_predict_returns_the_logits_without_the_cache(tmp_path):
+    """The ``Trainer`` drops the outputs named in ``keys_to_ignore_at_inference``: the cache,
+    under the installed release's name (a cache is no array to gather across batches)."""
+    from transformers import Trainer, TrainingArguments
+
+    torch.manual_seed(0)
+    model = GoomSSMForCausalLM(GoomSSMModelTester(None).get_config())
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(0, 98, (4, 8))]
+    args = TrainingArguments(tmp_path, per_device_eval_batch_size=2, report_to=[], use_cpu=True)
+    predictions = Trainer(model=model, args=args).predict(data).predictions
+    assert predictions.shape == (4, 8, 99)
