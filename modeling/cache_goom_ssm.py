@@ -27,7 +27,6 @@ class GoomSSMCacheLayer:
 
     is_compileable = False  # generate() must not compile the model around it: the model has its own CUDA-graph step
     is_croppable = False  # a recurrent state cannot be rolled back
-    is_sliding = False
     supports_early_init = False
 
     def __init__(self):
@@ -51,12 +50,6 @@ class GoomSSMCacheLayer:
 
     def reset(self) -> None:
         self.state = None
-
-    def offload(self) -> None:
-        self._map(lambda t: t.to("cpu", non_blocking=True))
-
-    def prefetch(self) -> None:
-        """Offloaded states return to the device in the layer's next forward (see :meth:`GoomSSMCache.states`)."""
 
     def crop(self, max_length: int) -> None:
         raise NotImplementedError("a recurrent state cannot be rolled back to an earlier position; re-run the prefix instead")
