@@ -55,7 +55,6 @@ class GoomSSMModelTester:
 class GoomSSMModelTest(modeling_common.ModelTesterMixin, GenerationConformanceMixin, unittest.TestCase):
     all_model_classes = (GoomSSMModel, GoomSSMForCausalLM)
     has_attentions = False  # a recurrent model: no attention weights
-    test_missing_keys = False  # as Mamba2: the tied head is not a missing key
     test_torch_exportable = False  # ExportTesterMixin is not in the sdist; export is tested below
     pipeline_model_mapping = {"feature-extraction": GoomSSMModel, "text-generation": GoomSSMForCausalLM}
 
