@@ -5,6 +5,7 @@ transformers renamed the cache argument and output field from ``past_key_values`
 output classes, and the models accept and return the cache under it.
 """
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -15,7 +16,6 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from ..scan import ScaledRows
 
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
-CACHE_NAMES = ("cache", "past_key_values")  # accepted by the models' forward, whatever the release
 
 
 class GoomSSMCacheLayer:
@@ -153,13 +153,6 @@ class GoomSSMCache(Cache):
         raise NotImplementedError("a recurrent state cannot be rolled back to an earlier position; re-run the prefix instead")
 
 
-class _Sizes:
-    """The sizes a :class:`GoomSSMCache` is built from (a config's fields)."""
-
-    def __init__(self, num_hidden_layers: int, num_state_heads: int, state_size: int):
-        self.num_hidden_layers, self.num_state_heads, self.state_size = num_hidden_layers, num_state_heads, state_size
-
-
 def _flatten(cache: GoomSSMCache):
     leaves = [t for state in cache.states for t in ((None, None) if state is None else state)]
     context = (cache.num_hidden_layers, cache.num_state_heads, cache.state_size, cache.batch_size, cache.seen_tokens)
@@ -168,7 +161,8 @@ def _flatten(cache: GoomSSMCache):
 
 def _unflatten(leaves, context) -> GoomSSMCache:
     num_hidden_layers, num_state_heads, state_size, batch_size, seen_tokens = context
-    cache = GoomSSMCache(_Sizes(num_hidden_layers, num_state_heads, state_size), batch_size)
+    sizes = SimpleNamespace(num_hidden_layers=num_hidden_layers, num_state_heads=num_state_heads, state_size=state_size)
+    cache = GoomSSMCache(sizes, batch_size)
     leaves = list(leaves)
     for layer, log_scale, rows in zip(cache.layers, leaves[0::2], leaves[1::2], strict=True):
         layer.state = None if rows is None else ScaledRows(log_scale, rows)
