@@ -58,7 +58,6 @@ class CUDAGraphDecoder:
         head = model.lm_head  # the fused head is a bias-free linear map, as the model's own
         self.fused_head = fused and head.bias is None
         ssm = model.backbone.layers[0].ssm
-        self.model = weakref.ref(model)
         self.parameter_ptrs = _parameter_ptrs(model)
         self.vocab_size = config.vocab_size
         self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
@@ -97,7 +96,7 @@ class CUDAGraphDecoder:
 
     def is_valid_for(self, model) -> bool:
         """False once the model's parameters were moved or replaced (the graph reads the old memory)."""
-        return self.model() is model and _parameter_ptrs(model) == self.parameter_ptrs
+        return _parameter_ptrs(model) == self.parameter_ptrs
 
     def is_current_for(self, cache) -> bool:
         """Whether ``cache`` ran the previous step through this decoder (and nothing needs checking)."""

@@ -395,6 +395,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             and not self.training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         ):
             return None
+        _check_input_ids(input_ids)
         decoders = decoders_of(self)
         key = (input_ids.shape[0], torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None)
         decoder = decoders.get(key)
@@ -403,12 +404,10 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         if not is_plain(self, (GoomSSMForCausalLM, GoomSSMModel)):
             return None
         if decoder is None or not decoder.is_valid_for(self):
-            _check_input_ids(input_ids)
             decoder = decoders[key] = CUDAGraphDecoder(self, input_ids.shape[0])
         return decoder
 
     def _decode_with_cuda_graph(self, decoder, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
-        _check_input_ids(input_ids)
         batch = input_ids.shape[0]
         cache.check_compatible(self.config, batch)
         mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1) != 0
