@@ -35,10 +35,17 @@ class GenerationConformanceMixin:
         with torch.no_grad():
             return model.generate(ids, **kwargs)
 
+    def _with_and_without_cache(self, model, ids, seed=0, **kwargs):
+        """``generate`` with the cache and without it, each from the random state ``seed``."""
+        runs = []
+        for use_cache in (True, False):
+            torch.manual_seed(seed)
+            runs.append(self._generate(model, ids, use_cache=use_cache, **kwargs))
+        return runs
+
     def test_greedy_generate_with_cache_equals_without(self):
         for model, ids in self._generative_models():
-            cached = self._generate(model, ids)
-            uncached = self._generate(model, ids, use_cache=False)
+            cached, uncached = self._with_and_without_cache(model, ids)
             self.assertEqual(cached.shape, (ids.shape[0], ids.shape[1] + self.max_new_tokens))
             self.assertTrue(torch.equal(cached, uncached))
 
@@ -53,26 +60,17 @@ class GenerationConformanceMixin:
 
     def test_sample_generate_is_reproducible_and_cache_independent(self):
         for model, ids in self._generative_models():
-            runs = []
-            for use_cache in (True, False):
-                torch.manual_seed(7)
-                runs.append(self._generate(model, ids, do_sample=True, top_k=5, use_cache=use_cache))
-            self.assertTrue(torch.equal(*runs))
+            self.assertTrue(torch.equal(*self._with_and_without_cache(model, ids, seed=7, do_sample=True, top_k=5)))
 
     def test_beam_search_with_cache_equals_without(self):
         for model, ids in self._generative_models():
-            kwargs = dict(num_beams=3, num_return_sequences=2)
-            cached = self._generate(model, ids, **kwargs)
-            uncached = self._generate(model, ids, use_cache=False, **kwargs)
+            cached, uncached = self._with_and_without_cache(model, ids, num_beams=3, num_return_sequences=2)
             self.assertEqual(cached.shape[0], 2 * ids.shape[0])
             self.assertTrue(torch.equal(cached, uncached))
 
     def test_beam_sample_generate_is_cache_independent(self):
         for model, ids in self._generative_models():
-            runs = []
-            for use_cache in (True, False):
-                torch.manual_seed(3)
-                runs.append(self._generate(model, ids, do_sample=True, num_beams=2, use_cache=use_cache))
+            runs = self._with_and_without_cache(model, ids, seed=3, do_sample=True, num_beams=2)
             self.assertTrue(torch.equal(*runs))
 
     def test_generate_returns_the_recurrent_cache(self):
