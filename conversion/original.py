@@ -9,15 +9,15 @@ state heads from ``init_states``). Its constant complex buffers (``log_I``,
 
 import hashlib
 import os
+import pickle
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 
-from ..folders import move_into_place
+from ..folders import make_staging_folder, move_into_place
 from ..gooms import goom_log
 from ..model_card import write_model_card
 from ..modeling import GoomSSMConfig, GoomSSMForCausalLM
@@ -56,8 +56,11 @@ def load_original_state_dict(path: os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # torch's message advises weights_only=False: never do that for a checkpoint
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of tensors (it holds something else, or is not a "
+                              f"checkpoint at all; only tensors are loaded)") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from error
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(state_dict, Mapping) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, Mapping) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
@@ -164,7 +167,8 @@ def prepare_output_dir(out_dir: os.PathLike, overwrite: bool) -> Path:
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir} exists and is not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out_dir} is not empty; refusing to overwrite it (pass overwrite=True / --overwrite)")
+        raise FileExistsError(f"{out_dir} is not empty; refusing to overwrite it (overwrite=True / --overwrite "
+                              f"replaces the whole folder, deleting every file in it)")
     return out_dir
 
 
@@ -174,8 +178,7 @@ def save_folder_atomically(model: GoomSSMForCausalLM, out_dir: os.PathLike, over
     place, so that an interrupted save never leaves a half-written model at ``out_dir``.
     ``extra_files(folder)`` may add files (tokenizer, model card) before the move."""
     out_dir = prepare_output_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    staging = make_staging_folder(out_dir)
     try:
         model.save_pretrained(staging)
         if extra_files is not None:
@@ -209,11 +212,16 @@ def convert_original_checkpoint(checkpoint: os.PathLike, out_dir: os.PathLike, o
 def export_original_checkpoint(model_dir: os.PathLike, out_file: os.PathLike, overwrite: bool = False) -> Path:
     """Write the original-format checkpoint of a Hugging Face folder to ``out_file``."""
     out_file = Path(out_file)
+    if out_file.is_dir():
+        raise IsADirectoryError(f"{out_file} is a folder; give the checkpoint's file name")
     if out_file.exists() and not overwrite:
         raise FileExistsError(f"{out_file} exists; refusing to overwrite it (pass overwrite=True / --overwrite)")
     model = GoomSSMForCausalLM.from_pretrained(model_dir)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = out_file.with_name(out_file.name + ".partial")
-    torch.save(hf_to_original(model), partial)
-    os.replace(partial, out_file)
+    partial = out_file.with_name(f".{out_file.name}.partial")
+    try:
+        torch.save(hf_to_original(model), partial)
+        os.replace(partial, out_file)
+    finally:
+        partial.unlink(missing_ok=True)
     return out_file

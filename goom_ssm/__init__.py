@@ -2,15 +2,34 @@
 recurrence over generalized orders of magnitude (GOOMs), for Hugging Face transformers.
 
 Importing ``goom_ssm`` registers the model with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM`` (model_type ``"goom_ssm"``).
+``AutoModelForCausalLM`` (model_type ``"goom_ssm"``). It is quick: the model classes and
+layers are imported on first use (see :mod:`goom_ssm.modeling`).
 """
 
-from .layers import GoomSSM, GoomSSMBlock
-from .modeling import GoomSSMCache, GoomSSMConfig, GoomSSMForCausalLM, GoomSSMModel, GoomSSMPreTrainedModel
+import importlib
+
+from .modeling import GoomSSMConfig
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GoomSSM", "GoomSSMBlock", "GoomSSMCache", "GoomSSMConfig", "GoomSSMForCausalLM", "GoomSSMModel",
-    "GoomSSMPreTrainedModel",
-]
+# Imported on first use: name -> module of this package.
+_LAZY = {
+    "GoomSSM": ".layers",
+    "GoomSSMBlock": ".layers",
+    "GoomSSMCache": ".modeling",
+    "GoomSSMForCausalLM": ".modeling",
+    "GoomSSMModel": ".modeling",
+    "GoomSSMPreTrainedModel": ".modeling",
+}
+
+__all__ = ["GoomSSMConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)
+
+
+def __dir__() -> list:
+    return sorted(set(globals()) | set(_LAZY))

@@ -38,6 +38,8 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .extras import require
+
 GPT2_EOS_TOKEN_ID = 50256
 LOCAL_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".csv": "csv", ".parquet": "parquet"}
@@ -181,7 +183,7 @@ def load_text_dataset(source: Union[str, os.PathLike, Sequence[Union[str, os.Pat
 
     Returns a ``datasets.Dataset`` or ``IterableDataset``.
     """
-    import datasets
+    datasets = require("datasets", "data", "reading training data")
 
     sources = [source] if isinstance(source, (str, os.PathLike)) else list(source)
     paths = [Path(s) for s in sources]
@@ -216,7 +218,7 @@ def split_documents(dataset, validation_fraction: float):
     """
     if not 0.0 < validation_fraction < 1.0:
         raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction}")
-    import datasets
+    datasets = require("datasets", "data", "reading training data")
 
     if isinstance(dataset, datasets.IterableDataset):
         splits = dataset.info.splits or {}
@@ -260,7 +262,7 @@ def tokenize_dataset(dataset, tokenizer, *, text_column: str = "text", num_proc:
     and the result is cached by ``datasets`` (a second call with the same inputs reads the
     cache); streaming datasets are tokenized lazily in the iterating process.
     """
-    import datasets
+    datasets = require("datasets", "data", "reading training data")
 
     tok = resolve_tokenizer(tokenizer, eos_token_id)
     columns = dataset.column_names
@@ -349,7 +351,7 @@ class PackedStream(torch.utils.data.IterableDataset):
 
 def pack(tokenized, block_size: int):
     """:class:`PackedStream` for an iterable dataset, :class:`PackedBlocks` otherwise."""
-    import datasets
+    datasets = require("datasets", "data", "reading training data")
 
     if isinstance(tokenized, datasets.IterableDataset):
         return PackedStream(tokenized, block_size)

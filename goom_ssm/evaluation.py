@@ -1,4 +1,4 @@
-"""Evaluation of GOOM-SSM language models: exact perplexity, and lm-evaluation-harness.
+"""Exact perplexity of GOOM-SSM language models.
 
 GOOM-SSM models are recurrent: the state after ``t`` tokens summarises all of them in a
 fixed size (:class:`~goom_ssm.GoomSSMCache`). Long texts are therefore scored *exactly*
@@ -8,8 +8,6 @@ token is computed twice. Sliding-window evaluation (re-running the last ``max_le
 tokens for each window), which transformer perplexity scripts use, is neither needed nor
 exact here.
 
-Perplexity
-----------
 :func:`perplexity` scores a text, a file, several documents, or token ids::
 
     from pathlib import Path
@@ -23,7 +21,7 @@ Perplexity
     result = perplexity(model, tok, Path("test.txt"), block_size=1024)
     print(result.perplexity, result.total_nll, result.num_tokens)
 
-or from the shell: ``python -m goom_ssm.evaluation perplexity converted/ test.txt``.
+or from the shell: ``goom-ssm perplexity converted/ test.txt``.
 
 By default ``<|endoftext|>`` (the tokenizer's bos, else eos token) is put before each
 document so that its first token is scored too, as lm-eval's rolling log-likelihood and
@@ -44,85 +42,24 @@ tested equivalent here: the same start token and natural-log cross-entropy, per-
 values in ``documents`` / ``document_perplexities`` (their mean is ``mean_perplexity``), and
 the corpus perplexity ``exp(total NLL / tokens)`` in ``perplexity``.
 
-lm-evaluation-harness
----------------------
-lm-eval loads models with ``AutoModelForCausalLM.from_pretrained``, which knows
-``model_type="goom_ssm"`` only once ``goom_ssm`` is imported, and lm-eval has no plugin
-mechanism that would import it. Run lm-eval through this module instead, with exactly
-lm-eval's own arguments::
-
-    python -m goom_ssm.evaluation lm-eval --model goom_ssm --model_args pretrained=converted/ \\
-        --tasks goom_ssm_local --device cpu --batch_size 8
-
-This imports ``goom_ssm``, registers the ``goom_ssm`` lm-eval model (:class:`GoomSSMLM`),
-adds the task folder shipped with the package (``goom_ssm/lm_eval_tasks``, tasks
-``goom_ssm_cloze``, ``goom_ssm_documents`` and the tag ``goom_ssm_local``) as
-``--include_path`` unless one is given, and runs lm-eval's command line. ``--model hf``
-works too (same loading, lm-eval's stock ``HFLM``).
-
-A folder that carries the self-contained remote code (``goom_ssm.hub.add_remote_code``, as
-``goom-ssm push`` publishes it) also works with plain lm-eval and no wrapper, like any
-custom Hub architecture: ``lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True
---include_path <goom_ssm/lm_eval_tasks> --tasks goom_ssm_local``. Only ``--model hf`` is
-available that way (``goom_ssm`` is registered by importing this module).
-
-``--model goom_ssm`` is lm-eval's ``HFLM`` with two differences, both exact where ``hf``
-approximates:
-
-* ``loglikelihood_rolling`` (perplexity tasks such as wikitext): each document is run once,
-  in blocks of ``max_length`` tokens with the recurrent cache carried between blocks, so
-  every token is conditioned on the whole document before it. ``hf`` splits a document
-  longer than ``max_length`` (2048 by default) into disjoint windows that see nothing
-  before the window.
-* ``loglikelihood`` (multiple choice): a context plus continuation longer than
-  ``max_length + 1`` tokens is scored with the cache instead of being truncated on the left.
-  Shorter requests (almost all) go through ``HFLM`` unchanged.
-
-For ``goom_ssm``, ``max_length`` (a model argument) is therefore only the number of tokens
-per forward pass, a memory bound, not a context limit. Generation (``generate_until``) is
-``HFLM``'s, whose prompts are left-truncated to ``max_length - max_gen_toks`` tokens.
-
-In Python, import this module before ``lm_eval.simple_evaluate(model="goom_ssm", ...)``
-(``model="hf"`` only needs ``import goom_ssm``), and pass
-``task_manager=lm_eval.tasks.TaskManager(include_path=LM_EVAL_TASKS_DIR)`` for the local tasks.
+lm-evaluation-harness runs through :mod:`goom_ssm.lm_eval_adapter`.
 """
 
-if __name__ == "__main__":
-    # ``python -m goom_ssm.evaluation``: run the importable copy of this module, so that the
-    # lm-eval model is defined and registered once (as goom_ssm.evaluation.GoomSSMLM).
-    import sys
-
-    from goom_ssm.evaluation import main
-
-    sys.exit(main())
-
-import argparse
-import json
 import math
 import numbers
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 import goom_ssm  # noqa: F401  (registers model_type "goom_ssm" with the Auto classes)
 from .modeling.cache_goom_ssm import CACHE_NAME
 
-__all__ = [
-    "LM_EVAL_TASKS_DIR",
-    "PerplexityResult",
-    "SequenceScore",
-    "main",
-    "perplexity",
-    "score_sequences",
-]
-
-LM_EVAL_TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
-"""lm-eval task configs shipped with the package (pass as ``--include_path``)."""
+__all__ = ["PerplexityResult", "SequenceScore", "perplexity", "score_sequences"]
 
 
 # --------------------------------------------------------------------------- scoring
@@ -158,6 +95,7 @@ def score_sequences(
     block_size: int = 1024,
     batch_size: int = 1,
     device: Optional[Union[str, torch.device]] = None,
+    progress: Optional[bool] = False,
 ) -> list[SequenceScore]:
     """Score token sequences exactly with the recurrent cache, ``block_size`` tokens per forward pass.
 
@@ -175,6 +113,7 @@ def score_sequences(
         batch_size: sequences run side by side (right-padded; padding is an identity step
             of the recurrence and is not scored).
         device: where to run (default: the model's device).
+        progress: show a progress bar over the forward passes (``None``: where stderr is a terminal).
 
     Returns:
         one :class:`SequenceScore` per sequence, in the order given.
@@ -200,17 +139,22 @@ def score_sequences(
         else:
             todo.append(i)
     todo.sort(key=lambda i: -len(sequences[i]))  # similar lengths together: less padding
+    batches = [todo[b:b + batch_size] for b in range(0, len(todo), batch_size)]
+    # Forward passes of each batch: its longest sequence's inputs in blocks.
+    passes = sum(math.ceil((len(sequences[batch[0]]) - 1) / block_size) for batch in batches)
 
-    with torch.inference_mode():
-        for b in range(0, len(todo), batch_size):
-            batch = todo[b:b + batch_size]
-            scores = _score_batch(model, [sequences[i] for i in batch], [starts[i] for i in batch], block_size, device)
+    disable = None if progress is None else not progress  # tqdm's None: shown where stderr is a terminal
+    with torch.inference_mode(), tqdm(total=passes, desc="scoring", unit="block", disable=disable) as bar:
+        for batch in batches:
+            scores = _score_batch(model, [sequences[i] for i in batch], [starts[i] for i in batch], block_size, device,
+                                  bar)
             for i, score in zip(batch, scores):
                 results[i] = score
     return results
 
 
-def _score_batch(model, seqs: list[list[int]], starts: list[int], block_size: int, device) -> list[SequenceScore]:
+def _score_batch(model, seqs: list[list[int]], starts: list[int], block_size: int, device,
+                 bar: tqdm) -> list[SequenceScore]:
     """One batch of :func:`score_sequences`: inputs are ``seq[:-1]``, targets ``seq[1:]``."""
     n_rows, length = len(seqs), max(len(s) for s in seqs) - 1
     inputs = torch.zeros(n_rows, length, dtype=torch.long)
@@ -241,6 +185,7 @@ def _score_batch(model, seqs: list[list[int]], starts: list[int], block_size: in
             logits_to_keep=max(keep, 1),
         )
         cache = out[CACHE_NAME]
+        bar.update()
         if keep <= 0:
             continue
         logits = out.logits[:, -keep:].float()
@@ -263,7 +208,7 @@ class PerplexityResult:
     Attributes:
         total_nll: summed negative log-likelihood of all scored tokens (nats).
         num_tokens: number of scored tokens.
-        perplexity: ``exp(total_nll / num_tokens)`` (corpus perplexity; ``inf`` if nothing was scored).
+        perplexity: ``exp(total_nll / num_tokens)`` (corpus perplexity).
         documents: per document, ``(nll, num_tokens)``.
     """
 
@@ -292,17 +237,18 @@ def _is_tokenizer(obj) -> bool:
 
 
 def _read_documents(text_or_file) -> list[str]:
-    """A text, a file (``pathlib.Path``, or a ``str`` naming an existing file), or a list of them."""
+    """A text (``str``), a file (``os.PathLike``, e.g. ``pathlib.Path``), or a list of them."""
     items = text_or_file if isinstance(text_or_file, (list, tuple)) else [text_or_file]
     texts = []
     for item in items:
         if isinstance(item, os.PathLike):
+            if not Path(item).is_file():
+                raise FileNotFoundError(f"text file not found: {os.fspath(item)}")
             texts.append(Path(item).read_text(encoding="utf-8"))
         elif isinstance(item, str):
-            is_file = "\n" not in item and len(item) < 4096 and os.path.isfile(item)
-            texts.append(Path(item).read_text(encoding="utf-8") if is_file else item)
+            texts.append(item)
         else:
-            raise TypeError(f"expected a text, a file path or a list of them, got {type(item).__name__}")
+            raise TypeError(f"expected a text (str), a file (pathlib.Path) or a list of them, got {type(item).__name__}")
     return texts
 
 
@@ -342,6 +288,7 @@ def perplexity(
     add_start_token: bool = True,
     start_token_id: Optional[int] = None,
     device: Optional[Union[str, torch.device]] = None,
+    progress: Optional[bool] = None,
 ) -> PerplexityResult:
     """Exact perplexity of texts under a GOOM-SSM model, computed with the recurrent cache.
 
@@ -351,14 +298,12 @@ def perplexity(
     Documents are independent: each starts from the model's initial state.
 
     Args:
-        model: a GOOM-SSM causal LM, or the path of a folder to load with
-            ``AutoModelForCausalLM.from_pretrained`` (its tokenizer is then loaded from the
-            same folder if ``tokenizer_or_ids`` is ``None``).
-        tokenizer_or_ids: a tokenizer (with ``text_or_file``), a tokenizer folder path, or
-            token ids: one sequence (list or 1-D tensor) or several (list of lists or 2-D
-            tensor), in which case ``text_or_file`` must be ``None``.
-        text_or_file: a text, a ``pathlib.Path`` or a string naming an existing file (read
-            as UTF-8), or a list of these (one document each).
+        model: a GOOM-SSM causal LM (or a PEFT model wrapping one).
+        tokenizer_or_ids: a tokenizer (with ``text_or_file``), or token ids: one sequence
+            (list or 1-D tensor) or several (list of lists or 2-D tensor), in which case
+            ``text_or_file`` must be ``None``.
+        text_or_file: a text (``str``), a file (``pathlib.Path``, read as UTF-8), or a list
+            of these (one document each).
         block_size: tokens per forward pass (memory: ``batch_size * block_size * vocab``
             logits). Does not change the result beyond float rounding.
         batch_size: documents run side by side (padded; padding is not scored).
@@ -367,25 +312,16 @@ def perplexity(
             ``False`` the first token of each document is context only.
         start_token_id: default: the tokenizer's bos (else eos) token id, else the model's.
         device: where to run (default: the model's device).
+        progress: show a progress bar over the forward passes (default: where stderr is a
+            terminal).
 
     Returns:
         :class:`PerplexityResult`: total NLL, scored token count, corpus perplexity
         ``exp(total_nll / num_tokens)`` and per-document ``(nll, num_tokens)``.
     """
-    if isinstance(model, (str, os.PathLike)):
-        from transformers import AutoModelForCausalLM
-
-        model_dir = model
-        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-        if tokenizer_or_ids is None:
-            tokenizer_or_ids = model_dir
-    if isinstance(tokenizer_or_ids, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tokenizer_or_ids = AutoTokenizer.from_pretrained(tokenizer_or_ids)
-
-    if tokenizer_or_ids is None:
-        raise ValueError("give a tokenizer (or its folder) with the text, or the token ids to score")
+    if tokenizer_or_ids is None or isinstance(tokenizer_or_ids, (str, os.PathLike)):
+        raise TypeError("give a tokenizer with the text, or the token ids to score "
+                        "(load a tokenizer with AutoTokenizer.from_pretrained)")
     tokenizer = tokenizer_or_ids if _is_tokenizer(tokenizer_or_ids) else None
     if tokenizer is not None:
         if text_or_file is None:
@@ -399,143 +335,13 @@ def perplexity(
     if add_start_token:
         start = start_token_id if start_token_id is not None else _start_token(model, tokenizer)
         sequences = [[start] + seq for seq in sequences]
-    scores = score_sequences(model, sequences, block_size=block_size, batch_size=batch_size, device=device)
+    if all(len(seq) < 2 for seq in sequences):
+        raise ValueError("nothing to score: the text has no tokens" if add_start_token else
+                         "nothing to score: no document has more than one token (the first is context only)")
+    scores = score_sequences(model, sequences, block_size=block_size, batch_size=batch_size, device=device,
+                             progress=progress)
     documents = tuple((-s.logprob or 0.0, s.num_tokens) for s in scores)  # (no -0.0)
     total_nll = math.fsum(nll for nll, _ in documents)
     num_tokens = sum(n for _, n in documents)
-    ppl = math.exp(total_nll / num_tokens) if num_tokens else math.inf
-    return PerplexityResult(total_nll=total_nll, num_tokens=num_tokens, perplexity=ppl, documents=documents)
-
-
-# --------------------------------------------------------------------------- lm-eval model
-
-try:
-    from lm_eval.api.registry import register_model
-    from lm_eval.models.huggingface import HFLM
-except ImportError:  # lm-eval is optional: `pip install lm-eval`
-    HFLM = None
-
-if HFLM is not None:
-
-    @register_model("goom_ssm")
-    class GoomSSMLM(HFLM):
-        """lm-eval's ``HFLM`` for GOOM-SSM models, with exact long-context log-likelihoods.
-
-        ``loglikelihood_rolling`` runs each document once through the model, in blocks of
-        ``max_length`` tokens with the recurrent cache carried between blocks, so every
-        token is conditioned on the whole document before it; ``loglikelihood`` does the
-        same for the (rare) requests longer than ``max_length + 1`` tokens, which ``HFLM``
-        would truncate. All model arguments are ``HFLM``'s (``pretrained``, ``device``,
-        ``batch_size``, ``dtype``, ``peft``, ``max_length`` = tokens per forward pass, ...).
-        """
-
-        def __init__(self, pretrained, backend: str = "causal", **kwargs) -> None:
-            super().__init__(pretrained=pretrained, backend=backend, **kwargs)
-
-        def _block_batch_size(self) -> int:
-            return self.batch_size if isinstance(self.batch_size, int) and self.batch_size > 0 else 1
-
-        def _autocast(self):
-            """``mixed_precision_dtype`` as in ``HFLM._model_call`` (GOOM states stay float32)."""
-            dtype = self.mixed_precision_dtype
-            return torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
-
-        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
-            strings = [req.args[0] for req in requests]
-            sequences = [[self.prefix_token_id] + self.tok_encode(s) for s in strings]
-            with self._autocast():
-                scores = score_sequences(self.model, sequences, block_size=self.max_length,
-                                         batch_size=self._block_batch_size(), device=self.device)
-            results = []
-            for string, score in zip(strings, scores):
-                results.append(score.logprob)
-                self.cache_hook.add_partial("loglikelihood_rolling", (string,), score.logprob)
-            return results
-
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
-            long = {i for i, (_, context, continuation) in enumerate(requests)
-                    if len(context) + len(continuation) > self.max_length + 1}
-            if not long:
-                return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            short = [r for i, r in enumerate(requests) if i not in long]
-            short_results = iter(
-                super()._loglikelihood_tokens(short, disable_tqdm=disable_tqdm, override_bs=override_bs) if short else []
-            )
-            long_list = sorted(long)
-            with self._autocast():
-                scores = score_sequences(
-                    self.model, [requests[i][1] + requests[i][2] for i in long_list],
-                    score_from=[len(requests[i][1]) for i in long_list],
-                    block_size=self.max_length, batch_size=1, device=self.device,
-                )
-            long_results = dict(zip(long_list, scores))
-            results = []
-            for i, (request_str, _, _) in enumerate(requests):
-                if i in long:
-                    answer = (long_results[i].logprob, long_results[i].greedy)
-                    if request_str is not None:
-                        self.cache_hook.add_partial("loglikelihood", request_str, answer)
-                    results.append(answer)
-                else:
-                    results.append(next(short_results))
-            return results
-
-    __all__.append("GoomSSMLM")
-
-
-# --------------------------------------------------------------------------- command line
-
-
-def run_lm_eval(argv: Sequence[str]) -> None:
-    """Run lm-eval's command line (``lm-eval`` / ``lm_eval``) with ``goom_ssm`` imported and
-    the ``goom_ssm`` model registered; adds ``--include_path LM_EVAL_TASKS_DIR`` unless an
-    ``--include_path`` is given."""
-    if HFLM is None:
-        raise SystemExit("lm-eval is not installed: pip install 'lm-eval>=0.4,<0.5'")
-    from lm_eval.__main__ import cli_evaluate
-
-    argv = list(argv)
-    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
-        argv += ["--include_path", str(LM_EVAL_TASKS_DIR)]
-    saved_argv = sys.argv
-    sys.argv = ["lm-eval", *argv]  # lm-eval's CLI parses sys.argv itself
-    try:
-        cli_evaluate()
-    finally:
-        sys.argv = saved_argv
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m goom_ssm.evaluation {perplexity,lm-eval} ...``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("lm-eval", "lm_eval"):
-        run_lm_eval(argv[1:])
-        return 0
-
-    parser = argparse.ArgumentParser(prog="python -m goom_ssm.evaluation",
-                                     description="Evaluate GOOM-SSM language models.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("lm-eval", help="run lm-evaluation-harness (lm-eval's own arguments follow)",
-                        add_help=False)
-    ppl = commands.add_parser("perplexity", help="exact perplexity of text files (recurrent cache)")
-    ppl.add_argument("model", help="model folder (with its tokenizer)")
-    ppl.add_argument("files", nargs="+", help="UTF-8 text files, one document each")
-    ppl.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    ppl.add_argument("--block-size", type=int, default=1024, help="tokens per forward pass (default 1024)")
-    ppl.add_argument("--batch-size", type=int, default=1, help="documents run side by side (default 1)")
-    ppl.add_argument("--device", default=None, help="e.g. cpu, cuda (default: cuda if available)")
-    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                     help="dtype of the float weights (GOOM states stay float32)")
-    ppl.add_argument("--no-start-token", action="store_true",
-                     help="do not put <|endoftext|> before each document (its first token is then not scored)")
-    args = parser.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model)
-    result = perplexity(model, tokenizer, [Path(f) for f in args.files], block_size=args.block_size,
-                        batch_size=args.batch_size, add_start_token=not args.no_start_token)
-    print(json.dumps(result.as_dict(), indent=2))
-    return 0
+    return PerplexityResult(total_nll=total_nll, num_tokens=num_tokens, perplexity=math.exp(total_nll / num_tokens),
+                            documents=documents)

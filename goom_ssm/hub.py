@@ -13,6 +13,8 @@ import ast
 import io
 import json
 import os
+import shutil
+import tempfile
 import tokenize
 from importlib import resources
 from importlib.util import resolve_name
@@ -117,20 +119,24 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "generation_config.json")
 
 def push_folder(folder: os.PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
                 commit_message: str = "Upload GOOM-SSM model") -> str:
-    """Upload a model folder to the Hub (creating the repository), after adding the remote
-    code (and the GPT-2 tokenizer files to a GPT-2-vocabulary folder that lacks them).
-    Refuses a folder without weights, config or generation config. Returns the URL."""
+    """Upload a copy of a model folder to the Hub (creating the repository), with the remote
+    code added (and the GPT-2 tokenizer files, for a GPT-2-vocabulary folder that lacks them);
+    ``folder`` itself is left as it is. Refuses a folder without weights, config or generation
+    config. Returns the URL."""
     from huggingface_hub import HfApi
 
     folder = Path(folder)
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a complete model folder: missing {', '.join(missing)}")
-    add_remote_code(folder)
-    if json.loads((folder / "config.json").read_text()).get("vocab_size") == GPT2_VOCAB_SIZE \
-            and not (folder / "tokenizer.json").is_file():
-        save_gpt2_tokenizer(folder)
-    api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message=commit_message)
+    with tempfile.TemporaryDirectory() as tmp:
+        upload = Path(tmp) / folder.name
+        shutil.copytree(folder, upload)
+        add_remote_code(upload)
+        if json.loads((upload / "config.json").read_text()).get("vocab_size") == GPT2_VOCAB_SIZE \
+                and not (upload / "tokenizer.json").is_file():
+            save_gpt2_tokenizer(upload)
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.upload_folder(folder_path=str(upload), repo_id=repo_id, commit_message=commit_message)
     return str(getattr(info, "commit_url", info))

@@ -1,11 +1,11 @@
 """Pretraining of GOOM-SSM language models with ``accelerate``.
 
-    accelerate launch -m goom_ssm.train --data corpus.txt --output-dir runs/small \\
+    accelerate launch -m goom_ssm train --data corpus.txt --output-dir runs/small \\
         --hidden-size 512 --num-hidden-layers 8 --num-state-heads 16 --state-size 32 --max-steps 2000
-    python -m goom_ssm.train ...            (one process, no launcher)
+    goom-ssm train ...            (one process, no launcher)
 
-Defaults follow the original recipe (SPEC.md): AdamW over ``model.get_param_groups(0.1)``;
-``OneCycleLR`` from ``--initial-lr`` up to ``--lr`` 3e-4 in ``--warmup-steps`` 10
+The options are defined in :mod:`goom_ssm.cli`. Defaults follow the original recipe:
+AdamW over ``model.get_param_groups(0.1)``; ``OneCycleLR`` from ``--initial-lr`` up to ``--lr`` 3e-4 in ``--warmup-steps`` 10
 optimizer steps and down to ``--final-lr`` 1e-5, cycling beta1 between 0.99 and 0.85;
 global batches of ``--batch-size`` 960 sequences of ``--block-size`` 1024 tokens, made
 of micro-batches that accumulate gradients; gradient clipping at 1.0; fp16 autocast on
@@ -42,89 +42,10 @@ from .folders import move_into_place
 CHECKPOINT_PREFIX = "checkpoint-"
 FINAL_DIR = "final"
 LOG_FILE = "train_log.jsonl"
+TRACKER_PROJECT = "goom-ssm"  # accelerate's trackers log under OUTPUT_DIR/goom-ssm
 # Settings that must not change when a run is resumed (they define the data order and schedule).
 RESUME_INVARIANTS = ("seed", "block_size", "micro_batch_size", "num_processes", "gradient_accumulation_steps",
                      "max_steps", "streaming")
-
-
-# --------------------------------------------------------------------------- arguments
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the training options to ``parser`` (for ``goom-ssm train`` and ``python -m goom_ssm.train``)."""
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", nargs="+", required=True, metavar="SOURCE",
-                      help="local text/json/jsonl/csv/parquet file(s) or folder(s), or a datasets name")
-    data.add_argument("--data-config", default=None, help="configuration name of a datasets dataset")
-    data.add_argument("--data-split", default="train", help="split of a datasets dataset (default: train)")
-    data.add_argument("--text-column", default="text", help="column holding the documents (default: text)")
-    data.add_argument("--sample-by", default="paragraph", choices=["line", "paragraph", "document"],
-                      help="what is one document in plain text files (default: paragraph)")
-    data.add_argument("--tokenizer", default="gpt2",
-                      help="'gpt2' (default), 'bytes' (UTF-8 bytes, vocabulary 257) or a Hugging Face tokenizer")
-    data.add_argument("--block-size", type=int, default=1024, help="tokens per training sequence (default: 1024)")
-    data.add_argument("--streaming", action="store_true", help="read and tokenize the data lazily (large corpora)")
-    data.add_argument("--shuffle-buffer", type=int, default=10_000,
-                      help="documents in the shuffle buffer with --streaming (0: keep the order)")
-    data.add_argument("--no-shuffle", action="store_true", help="train on the blocks in corpus order")
-    data.add_argument("--validation-split", type=float, default=0.0,
-                      help="hold out this fraction of the documents (the last ones) for evaluation")
-    data.add_argument("--validation-data", nargs="+", default=None, metavar="SOURCE", help="separate held-out data")
-    data.add_argument("--num-proc", type=int, default=min(8, os.cpu_count() or 1),
-                      help="tokenizing processes (default: min(8, CPUs))")
-    data.add_argument("--num-workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
-    data.add_argument("--cache-dir", default=None, help="datasets cache folder")
-
-    model = parser.add_argument_group("model (default: the published 124M configuration)")
-    model.add_argument("--model-dir", default=None, help="start from the weights of this save_pretrained folder")
-    model.add_argument("--config", default=None, help="config.json path or JSON text of a GoomSSMConfig")
-    for name in ("vocab-size", "hidden-size", "num-hidden-layers", "num-state-heads", "state-size", "scan-chunk-size"):
-        model.add_argument(f"--{name}", type=int, default=None)
-
-    opt = parser.add_argument_group("optimization")
-    opt.add_argument("--batch-size", type=int, default=960, help="sequences per optimizer step, all processes (960)")
-    opt.add_argument("--micro-batch-size", type=int, default=8, help="sequences per forward pass and process (8)")
-    opt.add_argument("--gradient-accumulation-steps", type=int, default=None,
-                     help="micro-batches per optimizer step (default: from --batch-size)")
-    opt.add_argument("--max-steps", type=int, default=None,
-                     help="optimizer steps (default: --num-epochs passes over the data; required with --streaming)")
-    opt.add_argument("--num-epochs", type=float, default=1.0, help="passes over the data if no --max-steps (1)")
-    opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (3e-4)")
-    opt.add_argument("--final-lr", type=float, default=1e-5, help="learning rate at the end (1e-5)")
-    opt.add_argument("--initial-lr", type=float, default=None, help="learning rate at step 0 (default: --final-lr)")
-    opt.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps up to the peak (10)")
-    opt.add_argument("--weight-decay", type=float, default=0.1)
-    opt.add_argument("--max-momentum", type=float, default=0.99, help="beta1 at the start and the end (0.99)")
-    opt.add_argument("--base-momentum", type=float, default=0.85, help="beta1 at the peak learning rate (0.85)")
-    opt.add_argument("--beta2", type=float, default=0.999)
-    opt.add_argument("--adam-eps", type=float, default=1e-8)
-    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: none)")
-    opt.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "fp16", "bf16"],
-                     help="'auto': the launcher's setting if any, else fp16 on CUDA and none on CPU")
-    opt.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
-
-    run = parser.add_argument_group("run")
-    run.add_argument("--output-dir", required=True, help="checkpoints, logs and the final model")
-    run.add_argument("--save-every", type=int, default=1000, help="checkpoint every N optimizer steps (0: never)")
-    run.add_argument("--keep-checkpoints", type=int, default=None, help="keep only the newest N checkpoints")
-    run.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CHECKPOINT",
-                     help="continue from the latest checkpoint in --output-dir (or this one); starts fresh if none")
-    run.add_argument("--stop-at-step", type=int, default=None,
-                     help="save a checkpoint and stop at this step (a time-limited job; --resume later)")
-    run.add_argument("--log-every", type=int, default=10, help="log to the trackers every N steps")
-    run.add_argument("--eval-every", type=int, default=0, help="evaluate on the held-out data every N steps (0: end)")
-    run.add_argument("--eval-batches", type=int, default=50, help="micro-batches per evaluation")
-    run.add_argument("--report-to", default="tensorboard", help="accelerate trackers, comma-separated, or 'none'")
-    run.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
-    run.add_argument("--seed", type=int, default=0)
-    run.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return parser
-
-
-def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="goom_ssm.train", description="Pretrain a GOOM-SSM language model.")
-    return add_train_arguments(parser)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -260,6 +181,18 @@ def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[
     return final
 
 
+def remove_run(output_dir: Path) -> None:
+    """Delete what a run wrote into ``output_dir`` (checkpoints, final model, step log, tracker
+    logs), and nothing else."""
+    written = [*output_dir.glob(f"{CHECKPOINT_PREFIX}*"), *output_dir.glob(f".tmp-{CHECKPOINT_PREFIX}*"),
+               output_dir / FINAL_DIR, output_dir / LOG_FILE, output_dir / TRACKER_PROJECT]
+    for path in written:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
 def _open_log(path: Path, step: int):
     """Open the step log for appending, without the records of steps after ``step`` (which a run
     that died after its last checkpoint wrote, and which the resumed run redoes)."""
@@ -295,7 +228,7 @@ def evaluate(model, loader, accelerator, max_batches: int) -> float:
 
 
 def train(args: argparse.Namespace) -> dict:
-    """Run the training that ``args`` (from :func:`build_arg_parser`) describe.
+    """Run the training that ``args`` (``goom_ssm.cli.parse_args(["train", ...])``) describe.
 
     Returns ``{"steps", "losses" (per optimizer step of this call), "tokens_per_second",
     "final_dir", "eval_loss"}`` on every process.
@@ -319,7 +252,7 @@ def train(args: argparse.Namespace) -> dict:
         from accelerate.utils import is_tensorboard_available
 
         if not is_tensorboard_available():
-            print("goom_ssm.train: tensorboard is not installed; not logging to it", file=sys.stderr)
+            print("goom-ssm train: tensorboard is not installed; not logging to it", file=sys.stderr)
             report_to.remove("tensorboard")
 
     # Gradient accumulation: global batch = micro batch x processes x accumulation steps.
@@ -345,9 +278,18 @@ def train(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
 
     # Refuse to mix a new run into an old one.
+    if args.overwrite and args.resume is not None:
+        raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
     checkpoints = list_checkpoints(output_dir) if output_dir.exists() else []
     if args.resume is None and (checkpoints or (output_dir / FINAL_DIR).exists()):
-        raise FileExistsError(f"{output_dir} already holds a run; pass --resume to continue it or use another folder")
+        if not args.overwrite:
+            raise FileExistsError(f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                                  f"start afresh (deleting its checkpoints, final model and logs), or use another folder")
+        accelerator.wait_for_everyone()
+        if main:
+            remove_run(output_dir)
+        accelerator.wait_for_everyone()
+        checkpoints = []
 
     # Data (tokenized once by the main process; the others then read the datasets cache).
     tokenizer = resolve_tokenizer(args.tokenizer)
@@ -407,7 +349,7 @@ def train(args: argparse.Namespace) -> dict:
 
     output_dir.mkdir(parents=True, exist_ok=True)
     if report_to:
-        accelerator.init_trackers("goom-ssm", config=_tracker_config(args))
+        accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(args))
     log_file = _open_log(output_dir / LOG_FILE, state.step) if main else None
 
     tokens_per_micro = args.micro_batch_size * args.block_size * num_processes
@@ -545,22 +487,3 @@ def write_training_card(folder: Path, model, args: argparse.Namespace, state, nu
     else:
         evaluation = "Not evaluated during training."
     write_model_card(folder, model, model_name=Path(args.output_dir).name, training=training, evaluation=evaluation)
-
-
-def run_train(args: argparse.Namespace) -> None:
-    """Entry point for ``goom-ssm train`` (``args`` from a parser given :func:`add_train_arguments`)."""
-    train(args)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_arg_parser().parse_args(argv)
-    try:
-        train(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as error:
-        print(f"goom_ssm.train: error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

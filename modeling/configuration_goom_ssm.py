@@ -1,9 +1,18 @@
 """Configuration of GOOM-SSM language models."""
 
+import importlib
+
 from transformers import PretrainedConfig
 
 SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")  # as goom_ssm.layers (this file stands alone as remote code)
 GPT2_EOS_TOKEN_ID = 50256
+
+
+def _register_model_classes() -> None:
+    """In the goom_ssm package, register the model classes with the Auto classes when a config is
+    first made (``goom_ssm.modeling`` defers their import); a remote-code copy of this file does nothing."""
+    if __package__ == "goom_ssm.modeling":
+        importlib.import_module(__package__).register_model_classes()
 
 
 class GoomSSMConfig(PretrainedConfig):
@@ -84,6 +93,7 @@ class GoomSSMConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate_sizes()
+        _register_model_classes()
 
     def validate_sizes(self):
         """Raise ``ValueError`` naming the first inconsistent field."""

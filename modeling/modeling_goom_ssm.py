@@ -117,23 +117,26 @@ def _cache_argument(cache, past_key_values):
     return past_key_values if cache is None else cache
 
 
-def _current_mask(attention_mask: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
-    """The columns of ``attention_mask`` for the current tokens (shape checked only)."""
-    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] < seq_len:
+def _current_mask(attention_mask: torch.Tensor, batch: int, seq_len: int, past: int) -> torch.Tensor:
+    """The columns of ``attention_mask`` for the current tokens (shape checked only): the mask
+    covers the current tokens, or the ``past`` tokens the cache has consumed and the current ones."""
+    widths = sorted({seq_len, past + seq_len})
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in widths:
         raise ValueError(
-            f"attention_mask must have shape [batch={batch}, seq_len>={seq_len}] (padding mask, 1 = real token), "
-            f"got {tuple(attention_mask.shape)}"
+            f"attention_mask must have shape [batch={batch}, {' or '.join(map(str, widths))}] (a padding mask, "
+            f"1 = real token, over the current tokens" + (f" or over the {past} cached ones and them" if past else "")
+            + f"), got {tuple(attention_mask.shape)}"
         )
     return attention_mask[:, -seq_len:]
 
 
-def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int) -> Optional[torch.Tensor]:
+def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int, past: int) -> Optional[torch.Tensor]:
     """The part of ``attention_mask`` for the current tokens as bool ``[batch, seq_len]``,
     or ``None`` when every current token is real. The value checks (0/1 entries, all real)
     wait for the mask, so compiled and exported graphs skip them and keep the mask."""
     if attention_mask is None:
         return None
-    mask = _current_mask(attention_mask, batch, seq_len)
+    mask = _current_mask(attention_mask, batch, seq_len, past)
     if torch.compiler.is_compiling():
         return mask.bool()
     if mask.dtype != torch.bool:
@@ -242,14 +245,13 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
                 f"inputs_embeds must have shape [batch, seq_len >= 1, {self.config.hidden_size}], got {tuple(inputs_embeds.shape)}"
             )
         batch, seq_len = inputs_embeds.shape[:2]
-        mask = _state_mask(attention_mask, batch, seq_len)
-
-        if cache is None and use_cache:
-            cache = GoomSSMCache(self.config, batch)
         if cache is not None:
             if not isinstance(cache, GoomSSMCache):
                 raise TypeError(f"{CACHE_NAME} must be a GoomSSMCache, got {type(cache).__name__}")
             cache.check_compatible(self.config, batch)
+        mask = _state_mask(attention_mask, batch, seq_len, cache.get_seq_length() if cache is not None else 0)
+        if cache is None and use_cache:
+            cache = GoomSSMCache(self.config, batch)
 
         states = cache.states if cache is not None else None
         hidden_states, states, all_hidden_states = self.run_layers(inputs_embeds, states, mask, output_hidden_states)
@@ -285,6 +287,19 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
 
     def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
         self.lm_head = new_embeddings
+
+    def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
+        """transformers' ``generate``, with the prompt's shape checked first: ``input_ids`` (or
+        ``inputs``) ``[batch, seq_len]`` and an ``attention_mask`` of the same shape."""
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.ndim != 2:
+            raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(ids.shape)} "
+                             f"(for one sequence: ids[None] or tokenizer(..., return_tensors='pt').input_ids)")
+        mask = kwargs.get("attention_mask")
+        if isinstance(ids, torch.Tensor) and isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, "
+                             f"got {tuple(mask.shape)}")
+        return super().generate(inputs, *args, **kwargs)
 
     def prepare_inputs_for_generation(
         self,
@@ -410,5 +425,5 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
     def _decode_with_cuda_graph(self, decoder, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
         batch = input_ids.shape[0]
         cache.check_compatible(self.config, batch)
-        mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1) != 0
+        mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1, cache.get_seq_length()) != 0
         return decoder(input_ids, mask, cache, functools.partial(_check_id_range, vocab_size=self.config.vocab_size))

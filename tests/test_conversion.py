@@ -39,7 +39,7 @@ def test_command_line_converts_and_exports_back_exactly(tmp_path, capsys):
 
 
 def test_console_script_is_installed():
-    result = subprocess.run([sys.executable, "-m", "goom_ssm.cli", "--help"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "goom_ssm", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "convert-original" in result.stdout
     script = shutil.which("goom-ssm", path=str(__import__("pathlib").Path(sys.executable).parent))
     assert script is not None

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from goom_ssm.evaluation import LM_EVAL_TASKS_DIR, main, perplexity, score_sequences
+from goom_ssm.cli import main
+from goom_ssm.evaluation import perplexity, score_sequences
+from goom_ssm.lm_eval_adapter import LM_EVAL_TASKS_DIR
 
 ENGLISH = Path(__file__).parent / "data" / "english.txt"
 EOT = 50256  # <|endoftext|>: the start token of every scored document
@@ -91,13 +93,14 @@ def test_perplexity_inputs_files_ids_and_documents(model, tokenizer, model_dir, 
     expected = perplexity(model, tokenizer, text, block_size=50)
     path = tmp_path / "doc.txt"
     path.write_text(text, encoding="utf-8")
-    for source in (path, str(path)):
-        assert perplexity(model, tokenizer, source, block_size=50).total_nll == pytest.approx(expected.total_nll, rel=1e-6)
+    assert perplexity(model, tokenizer, path, block_size=50).total_nll == pytest.approx(expected.total_nll, rel=1e-6)
+    name_as_text = perplexity(model, tokenizer, str(path))  # a str is a text, never a file name
+    assert name_as_text.num_tokens == len(tokenizer.encode(str(path))) < expected.num_tokens
+    with pytest.raises(FileNotFoundError, match="text file not found"):
+        perplexity(model, tokenizer, tmp_path / "missing.txt")
     ids = tokenizer.encode(text)
     assert perplexity(model, ids, block_size=50).total_nll == pytest.approx(expected.total_nll, rel=1e-6)
     assert perplexity(model, torch.tensor(ids), block_size=50).num_tokens == expected.num_tokens
-    from_folder = perplexity(model_dir, None, text, block_size=50)  # model and tokenizer loaded from the folder
-    assert from_folder.total_nll == pytest.approx(expected.total_nll, rel=1e-6)
 
     # Without the start token the first token is context only: labels=ids in one pass.
     no_start = perplexity(model, tokenizer, text, block_size=50, add_start_token=False)
@@ -105,30 +108,34 @@ def test_perplexity_inputs_files_ids_and_documents(model, tokenizer, model_dir, 
         loss = model(torch.tensor([ids]), labels=torch.tensor([ids]), use_cache=False).loss.item()
     assert no_start.num_tokens == len(ids) - 1
     assert no_start.mean_nll == pytest.approx(loss, rel=1e-6)
-    with pytest.raises(ValueError, match="tokenizer"):
+    with pytest.raises(TypeError, match="tokenizer"):
         perplexity(model, None, text)
+    for empty in ("", ["", ""]):  # nothing to score is an error, not an infinite or NaN perplexity
+        with pytest.raises(ValueError, match="nothing to score"):
+            perplexity(model, tokenizer, empty)
 
     # Several documents, batched (padding is an identity step and is not scored): each is
     # scored from the start state, as if alone; the corpus perplexity pools their tokens.
     docs = [text[:200], text[200:1100], "Hello", "", text[1100:]]
     batched = perplexity(model, tokenizer, docs, block_size=16, batch_size=3)
-    alone = [perplexity(model, tokenizer, d, block_size=1000) for d in docs]
+    alone = [perplexity(model, tokenizer, d, block_size=1000) if d else None for d in docs]
     for (nll, n), single in zip(batched.documents, alone):
-        assert n == single.num_tokens
-        assert nll == pytest.approx(single.total_nll, rel=1e-5, abs=1e-5)
-    assert batched.documents[3] == (0.0, 0)  # an empty document scores nothing
+        if single is not None:
+            assert n == single.num_tokens
+            assert nll == pytest.approx(single.total_nll, rel=1e-5, abs=1e-5)
+    assert batched.documents[3] == (0.0, 0)  # an empty document among others scores nothing
     assert math.isnan(batched.document_perplexities[3])
     assert batched.document_perplexities[1] == pytest.approx(alone[1].perplexity, rel=1e-5)
-    assert batched.num_tokens == sum(r.num_tokens for r in alone)
+    assert batched.num_tokens == sum(r.num_tokens for r in alone if r is not None)
     assert batched.perplexity == pytest.approx(math.exp(batched.total_nll / batched.num_tokens))
 
 
-def test_perplexity_command_line(model_dir, tmp_path, capsys):
+def test_perplexity_command_line(model, tokenizer, model_dir, tmp_path, capsys):
     path = tmp_path / "doc.txt"
     path.write_text(ENGLISH.read_text()[:800], encoding="utf-8")
     assert main(["perplexity", str(model_dir), str(path), "--block-size", "32", "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    expected = perplexity(model_dir, None, path, block_size=1000)
+    expected = perplexity(model, tokenizer, path, block_size=1000)
     assert printed["num_tokens"] == expected.num_tokens
     assert printed["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
 
@@ -209,7 +216,7 @@ def test_lm_eval_rolling_loglikelihood_is_exact_and_linear(lm_eval, model, token
     """goom_ssm's rolling log-likelihood runs each document once through the cache, in
     blocks of max_length tokens: equal to one forward pass over the whole document, to
     perplexity(), and to hf's (whose single window holds these short documents)."""
-    from goom_ssm.evaluation import GoomSSMLM
+    from goom_ssm.lm_eval_adapter import GoomSSMLM
 
     texts = [d["text"] for d in read_jsonl("documents.jsonl")]
     direct = [one_pass_logprob(model, [EOT] + tokenizer.encode(t)) for t in texts]
@@ -248,7 +255,7 @@ def test_lm_eval_rolling_loglikelihood_is_exact_and_linear(lm_eval, model, token
 
 
 def test_lm_eval_command_line_from_any_directory(lm_eval, model_dir, tmp_path, monkeypatch):
-    """`python -m goom_ssm.evaluation lm-eval ...` runs lm-eval's CLI with the local tasks on
+    """`goom-ssm lm-eval ...` runs lm-eval's CLI with the local tasks on
     its include path; their data files are found from another working directory."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")  # lm-eval's CLI sets it; restored afterwards

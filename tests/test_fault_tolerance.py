@@ -21,7 +21,7 @@ STEPS = 40
 
 
 def command(output_dir, cache_dir, *extra):
-    return [sys.executable, "-m", "goom_ssm.train", "--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64",
+    return [sys.executable, "-m", "goom_ssm", "train", "--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64",
             "--hidden-size", "32", "--num-hidden-layers", "2", "--num-state-heads", "2", "--state-size", "8",
             "--batch-size", "6", "--micro-batch-size", "3", "--lr", "3e-3", "--num-proc", "1", "--cache-dir",
             str(cache_dir), "--output-dir", str(output_dir), "--no-progress", "--report-to", "none", "--deterministic",

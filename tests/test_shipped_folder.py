@@ -139,10 +139,11 @@ def test_trained_gpt2_model_folder_loads_with_auto_tokenizer(tmp_path, offline):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from goom_ssm import train as train_mod
+    from goom_ssm.cli import parse_args
 
     data = Path(__file__).parent / "data" / "english.txt"
-    args = train_mod.build_arg_parser().parse_args([
-        "--data", str(data), "--tokenizer", "gpt2", "--block-size", "32", "--hidden-size", "16",
+    args = parse_args([
+        "train", "--data", str(data), "--tokenizer", "gpt2", "--block-size", "32", "--hidden-size", "16",
         "--num-hidden-layers", "1", "--num-state-heads", "2", "--state-size", "4", "--batch-size", "2",
         "--micro-batch-size", "2", "--max-steps", "4", "--warmup-steps", "2", "--num-proc", "1",
         "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "run"), "--no-progress",

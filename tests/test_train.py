@@ -1,6 +1,5 @@
 """Tests of pretraining (goom_ssm.train) on CPU with tiny models and the English fixture."""
 
-import argparse
 import json
 import math
 import os
@@ -15,6 +14,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("accelerate")
 
 from goom_ssm import train as train_mod  # noqa: E402
+from goom_ssm.cli import parse_args  # noqa: E402
 
 TEXT = Path(__file__).parent / "data" / "english.txt"
 TINY = ["--hidden-size", "32", "--num-hidden-layers", "2", "--num-state-heads", "2", "--state-size", "8"]
@@ -48,7 +48,7 @@ def args_for(output_dir, cache_dir, *extra):
             "--batch-size", "6", "--micro-batch-size", "3", "--lr", "3e-3", "--num-proc", "1",
             "--cache-dir", cache_dir, "--output-dir", str(output_dir), "--no-progress", "--report-to", "none",
             "--save-every", "0", "--deterministic", *extra]
-    return train_mod.build_arg_parser().parse_args(argv)
+    return parse_args(["train", *argv])
 
 
 def log_of(output_dir):
@@ -62,11 +62,7 @@ def final_state(output_dir):
 
 
 def test_defaults_are_the_original_recipe():
-    parser = argparse.ArgumentParser(prog="goom-ssm")
-    sub = parser.add_subparsers(dest="command")
-    train_mod.add_train_arguments(sub.add_parser("train")).set_defaults(run=train_mod.run_train)
-    args = parser.parse_args(["train", "--data", "x.txt", "--output-dir", "out"])
-    assert args.run is train_mod.run_train
+    args = parse_args(["train", "--data", "x.txt", "--output-dir", "out"])
     assert (args.lr, args.final_lr, args.warmup_steps, args.weight_decay) == (3e-4, 1e-5, 10, 0.1)
     assert (args.base_momentum, args.max_momentum, args.max_grad_norm) == (0.85, 0.99, 1.0)
     assert (args.batch_size, args.block_size, args.tokenizer, args.mixed_precision) == (960, 1024, "gpt2", "auto")
@@ -77,7 +73,7 @@ def test_optimizer_groups_and_one_cycle_schedule():
 
     model = GoomSSMForCausalLM(GoomSSMConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1,
                                              num_state_heads=2, state_size=4))
-    args = train_mod.build_arg_parser().parse_args(["--data", "x", "--output-dir", "o"])
+    args = parse_args(["train", "--data", "x", "--output-dir", "o"])
     optimizer, scheduler = train_mod.build_optimizer_and_schedule(model, args, total_steps=100)
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
     lrs, betas = [], []
@@ -122,6 +118,19 @@ def test_loss_decreases_and_final_model_is_saved(tmp_path, cache_dir):
     assert f"| optimizer steps | 30 |" in card and f"cross-entropy {result['eval_loss']:.4f}" in card
     with pytest.raises(FileExistsError, match="--resume"):  # never mixes a new run into an old one
         train_mod.train(args_for(out, cache_dir, "--max-steps", "30"))
+
+
+def test_overwrite_starts_afresh_deleting_only_what_a_run_writes(tmp_path, cache_dir):
+    out = tmp_path / "run"
+    train_mod.train(args_for(out, cache_dir, "--max-steps", "6", "--save-every", "3"))
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exclude each other"):
+        train_mod.train(args_for(out, cache_dir, "--max-steps", "4", "--overwrite", "--resume"))
+    train_mod.train(args_for(out, cache_dir, "--max-steps", "4", "--overwrite"))
+    assert (out / "notes.txt").read_text() == "mine"
+    assert [row["step"] for row in log_of(out)] == [1, 2, 3, 4]
+    assert train_mod.list_checkpoints(out) == []  # the first run's checkpoint-3 and -6 are gone
+    assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_resume_gives_the_same_losses_and_parameters(tmp_path, cache_dir):
@@ -198,7 +207,7 @@ def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                 "--main_process_port", str(free_port())]
-    cmd = [*launcher, "-m", "goom_ssm.train", "--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY,
+    cmd = [*launcher, "-m", "goom_ssm", "train", "--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY,
            "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "6", "--save-every", "3", "--num-proc", "1",
            "--cache-dir", cache_dir, "--output-dir", str(out), "--no-progress", "--report-to", "none", "--cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
