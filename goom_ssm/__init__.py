@@ -7,10 +7,15 @@ layers are imported on first use (see :mod:`goom_ssm.modeling`).
 """
 
 import importlib
+from pathlib import Path
 
 from .modeling import GoomSSMConfig
 
 __version__ = "0.1.0"
+
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "goom-ssm-shakespeare-14m"
+"""The model folder shipped with the package (14M parameters, trained on Shakespeare, with its
+GPT-2 tokenizer files): ``AutoModelForCausalLM.from_pretrained(goom_ssm.SHIPPED_MODEL_DIR)``."""
 
 # Imported on first use: name -> module of this package.
 _LAZY = {
@@ -22,7 +27,7 @@ _LAZY = {
     "GoomSSMPreTrainedModel": ".modeling",
 }
 
-__all__ = ["GoomSSMConfig", *_LAZY]
+__all__ = ["SHIPPED_MODEL_DIR", "GoomSSMConfig", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -20,7 +20,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "goom-ssm-shakespeare-14m"
+from . import SHIPPED_MODEL_DIR
+
+DEFAULT_MODEL_DIR = SHIPPED_MODEL_DIR
 DEFAULT_PROMPT = "KING HENRY.\nMy lords,"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json")
 

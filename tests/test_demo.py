@@ -23,3 +23,21 @@ def test_shipped_model_folder_is_complete_and_small():
     assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 30e6
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
     assert "191.2" in card and "712.5" in card and "tokens seen" in card
+
+
+def test_readme_quick_start_runs_as_written_from_another_directory(tmp_path):
+    """The README's Quick start, run from a directory that is not the repository."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    quick_start = readme.split("## Quick start", 1)[1]
+    code = re.search(r"```python\n(.*?)```", quick_start, re.S).group(1)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("KING HENRY.\nMy lords,") and "<|endoftext|>" not in result.stdout
+    assert len(result.stdout) > len("KING HENRY.\nMy lords,") + 20
