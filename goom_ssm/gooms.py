@@ -93,9 +93,3 @@ def log_matmul_exp(log_x1: torch.Tensor, log_x2: torch.Tensor) -> torch.Tensor:
     c2 = log_x2.real.detach().amax(dim=-2, keepdim=True).clamp(min=0)
     return goom_log(torch.matmul(goom_exp(log_x1 - c1), goom_exp(log_x2 - c2))) + c1 + c2
 
-
-def scaled_exp(log_x: torch.Tensor, dim: int = -1, max_real: float = 2.0) -> torch.Tensor:
-    """Exponentiate ``log_x`` after shifting it so its largest real part over ``dim`` is
-    ``max_real`` (shift detached): real tensor of the same shape, in ``[-e^max_real, e^max_real]``."""
-    c = log_x.real.detach().amax(dim=dim, keepdim=True)
-    return goom_exp(log_x - c + max_real)

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from goom_ssm.gooms import LOG_ZERO, goom_exp, goom_log, log_matmul_exp, scaled_exp
+from goom_ssm.gooms import LOG_ZERO, goom_exp, goom_log, log_matmul_exp
 
 
 def test_log_and_exp_round_trip_signs_and_zero():
@@ -55,9 +55,3 @@ def test_log_matmul_exp_far_beyond_float_range():
     # float32 log-magnitudes near 900 are resolved to ~6e-5, so values to ~1e-4 relative
     assert torch.allclose(goom_exp(out - 900.0).double(), expected, rtol=2e-4, atol=1e-4)
 
-
-def test_scaled_exp_peaks_at_e_squared():
-    z = goom_log(torch.tensor([[1.0, -3.0, 0.5]])) + 100.0  # e^100 * x, beyond float32
-    y = scaled_exp(z)
-    # float32 log-magnitudes near 100 are resolved to ~8e-6
-    assert torch.allclose(y, torch.tensor([[1 / 3, -1.0, 1 / 6]]) * math.exp(2), rtol=2e-5)
