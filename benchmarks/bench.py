@@ -66,7 +66,7 @@ def bench_train(name, batch, seq_len, dtype, steps):
     # GPT-2's loss in transformers logs (a graph break), so only GOOM-SSM is compiled whole.
     compiled = torch.compile(model, fullgraph=name.startswith("goom")) if "compile" in name.split(":") else None
     step_model = model if compiled is None else compiled
-    ids = torch.randint(0, 50257, (batch, seq_len), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device="cuda")
 
     def step():
         with torch.autocast("cuda", dtype=dtype):
@@ -89,7 +89,7 @@ def bench_train(name, batch, seq_len, dtype, steps):
 def bench_prefill(name, seq_len, dtype):
     cleanup()
     model = build(name, "cuda").eval()
-    ids = torch.randint(0, 50257, (1, seq_len), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device="cuda")
 
     def run():
         with torch.autocast("cuda", dtype=dtype):
@@ -111,7 +111,7 @@ def bench_decode(name, batch, new_tokens, dtype):
     its time less that of the prompt's forward; raw: a loop of single-token steps, timed alone."""
     cleanup()
     model = build(name, "cuda").eval().to(dtype)
-    prompt = torch.randint(0, 50257, (batch, 512), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size, (batch, 512), device="cuda")
 
     def via_generate():
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)

@@ -31,6 +31,8 @@ from typing import Optional
 
 import tiktoken
 
+from ..constants import ENDOFTEXT_ID, GPT2_VOCAB_SIZE
+
 __all__ = [
     "ENCODER_JSON_SHA256",
     "ENDOFTEXT",
@@ -54,8 +56,6 @@ ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256db
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
 
 ENDOFTEXT = "<|endoftext|>"
-ENDOFTEXT_ID = 50256
-GPT2_VOCAB_SIZE = 50257  # 256 single bytes + 50,000 merges + <|endoftext|>
 
 # tiktoken's ``r50k_pat_str``: equivalent to (and faster than) the original GPT-2 pattern
 #   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+

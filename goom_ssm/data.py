@@ -38,9 +38,9 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
+from .constants import ENDOFTEXT_ID, GPT2_VOCAB_SIZE
 from .extras import require
 
-GPT2_EOS_TOKEN_ID = 50256
 LOCAL_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
                  ".csv": "csv", ".parquet": "parquet"}
 
@@ -67,7 +67,7 @@ class GPT2Tokenizer(Tokenizer):
     """GPT-2's BPE via tiktoken (offline files of :mod:`goom_ssm.conversion.tokenizer`).
     ``<|endoftext|>`` inside a text is encoded as plain text, never as the EOS id."""
 
-    name, eos_token_id, vocab_size = "gpt2", GPT2_EOS_TOKEN_ID, 50257
+    name, eos_token_id, vocab_size = "gpt2", ENDOFTEXT_ID, GPT2_VOCAB_SIZE
 
     def __call__(self, texts):
         from .conversion.tokenizer import gpt2_tiktoken_encoding  # built once per process

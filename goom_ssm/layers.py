@@ -21,11 +21,11 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .fused_block import FusedBlock
 from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, normalize_rows, scan_step, split_plan
+from .constants import SCAN_IMPLEMENTATIONS
 from .triton_scan import HAS_TRITON, triton_scan
 
 STATE_OUTPUT_LOG_SCALE = 2.0  # a scaled state row's largest magnitude is e^2
 STATE_OUTPUT_SCALE = math.exp(STATE_OUTPUT_LOG_SCALE)
-SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -4,8 +4,7 @@ import importlib
 
 from transformers import PretrainedConfig
 
-SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")  # as goom_ssm.layers (this file stands alone as remote code)
-GPT2_EOS_TOKEN_ID = 50256
+from ..constants import ENDOFTEXT_ID, GPT2_VOCAB_SIZE, SCAN_IMPLEMENTATIONS
 
 
 def _register_model_classes() -> None:
@@ -51,7 +50,7 @@ class GoomSSMConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vocab_size: int = 50257,
+        vocab_size: int = GPT2_VOCAB_SIZE,
         hidden_size: int = 768,
         num_hidden_layers: int = 24,
         num_state_heads: int = 24,
@@ -64,8 +63,8 @@ class GoomSSMConfig(PretrainedConfig):
         use_cache: bool = True,
         decode_with_cuda_graphs: bool = True,
         tie_word_embeddings: bool = True,
-        bos_token_id: int | None = GPT2_EOS_TOKEN_ID,
-        eos_token_id: int | None = GPT2_EOS_TOKEN_ID,
+        bos_token_id: int | None = ENDOFTEXT_ID,
+        eos_token_id: int | None = ENDOFTEXT_ID,
         pad_token_id: int | None = None,
         **kwargs,
     ):
