@@ -5,3 +5,4 @@ and nothing else."""
 ENDOFTEXT_ID = 50256  # GPT-2's <|endoftext|>: the EOS (and BOS) id of the GPT-2 vocabulary
 GPT2_VOCAB_SIZE = 50257  # 256 single bytes + 50,000 merges + <|endoftext|>
 SCAN_IMPLEMENTATIONS = ("auto", "triton", "chunked", "goom_prefix")
+STATE_OUTPUT_LOG_SCALE = 2.0  # the SSM reads each scaled state row at a largest magnitude of e^2

@@ -19,20 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
+from .constants import SCAN_IMPLEMENTATIONS, STATE_OUTPUT_LOG_SCALE
 from .fused_block import FusedBlock
 from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, normalize_rows, scan_step, split_plan
-from .constants import SCAN_IMPLEMENTATIONS
-from .triton_scan import HAS_TRITON, triton_scan
+from .triton_common import HAS_TRITON, compute_dtype
+from .triton_decode import decode_step
+from .triton_scan import triton_scan
 
-STATE_OUTPUT_LOG_SCALE = 2.0  # a scaled state row's largest magnitude is e^2
-STATE_OUTPUT_SCALE = math.exp(STATE_OUTPUT_LOG_SCALE)
-
-
-def compute_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The dtype of the products' operands: autocast's when it is on for the weight's device, else the weight's."""
-    if weight.dtype in (torch.float32, torch.float16, torch.bfloat16) and torch.is_autocast_enabled(weight.device.type):
-        return torch.get_autocast_dtype(weight.device.type)
-    return weight.dtype
+STATE_OUTPUT_SCALE = math.exp(STATE_OUTPUT_LOG_SCALE)  # a scaled state row's largest magnitude is e^2
 
 
 class GoomSSM(nn.Module):
@@ -185,6 +179,16 @@ class GoomSSMBlock(GradientCheckpointingLayer):
         if state is None and mask is None and self._trains_fused(hidden_states):
             return self._forward_fused(hidden_states)
         return self._forward_modules(hidden_states, state, mask, chunk_plan)
+
+    def fused_decode_step(self, hidden_states: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor] = None):
+        """One token through this layer's fused Triton kernels (:func:`~goom_ssm.triton_decode.decode_step`),
+        ``state`` updated in place, no autograd: ``hidden_states [batch, 1, d_emb]`` -> (output,
+        ``state``), what :meth:`forward` gives for a plain layer (:func:`is_plain`) whose
+        ``out_proj`` has no bias. ``state``: contiguous, the SSM's ``state_dtype``."""
+        ssm = self.ssm
+        return decode_step(hidden_states, state, norm_weight=self.norm.weight, norm_bias=self.norm.bias,
+                           norm_eps=self.norm.eps, A=ssm.A, B=ssm.B, C=ssm.C, D=ssm.D,
+                           out_weight=self.out_proj.weight, mask=mask, out_state=state)
 
     def _forward_modules(self, hidden_states, state=None, mask=None, chunk_plan=None):
         """The layer as its submodules' calls (one autograd node per operation)."""

@@ -23,14 +23,12 @@ from typing import Optional
 
 import torch
 
-from .layers import STATE_OUTPUT_LOG_SCALE, compute_dtype
+from .constants import STATE_OUTPUT_LOG_SCALE
 from .scan import ScaledRows
-from .triton_scan import HAS_TRITON
+from .triton_common import HAS_TRITON, compute_dtype, tl, triton
 
 if HAS_TRITON:
-    # triton and tl as triton_scan imported them (in a try block, which transformers' remote-code
-    # check of required packages skips: a plain import here would demand Triton on CPU-only installs)
-    from .triton_scan import _advance, _load_matrix, _normalized, tl, triton
+    from .triton_common import advance, load_matrix, normalized
 
     _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                   torch.float16: tl.float16}
@@ -104,11 +102,11 @@ if HAS_TRITON:
             ok = m_ok[:, None] & (feats < D)[None, :]
             u = _products(h_ptr, m, m_ok, E, b_ptr, 0, n_rows * D, 1, pid_n * D + feats, feats < D, mean, rstd,
                           ln_w_ptr, ln_b_ptr, True, False, BM, BLOCK_D, BK, DOT, ACC)[0]
-            A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, False).to(STATE), tiny)
+            A, a_log_scale = normalized(load_matrix(a_ptr, feats, D, False).to(STATE), tiny)
             row = m * n_rows + pid_n
             s = tl.load(s_ptr + row, mask=m_ok, other=0.0).to(tl.float64)
             v = tl.load(v_ptr + row[:, None] * D + feats[None, :], mask=ok, other=0.0)
-            new_s, new_v = _advance(s, v, u.to(STATE), tl.zeros([BM], tl.float64), A, a_log_scale, tiny)
+            new_s, new_v = advance(s, v, u.to(STATE), tl.zeros([BM], tl.float64), A, a_log_scale, tiny)
             if HAS_MASK:
                 keep = tl.load(mask_ptr + m, mask=m_ok, other=0) != 0
                 new_s, new_v = tl.where(keep, new_s, s), tl.where(keep[:, None], new_v, v)
@@ -196,54 +194,62 @@ def _launch_settings(weight: torch.Tensor, M: int, block_n: int = BLOCK_N, num_w
     return acc, settings, triton.cdiv(M, bm)
 
 
-def head_logits(head: torch.nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-    """``head(hidden).float()`` for ``hidden [M, 1, E]`` in one launch: ``[M, 1, V]`` float32."""
+def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``F.linear(hidden, weight).float()`` for ``hidden [M, 1, E]`` and a head's weight ``[V, E]``
+    (a bias-free ``nn.Linear``) in one launch: ``[M, 1, V]`` float32."""
     M, _, E = hidden.shape
-    V = head.weight.shape[0]
-    _, settings, rows_m = _launch_settings(head.weight, M)
+    V = weight.shape[0]
+    _, settings, rows_m = _launch_settings(weight, M)
     logits = torch.empty(M, 1, V, dtype=torch.float32, device=hidden.device)
-    _head_kernel[(triton.cdiv(V, BLOCK_N), rows_m)](hidden.contiguous(), head.weight.contiguous(), logits, M, E, V,
+    _head_kernel[(triton.cdiv(V, BLOCK_N), rows_m)](hidden.contiguous(), weight.contiguous(), logits, M, E, V,
                                                     **settings)
     return logits
 
 
-def decode_step(block, hidden: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor] = None,
+def decode_step(hidden: torch.Tensor, state: ScaledRows, *, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
+                norm_eps: float, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, D: torch.Tensor,
+                out_weight: torch.Tensor, mask: Optional[torch.Tensor] = None,
                 out_state: Optional[ScaledRows] = None):
-    """One token through ``block`` (a :class:`~goom_ssm.layers.GoomSSMBlock`), no autograd.
+    """One token through a residual layer (:class:`~goom_ssm.layers.GoomSSMBlock`) given by its
+    tensors, no autograd. The layer's ``E = d_emb``, ``n = n_hid``, ``d = d_hid`` are read from them.
 
     Args:
-        hidden: ``[M, 1, E]`` the layer's input (contiguous).
+        hidden: ``[M, 1, E]`` the layer's input.
         state: the SSM state before the token, log-scale ``[M, n, 1]`` and rows ``[M, n, d]``
-            (contiguous, the SSM's state dtype).
+            (contiguous; float32, or float64: the states are computed in its dtype).
+        norm_weight, norm_bias, norm_eps: the LayerNorm's (``[E]``, ``[E]``, epsilon).
+        A, B, C, D: the SSM's matrices, ``[d, d]``, ``[E, n d]``, ``[n d, 2E]``, ``[E, 2E]``.
+        out_weight: the output projection's weight ``[E, E]`` (a bias-free ``nn.Linear``).
         mask: ``[M, 1]`` bool, False for a padded position (its state is kept); or None.
         out_state: buffers for the new state (may be ``state`` itself: updated in place);
             new tensors if None.
 
     Returns:
-        ``(output [M, 1, E] in hidden's dtype, new state)``: what ``block(hidden, state, mask)`` gives.
+        ``(output [M, 1, E] in hidden's dtype, new state)``: what the layer's ``forward(hidden, state, mask)`` gives.
     """
-    ssm = block.ssm
     M, _, E = hidden.shape
-    n, d = ssm.n_hid, ssm.d_hid
-    acc, settings, rows_m = _launch_settings(ssm.B, M)
+    n, d = state.rows.shape[1:]
+    state_dtype = state.rows.dtype
+    if state_dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"decode_step: the state must be float32 or float64, got {state_dtype}")
+    acc, settings, rows_m = _launch_settings(B, M)
     hidden = hidden.contiguous()
 
     if out_state is None:
         out_state = ScaledRows(torch.empty_like(state.log_scale), torch.empty_like(state.rows))
     Du = torch.empty(M, 2 * E, dtype=acc, device=hidden.device)
-    state_dtype = ssm.state_dtype
     _norm_in_proj_step_kernel[(n + triton.cdiv(2 * E, BLOCK_N), rows_m)](
-        hidden, block.norm.weight, block.norm.bias, ssm.B.contiguous(), ssm.D.contiguous(), ssm.A.contiguous(),
+        hidden, norm_weight, norm_bias, B.contiguous(), D.contiguous(), A.contiguous(),
         state.log_scale, state.rows, mask.reshape(M) if mask is not None else Du, out_state.log_scale, out_state.rows,
-        Du, M, E, n, 2 * E, block.norm.eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=_state_block(d),
+        Du, M, E, n, 2 * E, norm_eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=_state_block(d),
         STATE=_TL_DTYPES[state_dtype], HAS_MASK=mask is not None, **settings)
 
     g = torch.empty(M, E, dtype=acc, device=hidden.device)
-    _, settings, _ = _launch_settings(ssm.C, M, OUTPUT_BLOCK_N, OUTPUT_NUM_WARPS)
-    _output_glu_kernel[(triton.cdiv(E, OUTPUT_BLOCK_N), rows_m)](out_state.rows, ssm.C.contiguous(), Du, g, M, n * d,
+    _, settings, _ = _launch_settings(C, M, OUTPUT_BLOCK_N, OUTPUT_NUM_WARPS)
+    _output_glu_kernel[(triton.cdiv(E, OUTPUT_BLOCK_N), rows_m)](out_state.rows, C.contiguous(), Du, g, M, n * d,
                                                                  E, STATE_OUTPUT_LOG_SCALE, **settings)
     out = torch.empty_like(hidden)
-    _, settings, _ = _launch_settings(block.out_proj.weight, M, OUTPUT_BLOCK_N, OUTPUT_NUM_WARPS)
-    _out_proj_residual_kernel[(triton.cdiv(E, OUTPUT_BLOCK_N), rows_m)](g, block.out_proj.weight.contiguous(), hidden,
+    _, settings, _ = _launch_settings(out_weight, M, OUTPUT_BLOCK_N, OUTPUT_NUM_WARPS)
+    _out_proj_residual_kernel[(triton.cdiv(E, OUTPUT_BLOCK_N), rows_m)](g, out_weight.contiguous(), hidden,
                                                                         out, M, E, **settings)
     return out, out_state

@@ -5,24 +5,28 @@ Same inputs and outputs as :func:`goom_ssm.scan.chunked_scan`: the states of
 largest magnitude is 1: the numbers of the GOOM ``log x``), so that no magnitude
 overflows. One kernel runs the recurrence step by step, ``A`` in registers, a block of
 state rows per program. To fill the GPU at any batch size the sequence is cut into chunks
-of ``L`` steps (``K`` chunks), evaluated in three launches:
+of ``L`` steps (``K`` chunks), evaluated in three stages, each a launch of that kernel
+with its ``STAGE``:
 
-1. every chunk but the last from a zero state, in parallel: its end state ``E_k``;
-2. the states entering the chunks, ``S_k = S_{k-1} A^L + E_{k-1}`` from the initial state:
-   the same recurrence over ``K - 1`` steps, with ``A^L`` (squared up in float64 by a small
-   kernel of its own) and inputs in scaled form;
-3. every chunk from its entering state (read in place: the initial state or ``S_k``), in
-   parallel, writing every step.
+1. :func:`_chunk_end_states` (``"chunk_ends"``): every chunk but the last from a zero state,
+   in parallel: its end state ``E_k``;
+2. :func:`_carry_across_chunks` (``"carry"``): the states entering the chunks,
+   ``S_k = S_{k-1} A^L + E_{k-1}`` from the initial state: the same recurrence over
+   ``K - 1`` steps, with ``A^L`` (squared up in float64 by a small kernel of its own,
+   :func:`_power`) and inputs in scaled form;
+3. :func:`_every_step` (``"steps"``): every chunk from its entering state (read in place: the
+   initial state or ``S_k``), in parallel, writing every step.
 
 The backward pass is the adjoint recurrence ``lambda_t = lambda_{t+1} A^T + g_t e^{-s_t}``
 (``g_t`` the gradient of the output rows, whose scales ``s_t`` are detached as in the
-original): the same three launches in reverse time, its inputs in scaled form too. The
-third writes ``du_t = lambda_t``, accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each
-term's two scales added before exponentiating, so gradients are right however large the
-states and however small the adjoints, and ends with the initial state's gradient
-``lambda_0 A^T``. Every step but these launches happens inside the kernels, because at
-small batches the host's time per launch, not the GPU's, bounds training. Only the outputs are saved for the backward pass:
-memory is ``O(T)``, with no ``O(T log T)`` intermediates.
+original): the same three stages in reverse time (the kernel's ``ADJOINT``), its inputs in
+scaled form too. The third, :func:`_every_adjoint_step`, writes ``du_t = lambda_t``,
+accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each term's two scales added before
+exponentiating, so gradients are right however large the states and however small the
+adjoints, and ends with the initial state's gradient ``lambda_0 A^T``. Every step but these
+launches happens inside the kernels, because at small batches the host's time per launch,
+not the GPU's, bounds training. Only the outputs are saved for the backward pass: memory is
+``O(T)``, with no ``O(T log T)`` intermediates.
 
 The forward and the backward (:func:`scan_forward`, :func:`scan_backward`) are joined by
 an ``autograd.Function``. Under ``torch.compile`` they are the custom operators
@@ -33,19 +37,13 @@ Triton's interpreter (``TRITON_INTERPRET=1`` before importing), as the tests do.
 """
 
 import math
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 
 from .scan import ScaledRows
+from .triton_common import HAS_TRITON, tl, triton
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs use the pure-PyTorch scans
-    triton = None
-
-HAS_TRITON = triton is not None
 NO_STATE_LOG_SCALE = -1e30  # log-scale of "no state yet": a zero row that any input outweighs
 # Measured on an H200 (rows of 32, 1024 programs): a step of 8 rows takes 1.3 us in one warp,
 # 10.5 us in four.
@@ -55,43 +53,9 @@ MIN_CHUNK, MAX_CHUNK = 16, 256
 
 
 if HAS_TRITON:
+    from .triton_common import advance, load_matrix, normalized
+
     _NO_STATE = tl.constexpr(NO_STATE_LOG_SCALE)
-
-    @triton.jit
-    def _advance(s, v, u, u_log_scale, A, a_log_scale, tiny):
-        """One step ``x <- x A + u`` for a block of rows: ``x = exp(s) v`` with ``s [R]``,
-        ``v [R, D]``; ``u [R, D]`` scaled by ``exp(u_log_scale [R])``; ``A`` normalised, with
-        log-scale ``a_log_scale``. Both terms are summed at their larger scale, then the row
-        is renormalised (an all-zero row gets the log of ``tiny``, as ``normalize_rows``).
-        Log-scales are float64: they grow by a sum every step, which float32 would round
-        at each of thousands of steps (at s ~ 800, by up to 3e-5 a step)."""
-        if v.shape[0] >= 16:
-            # At 16 rows and more Triton would turn the broadcast product below into a TF32
-            # tensor-core product (errors ~1e-4 in float32): ask for an exact one.
-            w = tl.dot(v, A, input_precision="ieee")
-        else:
-            w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
-        carried = s + a_log_scale
-        u_peak = tl.maximum(tl.max(tl.abs(u), axis=1), tiny)
-        common = tl.maximum(carried, tl.log(u_peak).to(tl.float64) + u_log_scale)
-        z = (tl.exp((carried - common).to(v.dtype))[:, None] * w
-             + tl.exp((u_log_scale - common).to(v.dtype))[:, None] * u)
-        peak = tl.maximum(tl.max(tl.abs(z), axis=1), tiny)
-        return common + tl.log(peak).to(tl.float64), z / peak[:, None]
-
-    @triton.jit
-    def _normalized(M, tiny):
-        """A matrix divided by its largest magnitude, and the (float64) log of that magnitude."""
-        peak = tl.maximum(tl.max(tl.max(tl.abs(M), axis=1), axis=0), tiny)
-        return M / peak, tl.log(peak).to(tl.float64)
-
-    @triton.jit
-    def _load_matrix(a_ptr, feats, D: tl.constexpr, TRANSPOSE: tl.constexpr):
-        """The ``[D, D]`` matrix at ``a_ptr`` (row-major), or its transpose, zero-padded to the block."""
-        ok = (feats < D)[:, None] & (feats < D)[None, :]
-        if TRANSPOSE:
-            return tl.load(a_ptr + feats[None, :] * D + feats[:, None], mask=ok, other=0.0)
-        return tl.load(a_ptr + feats[:, None] * D + feats[None, :], mask=ok, other=0.0)
 
     @triton.jit(do_not_specialize=["exponent"])
     def _power_kernel(a_ptr, out_s_ptr, out_v_ptr, exponent, tiny: tl.constexpr, D: tl.constexpr,
@@ -101,17 +65,17 @@ if HAS_TRITON:
         product normalised (so no power overflows)."""
         feats = tl.arange(0, BLOCK)
         ok = (feats < D)[:, None] & (feats < D)[None, :]
-        base, base_s = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE).to(tl.float64), tiny)
+        base, base_s = normalized(load_matrix(a_ptr, feats, D, TRANSPOSE).to(tl.float64), tiny)
         result = tl.where(ok & (feats[:, None] == feats[None, :]), 1.0, 0.0).to(base.dtype)
         result_s = tl.zeros_like(base_s)
         e = exponent
         while e > 0:
             if e % 2 == 1:
-                result, s = _normalized(tl.dot(result, base), tiny)
+                result, s = normalized(tl.dot(result, base), tiny)
                 result_s += base_s + s
             e = e // 2
             if e > 0:
-                base, s = _normalized(tl.dot(base, base), tiny)
+                base, s = normalized(tl.dot(base, base), tiny)
                 base_s = 2 * base_s + s
         tl.store(out_v_ptr + feats[:, None] * D + feats[None, :], result, mask=ok)  # rounded to the output's dtype
         tl.store(out_s_ptr, result_s)
@@ -140,27 +104,44 @@ if HAS_TRITON:
     @triton.jit
     def _recurrence_kernel(
         u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr,
-        out_s_ptr, out_v_ptr, end_s_ptr, end_v_ptr,
-        fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr,
+        out_s_ptr, out_v_ptr, fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr,
         seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr,
-        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, REVERSE: tl.constexpr,
-        TRANSPOSE_A: tl.constexpr, HAS_U_SCALE: tl.constexpr, NEGATE_U_SCALE: tl.constexpr,
-        HAS_A_SCALE: tl.constexpr, HAS_START: tl.constexpr, HAS_CARRY: tl.constexpr,
-        WRITE_STEPS: tl.constexpr, PLAIN_STEPS: tl.constexpr, WRITE_ENDS: tl.constexpr, GRADIENTS: tl.constexpr,
-        SHARED_INIT: tl.constexpr,
+        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+        STAGE: tl.constexpr, ADJOINT: tl.constexpr, HAS_CARRY: tl.constexpr, SHARED_INIT: tl.constexpr,
     ):
         """Program (c, b, r): chunk ``first_chunk + c`` of sequence ``b``, state rows
-        ``r * BLOCK_R ...``. Contiguous layouts: ``u [B, T, n, D]`` (any float dtype) and
-        its log-scales ``[B, T, n]``; ``A [D, D]`` (or its transpose, ``TRANSPOSE_A``;
-        normalised here, times ``exp(a_scale)``; states are computed in its dtype). The state
-        entering a chunk: ``start`` (``[B, n]`` / ``[B, n, D]``; ``SHARED_INIT``: no log-scales, plain
-        rows ``[n, D]`` for every sequence) for the first chunk in the direction of travel, ``carry``
-        (``[B, K - 1, n]`` / ``[..., D]``, the K - 1 other chunks in time order), else none.
-        Outputs: chunk ends ``[B, C, n]`` / ``[B, C, n, D]`` (C = launched chunks); every
-        step ``[B, T, n]`` / ``[B, T, n, D]`` (``PLAIN_STEPS``: ``exp(s) v`` only).
-        ``GRADIENTS`` (the adjoint pass): also sum ``x_{t-1}^T lambda_t`` over this program's
-        steps into ``grad_a [programs, D, D]`` (``x`` from the forward states ``fwd`` and the
-        initial state ``init``, laid out as ``start``), and write ``grad_init = exp(init_s) lambda_0 A^T [B, n, D]``."""
+        ``r * BLOCK_R ...``, of one stage (see the module docstring). Contiguous layouts:
+        ``u [B, T, n, D]`` (any float dtype) and its log-scales ``[B, T, n]``; ``A [D, D]``
+        (normalised here, times ``exp(a_scale)``; states are computed in its dtype); the
+        initial state, as ``start`` in the forward stages and as ``init`` in the adjoint steps,
+        ``[B, n]`` / ``[B, n, D]`` (``SHARED_INIT``: no log-scales, plain rows ``[n, D]`` for
+        every sequence).
+
+        ``STAGE``: ``"chunk_ends"`` runs each chunk from a zero state and writes its end to
+        ``out`` ``[B, C, n]`` / ``[B, C, n, D]`` (C = launched chunks); ``"carry"`` runs one
+        chunk, its inputs in scaled form (the chunk ends, ``u_scale``) and ``A`` the power
+        ``A^L`` (``a_scale``); ``"steps"`` runs each chunk from the state entering it: for the
+        first chunk in the direction of travel the initial state, for the others the
+        ``carry`` (``[B, K - 1, n]`` / ``[..., D]``, the K - 1 other chunks in time order, with
+        ``HAS_CARRY``). The last two write every step to ``out`` ``[B, T, n]`` / ``[B, T, n, D]``.
+
+        ``ADJOINT`` (the backward pass): in reverse time, nothing entering the first chunk in
+        that direction (the last in time); except in the carry (whose power comes transposed),
+        ``A`` is read transposed and the inputs' log-scales ``u_scale`` (the forward states'
+        ``s_t``) are negated. Its ``"steps"`` stage
+        writes ``exp(s) v`` only, sums ``x_{t-1}^T lambda_t`` over this program's steps into
+        ``grad_a [programs, D, D]`` (``x`` from the forward states ``fwd`` and the initial
+        state), and writes ``grad_init = exp(init_s) lambda_0 A^T [B, n, D]``."""
+        REVERSE: tl.constexpr = ADJOINT
+        TRANSPOSE_A: tl.constexpr = ADJOINT and STAGE != "carry"
+        NEGATE_U_SCALE: tl.constexpr = ADJOINT and STAGE != "carry"
+        HAS_U_SCALE: tl.constexpr = ADJOINT or STAGE == "carry"
+        HAS_A_SCALE: tl.constexpr = STAGE == "carry"
+        HAS_START: tl.constexpr = not ADJOINT and STAGE != "chunk_ends"
+        WRITE_ENDS: tl.constexpr = STAGE == "chunk_ends"
+        WRITE_STEPS: tl.constexpr = STAGE != "chunk_ends"
+        GRADIENTS: tl.constexpr = ADJOINT and STAGE == "steps"
+
         pid_c, b, pid_r = tl.program_id(0), tl.program_id(1).to(tl.int64), tl.program_id(2)
         chunk = first_chunk + pid_c
         num_chunks = tl.cdiv(seq_len, chunk_len)
@@ -168,7 +149,7 @@ if HAS_TRITON:
         feats = tl.arange(0, BLOCK_D)
         row_ok = rows < n_rows
         ok = row_ok[:, None] & (feats < D)[None, :]
-        A, a_log_scale = _normalized(_load_matrix(a_ptr, feats, D, TRANSPOSE_A), tiny)
+        A, a_log_scale = normalized(load_matrix(a_ptr, feats, D, TRANSPOSE_A), tiny)
         if HAS_A_SCALE:
             a_log_scale += tl.load(a_scale_ptr).to(tl.float64)
 
@@ -210,9 +191,9 @@ if HAS_TRITON:
                 prev = (b * seq_len + tl.maximum(t - 1, 0)) * n_rows + rows
                 x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
-            s, v = _advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
+            s, v = advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
             if WRITE_STEPS:
-                if PLAIN_STEPS:
+                if GRADIENTS:  # the adjoint's steps are the gradient of u: plain rows in u's dtype
                     plain = tl.where(v == 0, 0.0, v * tl.exp(s.to(v.dtype))[:, None])
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], plain, mask=ok)
                 else:
@@ -226,8 +207,8 @@ if HAS_TRITON:
 
         if WRITE_ENDS:
             end = (b * tl.num_programs(0) + pid_c) * n_rows + rows
-            tl.store(end_s_ptr + end, s.to(A.dtype), mask=row_ok)
-            tl.store(end_v_ptr + end[:, None] * D + feats[None, :], v, mask=ok)
+            tl.store(out_s_ptr + end, s.to(A.dtype), mask=row_ok)
+            tl.store(out_v_ptr + end[:, None] * D + feats[None, :], v, mask=ok)
         if GRADIENTS:
             program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(2) + pid_r
             square_ok = (feats < D)[:, None] & (feats < D)[None, :]
@@ -246,54 +227,107 @@ def default_chunk_length(seq_len: int) -> int:
     return min(MAX_CHUNK, max(MIN_CHUNK, 2 ** round(math.log2(max(seq_len, 1)) / 2)))
 
 
-def _recurrence(u, A, chunk_len, num_chunks, *, first_chunk=0, reverse=False, transpose=False, u_log_scale=None,
-                negate_u_scale=False, a_log_scale=None, start: Optional[ScaledRows] = None,
-                carry: Optional[ScaledRows] = None, steps=False, plain_dtype=None, ends=False, gradients_from=None):
-    """Launch ``_recurrence_kernel`` over ``num_chunks`` chunks (from ``first_chunk``) of
-    ``u [B, T, n, d]`` (see the kernel for the options); returns a dict of the outputs asked
-    for: ``steps`` (``ScaledRows`` ``[B, T, n, 1]`` / ``[B, T, n, d]``, or given
-    ``plain_dtype`` the tensor ``exp(s) v`` in that dtype),
-    ``ends`` (``ScaledRows`` ``[B, num_chunks, n, 1]`` / ``[..., d]``), and with
-    ``gradients_from = (forward states, initial state)`` ``grad_a [d, d]`` and ``grad_init [B, n, d]``.
-    An initial state (``start``, or the second of ``gradients_from``) with an empty log-scale
-    holds plain rows ``[n, d]`` shared by every sequence. States are computed and stored in ``A``'s dtype."""
-    batch, seq_len, n, d = u.shape
-    state_dtype, device = A.dtype, u.device
-    block_r = min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
-    grid = (num_chunks, batch, triton.cdiv(n, block_r))
-    out = {}
+class AdjointSteps(NamedTuple):
+    """What the backward pass's last stage gives (:func:`_every_adjoint_step`)."""
+
+    grad_u: torch.Tensor  # [B, T, n, d], in u's dtype
+    grad_A: torch.Tensor  # [d, d]
+    grad_init: torch.Tensor  # [B, n, d], per sequence
+
+
+def _launch(stage: str, u, A, chunk_len: int, num_chunks: int, out: ScaledRows, *, adjoint: bool = False,
+            first_chunk: int = 0, u_log_scale=None, a_log_scale=None, start: Optional[ScaledRows] = None,
+            carry: Optional[ScaledRows] = None, forward_states: Optional[ScaledRows] = None,
+            init: Optional[ScaledRows] = None, grad_a=None, grad_init=None):
+    """Launch ``_recurrence_kernel`` for ``stage`` over ``num_chunks`` chunks (from ``first_chunk``)
+    of ``u [B, T, n, d]``, writing into ``out`` (see the kernel for the arguments); a tensor not
+    given is passed empty. An initial state (``start`` or ``init``) with an empty log-scale
+    holds plain rows ``[n, d]`` shared by every sequence."""
+    _, seq_len, n, d = u.shape
     empty = u.new_empty(0)
     none = ScaledRows(empty, empty)
-    plain = plain_dtype is not None
-    step_s = step_v = end_s = end_v = grad_a = grad_init = empty
-    if steps:
-        step_v = torch.empty(batch, seq_len, n, d, dtype=plain_dtype or state_dtype, device=device)
-        step_s = empty if plain else torch.empty(batch, seq_len, n, 1, dtype=state_dtype, device=device)
-        out["steps"] = step_v if plain else ScaledRows(step_s, step_v)
-    if ends:
-        end_s = torch.empty(batch, num_chunks, n, 1, dtype=state_dtype, device=device)
-        end_v = torch.empty(batch, num_chunks, n, d, dtype=state_dtype, device=device)
-        out["ends"] = ScaledRows(end_s, end_v)
-    forward_states, initial = gradients_from if gradients_from is not None else (none, start or none)
-    if gradients_from is not None:
-        grad_a = torch.empty(grid[0] * grid[1] * grid[2], d, d, dtype=state_dtype, device=device)
-        grad_init = out["grad_init"] = torch.empty(batch, n, d, dtype=state_dtype, device=device)
-    start, carry = start or none, carry or none
-    _recurrence_kernel[grid](
+    initial = start or init or none
+    start, carry, forward_states, init = start or none, carry or none, forward_states or none, init or none
+    _recurrence_kernel[_grid(u, num_chunks)](
         u, empty if u_log_scale is None else u_log_scale, A, empty if a_log_scale is None else a_log_scale,
-        start.log_scale, start.rows, carry.log_scale, carry.rows,
-        step_s, step_v, end_s, end_v, *forward_states, *initial, grad_a, grad_init,
-        seq_len, n, chunk_len, first_chunk, torch.finfo(state_dtype).tiny,  # constexpr: a float argument would be float32
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=block_r, REVERSE=reverse,
-        TRANSPOSE_A=transpose,
-        HAS_U_SCALE=u_log_scale is not None, NEGATE_U_SCALE=negate_u_scale, HAS_A_SCALE=a_log_scale is not None,
-        HAS_START=start.rows.numel() > 0, HAS_CARRY=carry.rows.numel() > 0,
-        WRITE_STEPS=steps, PLAIN_STEPS=plain, WRITE_ENDS=ends, GRADIENTS=gradients_from is not None,
+        *start, *carry, *out, *forward_states, *init, empty if grad_a is None else grad_a,
+        empty if grad_init is None else grad_init,
+        seq_len, n, chunk_len, first_chunk, torch.finfo(A.dtype).tiny,  # constexpr: a float argument would be float32
+        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=_rows_per_program(n), STAGE=stage, ADJOINT=adjoint,
+        HAS_CARRY=carry.rows.numel() > 0,
         SHARED_INIT=initial.rows.numel() > 0 and initial.log_scale.numel() == 0, num_warps=NUM_WARPS,
     )
-    if gradients_from is not None:
-        out["grad_a"] = grad_a.sum(0)
-    return out
+
+
+def _rows_per_program(n: int) -> int:
+    return min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
+
+
+def _grid(u, num_chunks: int) -> tuple:
+    """Programs (chunks, sequences, blocks of state rows) for ``num_chunks`` chunks of ``u [B, T, n, d]``."""
+    batch, _, n, _ = u.shape
+    return num_chunks, batch, triton.cdiv(n, _rows_per_program(n))
+
+
+def _empty_states(like, steps: int, dtype) -> ScaledRows:
+    """Uninitialised states ``[B, steps, n, 1]`` / ``[B, steps, n, d]`` for inputs ``like [B, T, n, d]``."""
+    batch, _, n, d = like.shape
+    return ScaledRows(torch.empty(batch, steps, n, 1, dtype=dtype, device=like.device),
+                      torch.empty(batch, steps, n, d, dtype=dtype, device=like.device))
+
+
+def _chunk_end_states(u, A, chunk_len: int, adjoint_scales=None) -> ScaledRows:
+    """Stage 1: the end state of every chunk but the last in the direction of travel, each
+    from a zero state: ``[B, K - 1, n, 1]`` / ``[B, K - 1, n, d]``. Forward: chunks
+    ``0 .. K-2`` of ``u`` with ``A``. Adjoint (``adjoint_scales``: the forward states'
+    log-scales ``s_t``; the inputs ``u`` are then ``g_t`` at ``-s_t``): chunks ``K-1 .. 1`` in
+    reverse time with ``A^T``."""
+    num_chunks = triton.cdiv(u.shape[1], chunk_len) - 1
+    ends = _empty_states(u, num_chunks, A.dtype)
+    adjoint = adjoint_scales is not None
+    _launch("chunk_ends", u, A, chunk_len, num_chunks, ends, adjoint=adjoint, first_chunk=1 if adjoint else 0,
+            u_log_scale=adjoint_scales)
+    return ends
+
+
+def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, initial: Optional[ScaledRows] = None) -> ScaledRows:
+    """Stage 2: the states entering the chunks, ``S_k = S_{k-1} P + E_{k-1}``: the recurrence
+    over the ``K - 1`` chunk ends ``E`` (as stage 1 gives them), with ``P = A^L`` from
+    ``initial`` (forward: the states entering chunks ``1 .. K-1``), or with ``P = (A^T)^L``
+    from zero in reverse time (``initial`` None, the adjoint: entering chunks ``K-2 .. 0``).
+    ``power``: ``P`` as :func:`_power` gives it. Returns ``[B, K - 1, n, 1]`` / ``[..., d]``
+    in time order."""
+    steps = ends.rows.shape[1]
+    carry = _empty_states(ends.rows, steps, power.rows.dtype)
+    _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=initial is None, u_log_scale=ends.log_scale,
+            a_log_scale=power.log_scale, start=initial)
+    return carry
+
+
+def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[ScaledRows]) -> ScaledRows:
+    """Stage 3: every chunk of ``u`` from the state entering it (``initial`` for the first,
+    ``carry`` from stage 2 for the others, None when there is one chunk): the states
+    ``[B, T, n, 1]`` / ``[B, T, n, d]``."""
+    states = _empty_states(u, u.shape[1], A.dtype)
+    _launch("steps", u, A, chunk_len, triton.cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry)
+    return states
+
+
+def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, states: ScaledRows,
+                        carry: Optional[ScaledRows], u_dtype: torch.dtype) -> AdjointSteps:
+    """Stage 3 of the backward pass: every chunk of the adjoint recurrence, inputs ``g_t =
+    grad_rows`` at log-scales ``-s_t`` of the forward ``states``, from the adjoint entering it
+    (``carry``; zero for the last chunk): the gradients of ``u`` (in ``u_dtype``), of ``A``
+    and of the initial rows, per sequence."""
+    batch, seq_len, n, d = grad_rows.shape
+    num_chunks = triton.cdiv(seq_len, chunk_len)
+    grad_u = torch.empty(batch, seq_len, n, d, dtype=u_dtype, device=grad_rows.device)
+    grad_a = torch.empty(math.prod(_grid(grad_rows, num_chunks)), d, d, dtype=A.dtype, device=grad_rows.device)
+    grad_init = torch.empty(batch, n, d, dtype=A.dtype, device=grad_rows.device)
+    _launch("steps", grad_rows, A, chunk_len, num_chunks, ScaledRows(grad_rows.new_empty(0), grad_u), adjoint=True,
+            u_log_scale=states.log_scale, carry=carry, forward_states=states, init=initial, grad_a=grad_a,
+            grad_init=grad_init)
+    return AdjointSteps(grad_u, grad_a.sum(0), grad_init)
 
 
 def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRows:
@@ -307,31 +341,23 @@ def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRow
 
 
 def _forward(u, A, initial: ScaledRows, chunk_len: int) -> ScaledRows:
-    num_chunks = triton.cdiv(u.shape[1], chunk_len)
     carry = None
-    if num_chunks > 1:  # the states entering chunks 1 .. K-1
-        local_ends = _recurrence(u, A, chunk_len, num_chunks - 1, ends=True)["ends"]
-        power = _power(A, chunk_len)
-        carry = _recurrence(local_ends.rows, power.rows, num_chunks - 1, 1, u_log_scale=local_ends.log_scale,
-                            a_log_scale=power.log_scale, start=initial, steps=True)["steps"]
-    return _recurrence(u, A, chunk_len, num_chunks, start=initial, carry=carry, steps=True)["steps"]
+    if triton.cdiv(u.shape[1], chunk_len) > 1:
+        ends = _chunk_end_states(u, A, chunk_len)
+        carry = _carry_across_chunks(ends, _power(A, chunk_len), initial)
+    return _every_step(u, A, chunk_len, initial, carry)
 
 
 def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype):
     """The adjoint recurrence with ``A^T``, its inputs ``g_t`` at log-scales ``-s_t`` (``d loss
     / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as ``initial.rows``)."""
-    num_chunks = triton.cdiv(grad_rows.shape[1], chunk_len)
-    adjoint = dict(reverse=True, transpose=True, u_log_scale=states.log_scale, negate_u_scale=True)
     carry = None
-    if num_chunks > 1:  # the adjoints entering chunks 0 .. K-2 from the right
-        local_ends = _recurrence(grad_rows, A, chunk_len, num_chunks - 1, first_chunk=1, ends=True, **adjoint)["ends"]
-        power = _power(A, chunk_len, transpose=True)
-        carry = _recurrence(local_ends.rows, power.rows, num_chunks - 1, 1, reverse=True,
-                            u_log_scale=local_ends.log_scale, a_log_scale=power.log_scale, steps=True)["steps"]
-    out = _recurrence(grad_rows, A, chunk_len, num_chunks, carry=carry, steps=True, plain_dtype=u_dtype,
-                      gradients_from=(states, initial), **adjoint)
+    if triton.cdiv(grad_rows.shape[1], chunk_len) > 1:
+        ends = _chunk_end_states(grad_rows, A, chunk_len, adjoint_scales=states.log_scale)
+        carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True))
+    grad_u, grad_A, grad_init = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry, u_dtype)
     shared_init = initial.log_scale.numel() == 0
-    return out["steps"], out["grad_a"], out["grad_init"].sum(0) if shared_init else out["grad_init"]
+    return grad_u, grad_A, grad_init.sum(0) if shared_init else grad_init
 
 
 @torch.library.custom_op("goom_ssm::scan", mutates_args=())

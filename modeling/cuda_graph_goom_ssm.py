@@ -29,8 +29,10 @@ from typing import Optional
 
 import torch
 
+from ..layers import GoomSSMBlock
 from ..scan import ScaledRows
-from ..triton_decode import HAS_TRITON, decode_step, head_logits
+from ..triton_common import HAS_TRITON
+from ..triton_decode import head_logits
 
 
 _DECODERS = weakref.WeakKeyDictionary()  # model -> {(batch size, autocast dtype): CUDAGraphDecoder}
@@ -39,10 +41,6 @@ _DECODERS = weakref.WeakKeyDictionary()  # model -> {(batch size, autocast dtype
 def decoders_of(model) -> dict:
     """The captured decoders of ``model``, by (batch size, autocast dtype)."""
     return _DECODERS.setdefault(model, {})
-
-
-def _fused_layer_step(layer, hidden_states, state, mask):
-    return decode_step(layer, hidden_states, state, mask, out_state=state)
 
 
 class CUDAGraphDecoder:
@@ -54,7 +52,7 @@ class CUDAGraphDecoder:
     def __init__(self, model, batch_size: int):
         config, device = model.config, model.device
         fused = HAS_TRITON and config.scan_implementation in ("auto", "triton")
-        self.call_layer = _fused_layer_step if fused else None
+        self.call_layer = GoomSSMBlock.fused_decode_step if fused else None
         head = model.lm_head  # the fused head is a bias-free linear map, as the model's own
         self.fused_head = fused and head.bias is None
         ssm = model.backbone.layers[0].ssm
@@ -92,7 +90,7 @@ class CUDAGraphDecoder:
             if new.rows is not buffer.rows:  # the fused step writes into the buffers themselves
                 buffer.log_scale.copy_(new.log_scale)
                 buffer.rows.copy_(new.rows)
-        return head_logits(model.lm_head, hidden) if self.fused_head else model.lm_head(hidden).float()
+        return head_logits(hidden, model.lm_head.weight) if self.fused_head else model.lm_head(hidden).float()
 
     def is_valid_for(self, model) -> bool:
         """False once the model's parameters were moved or replaced (the graph reads the old memory)."""

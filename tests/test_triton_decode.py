@@ -35,17 +35,25 @@ def clone(state):
     return ScaledRows(state.log_scale.clone(), state.rows.clone())
 
 
+def fused_step(block, hidden, state, **options):
+    """:func:`decode_step` with ``block``'s tensors."""
+    ssm = block.ssm
+    return decode_step(hidden, state, norm_weight=block.norm.weight, norm_bias=block.norm.bias, norm_eps=block.norm.eps,
+                       A=ssm.A, B=ssm.B, C=ssm.C, D=ssm.D, out_weight=block.out_proj.weight, **options)
+
+
 @pytest.mark.parametrize("batch", [1, 3, 65])
 @torch.no_grad()
 def test_float64_step_equals_the_layer_with_padding_in_place(batch):
     """Sizes that are not powers of two; batch 65 spans two row blocks. Every third sequence
-    is padded: its state must come back unchanged, bit for bit."""
+    is padded: its state must come back unchanged, bit for bit. The layer's own fused step
+    (what the CUDA-graph decoder runs) updates the state in place."""
     block, hidden, state = make_case(batch, 40, 3, 5, torch.float64)
     mask = (torch.arange(batch) % 3 != 1)[:, None].to(hidden.device)
     expected_hidden, expected_state = block(hidden, state, mask)
 
     buffers = clone(state)
-    out, new_state = decode_step(block, hidden, buffers, mask, out_state=buffers)
+    out, new_state = block.fused_decode_step(hidden, buffers, mask)
     assert new_state.rows is buffers.rows and out.shape == hidden.shape and out.dtype == hidden.dtype
     assert torch.allclose(out, expected_hidden, rtol=1e-12, atol=1e-12)
     assert torch.allclose(new_state.rows, expected_state.rows, rtol=1e-12, atol=1e-12)
@@ -59,7 +67,7 @@ def test_float64_step_equals_the_layer_with_padding_in_place(batch):
 def test_new_state_tensors_leave_the_old_state_alone():
     block, hidden, state = make_case(2, 24, 2, 4, torch.float64)
     kept = clone(state)
-    out, new_state = decode_step(block, hidden, state)
+    out, new_state = fused_step(block, hidden, state)
     expected_hidden, expected_state = block(hidden, kept)
     assert torch.equal(state.rows, kept.rows) and torch.equal(state.log_scale, kept.log_scale)
     assert torch.allclose(out, expected_hidden, rtol=1e-12, atol=1e-12)
@@ -73,7 +81,7 @@ def test_float32_error_is_that_of_the_layer():
     block, hidden, state = make_case(4, 96, 24, 32, torch.float32)
     exact = copy.deepcopy(block).double()(hidden.double(), ScaledRows(*(t.double() for t in state)))
     eager = block(hidden, state)
-    fused = decode_step(block, hidden, state)
+    fused = fused_step(block, hidden, state)
     for ours, theirs, want in zip((fused[0], fused[1].rows), (eager[0], eager[1].rows), (exact[0], exact[1].rows)):
         assert norm_relative_error(ours, want) <= 2 * norm_relative_error(theirs, want) + 1e-7
 
@@ -92,7 +100,7 @@ def test_half_precision_error_is_that_of_the_layer(weights, batch):
     exact = copy.deepcopy(block).double()(hidden.double(), ScaledRows(*(t.double() for t in state)))
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights == "autocast"):
         eager = block(hidden, state)
-        fused = decode_step(block, hidden, state)
+        fused = fused_step(block, hidden, state)
     assert fused[0].dtype == eager[0].dtype
     for ours, theirs, want in zip((fused[0], fused[1].rows), (eager[0], eager[1].rows), (exact[0], exact[1].rows)):
         assert norm_relative_error(ours, want) <= 1.5 * norm_relative_error(theirs, want)
@@ -110,12 +118,12 @@ def test_head_equals_the_linear_layer(batch):
     """float64 to rounding, and float32 within twice the linear layer's error, a vocabulary
     that is not a multiple of the block."""
     head, hidden = make_head(batch, 40, 97, torch.float64)
-    logits = head_logits(head, hidden)
+    logits = head_logits(hidden, head.weight)
     assert logits.shape == (batch, 1, 97) and logits.dtype == torch.float32
     assert torch.equal(logits, head(hidden).float())  # float64 sums agree long before the cast
     head, hidden = head.float(), hidden.float()
     exact = head.double()(hidden.double())
-    assert norm_relative_error(head_logits(head.float(), hidden), exact) <= 2 * norm_relative_error(
+    assert norm_relative_error(head_logits(hidden, head.float().weight), exact) <= 2 * norm_relative_error(
         head.float()(hidden), exact) + 1e-7
 
 
@@ -131,6 +139,6 @@ def test_half_precision_head_is_the_linear_layer(weights, batch):
         head, hidden = head.to(torch.bfloat16), hidden.to(torch.bfloat16)
     exact = copy.deepcopy(head).double()(hidden.double())
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=weights == "autocast"):
-        ours, theirs = head_logits(head, hidden), head(hidden).float()
+        ours, theirs = head_logits(hidden, head.weight), head(hidden).float()
     assert ours.dtype == torch.float32 and torch.equal(ours, ours.bfloat16().float())
     assert norm_relative_error(ours, exact) <= 1.5 * norm_relative_error(theirs, exact)
