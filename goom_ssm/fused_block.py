@@ -8,9 +8,8 @@ as some 30 operations forward and 45 backward, each an autograd node with its ow
 cost. At the batch sizes where a training step is bound by the host (the 124M model's 24
 layers at batch 8 x 1024 on an H200), :class:`FusedBlock` runs the same operations, in the
 same dtypes and order, as one node with a hand-written backward: about 20 operations forward
-and 30 backward (many of them views), none with autograd's bookkeeping. Measured on an H200: host time of a
-tiny training step 52 -> 37 ms; batch 8 x 1024, 136,758 -> 177,450 tokens/s (together with
-the padded head of ``GoomSSMForCausalLM._logits``).
+and 30 backward (many of them views), none with autograd's bookkeeping, which shortens such a
+step (timings: ``benchmarks/results/design_notes.md``).
 
 ``GoomSSMBlock`` uses it when it trains in eager mode with the Triton scan from the layer's
 own initial state, without a padding mask, with float32 (or float64) parameters, under

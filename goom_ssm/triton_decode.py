@@ -166,12 +166,12 @@ if HAS_TRITON:
         tl.store(out_ptr + m[:, None] * V + n[None, :], logits, mask=m_ok[:, None] & n_ok[None, :])
 
 
-# Launch configuration (measured on an H200): output columns per program (more programs read
+# Launch configuration (tuned on an H200): output columns per program (more programs read
 # the weights in parallel); bytes of each weight row per reduction step (fewer, larger loads
 # in flight); rows per program: 16, or 32 above 16 sequences. The GLU and output-projection
 # kernels (one program per column block of E, against 2E for the input projections) run
-# twice as many programs of 16 columns with 2 warps: a graph replay of the 124M model's
-# step (bf16) took 457 instead of 481 us at batch 1 and 662 instead of 711 at batch 64.
+# twice as many programs of 16 columns with 2 warps: a faster graph replay of the decoding
+# step (timings: benchmarks/results/design_notes.md).
 BLOCK_N, BLOCK_K_BYTES = 32, 512
 NUM_WARPS, NUM_STAGES = 4, 3
 OUTPUT_BLOCK_N, OUTPUT_NUM_WARPS = 16, 2

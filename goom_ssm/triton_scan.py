@@ -45,10 +45,8 @@ from .scan import ScaledRows
 from .triton_common import HAS_TRITON, tl, triton
 
 NO_STATE_LOG_SCALE = -1e30  # log-scale of "no state yet": a zero row that any input outweighs
-# Measured on an H200 (rows of 32, 1024 programs): a step of 8 rows takes 1.3 us in one warp,
-# 10.5 us in four.
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
-NUM_WARPS = 1
+NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
 MIN_CHUNK, MAX_CHUNK = 16, 256
 
 
@@ -390,9 +388,8 @@ def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int) -> tuple[torch
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
     ``init_rows [n, d]``): log-scales ``[B, T, n, 1]`` and rows ``[B, T, n, d]``. Under
     ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph); in eager mode
-    a direct call: an operator's dispatch cost more host time than its kernels (H200, forward
-    + backward at tiny sizes: 1.19 ms through the operators, 0.39 ms direct; the 24 layers of
-    a training step 72 -> 52 ms)."""
+    a direct call: an operator's dispatch costs more host time than its kernels (timings:
+    ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
         return _scan_op(u, A, init_log_scale, init_rows, chunk_len)
     return tuple(_forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len))
@@ -409,8 +406,8 @@ def scan_backward(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chun
 
 class _Scan(torch.autograd.Function):
     """Autograd of :func:`scan_forward` (``torch.compile`` traces this class and keeps the
-    operators whole; the operators' own ``register_autograd`` wrapper cost ~0.8 ms of host
-    time per layer and training step)."""
+    operators whole; the operators' own ``register_autograd`` wrapper costs more host time:
+    ``benchmarks/results/design_notes.md``)."""
 
     @staticmethod
     def forward(ctx, u, A, init_log_scale, init_rows, chunk_len):
