@@ -93,6 +93,36 @@ def test_folder_holds_the_packages_tokenizer_files(tmp_path):
     assert config["vocab_size"] == GPT2_VOCAB_SIZE
 
 
+def test_folder_is_float32():
+    """Weights and config are float32, so ``from_pretrained`` and ``from_config`` give a
+    float32 model by default: one that trains as loaded (half-precision parameters would
+    need mixed-precision training)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
+    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["dtype"] == "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert AutoConfig.from_pretrained(DEFAULT_MODEL_DIR).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_from_config_of_the_folder(dtype):
+    """``from_config(AutoConfig.from_pretrained(folder))`` on CPU builds the model in the
+    folder's dtype (float32), or in the one asked for; its forward pass is finite."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL_DIR)
+    model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+    assert {p.dtype for p in model.parameters()} == {dtype or torch.float32}
+    ids = torch.tensor([[464, 2068, 7586, 21831, 11, 50256, 198]])
+    with torch.no_grad():
+        output = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(output.logits).all() and torch.isfinite(output.loss)
+
+
 def test_auto_tokenizer_loads_offline_with_gpt2_ids(offline, tiktoken_gpt2):
     """Same ids as gpt2_hf_tokenizer() and tiktoken's "gpt2", and decode() gives the text back."""
     from transformers import AutoTokenizer
