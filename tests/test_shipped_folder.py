@@ -108,6 +108,24 @@ def test_folder_is_float32():
     assert AutoConfig.from_pretrained(DEFAULT_MODEL_DIR).dtype == torch.float32
 
 
+def test_card_states_the_run_of_its_step_log():
+    """The card's schedule and final training loss are those of the run's step log
+    (train_log.jsonl, shipped beside it)."""
+    log = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == list(range(1, len(log) + 1))
+    lrs = [record["lr"] for record in log]
+    peak = max(range(len(lrs)), key=lrs.__getitem__) + 1
+    assert lrs[0] == pytest.approx(1e-5) and lrs[peak - 1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
+    assert log[peak - 1]["beta1"] == pytest.approx(0.85) and log[0]["beta1"] == log[-1]["beta1"] == pytest.approx(0.99)
+    last10 = sum(record["loss"] for record in log[-10:]) / 10
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    assert (f"one-cycle (cosine) over {len(log)} steps: LR 1e-5 at step 1, up to 1e-3 at step {peak}, down to 1e-5 "
+            f"at step {len(log)}; beta1 0.99 -> 0.85 (step {peak}) -> 0.99") in card
+    assert (f"| final training loss | {log[-1]['loss']:.2f} nats/token at step {len(log)}, {last10:.2f} averaged over "
+            f"steps {len(log) - 9}-{len(log)} (train batches) |") in card
+    assert f"| tokens seen | {log[-1]['tokens']:,} " in card
+
+
 @pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
 def test_from_config_of_the_folder(dtype):
     """``from_config(AutoConfig.from_pretrained(folder))`` on CPU builds the model in the
