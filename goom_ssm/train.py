@@ -249,22 +249,17 @@ def build_optimizer_and_schedule(model, args, total_steps: int):
     return optimizer, scheduler
 
 
-def _without_tied_weights(accelerator):
-    """A ``save_state`` pre-hook that leaves out of each model's weights the parameters tied
-    to another one (``lm_head.weight``, the embedding's), as ``save_pretrained`` does:
-    safetensors stores no tensor twice, and ``load_state`` ties them again. (Otherwise
-    accelerate drops them itself, with a "Removed shared tensor" notice at every save.)"""
-
-    def hook(models, weights, output_dir):
-        for model, state in zip(models, weights):
-            unwrapped = accelerator.unwrap_model(model)
-            prefix = next(name for name, module in model.named_modules() if module is unwrapped)  # DDP: "module"
-            for target, source in unwrapped.all_tied_weights_keys.items():
-                target, source = (f"{prefix}.{name}" if prefix else name for name in (target, source))
-                if state[target].data_ptr() == state[source].data_ptr():
-                    del state[target]
-
-    return hook
+def _without_tied_weights(models, weights, output_dir) -> None:
+    """A ``save_state`` pre-hook: leaves out of each model's weights the parameters tied to
+    another one (``lm_head.weight``, the embedding's), as ``save_pretrained`` does, since
+    safetensors stores no tensor twice; ``load_state`` ties them again. (Otherwise accelerate
+    drops them itself, with a "Removed shared tensor" notice at every save.) ``models`` are
+    the models as given to ``prepare`` (not their DDP or compiled wrappers), ``weights``
+    their state dicts."""
+    for model, state in zip(models, weights):
+        for target, source in model.all_tied_weights_keys.items():
+            if state[target].data_ptr() == state[source].data_ptr():
+                del state[target]
 
 
 def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int]) -> Path:
@@ -275,7 +270,7 @@ def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    handle = accelerator.register_save_state_pre_hook(_without_tied_weights(accelerator))
+    handle = accelerator.register_save_state_pre_hook(_without_tied_weights)
     try:
         accelerator.save_state(str(tmp))
     finally:
