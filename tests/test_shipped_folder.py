@@ -1,6 +1,7 @@
 """The shipped model folder (and every folder training writes) loads offline with the Auto
 classes and ``pipeline``: its tokenizer files give GPT-2's ids, and the pipeline generates
-what ``model.generate`` does."""
+what ``model.generate`` does. The folder is float32 (``from_config`` of its config works in
+any dtype), and its card states the run of its step log."""
 
 import hashlib
 import json
