@@ -146,10 +146,17 @@ def build_model(args, tokenizer):
     return model
 
 
+def one_cycle_start(args, total_steps: int) -> tuple[float, int]:
+    """The one-cycle schedule's learning rate at step 1 (``--initial-lr``, by default
+    ``--final-lr``) and its warm-up: the step of the peak, ``--warmup-steps`` but at most
+    half of ``total_steps``."""
+    initial_lr = args.final_lr if args.initial_lr is None else args.initial_lr
+    return initial_lr, min(args.warmup_steps, total_steps // 2)
+
+
 def build_optimizer_and_schedule(model, args, total_steps: int):
     """AdamW over the model's two parameter groups and the one-cycle LR/beta1 schedule."""
-    initial_lr = args.final_lr if args.initial_lr is None else args.initial_lr
-    warmup = min(args.warmup_steps, total_steps // 2)
+    initial_lr, warmup = one_cycle_start(args, total_steps)
     if warmup < 2:
         raise ValueError(f"the one-cycle schedule needs at least 2 warm-up steps and as many after; "
                          f"got --warmup-steps {args.warmup_steps} and {total_steps} steps in all")
@@ -163,14 +170,32 @@ def build_optimizer_and_schedule(model, args, total_steps: int):
     return optimizer, scheduler
 
 
+def _without_tied_weights(models, weights, output_dir) -> None:
+    """A ``save_state`` pre-hook: leaves out of each model's weights the parameters tied to
+    another one (``lm_head.weight``, the embedding's), as ``save_pretrained`` does, since
+    safetensors stores no tensor twice; ``load_state`` ties them again. (Otherwise accelerate
+    drops them itself, with a "Removed shared tensor" notice at every save.) ``models`` are
+    the models as given to ``prepare`` (not their DDP or compiled wrappers), ``weights``
+    their state dicts."""
+    for model, state in zip(models, weights):
+        for target, source in model.all_tied_weights_keys.items():
+            if state[target].data_ptr() == state[source].data_ptr():
+                del state[target]
+
+
 def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int]) -> Path:
-    """``save_state`` into a temporary folder, then rename it to ``checkpoint-{step}``."""
+    """``save_state`` (tied weights stored once) into a temporary folder, then rename it to
+    ``checkpoint-{step}``."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    handle = accelerator.register_save_state_pre_hook(_without_tied_weights)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         move_into_place(tmp, final)  # an older run's checkpoint of this step is replaced only now
@@ -446,7 +471,7 @@ def train(args: argparse.Namespace) -> dict:
             unwrapped = accelerator.unwrap_model(model)
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
             tokenizer.save_pretrained(tmp)
-            write_training_card(tmp, unwrapped, args, state, accelerator.num_processes, tokens_per_second, eval_loss)
+            write_training_card(tmp, unwrapped, args, state, accelerator.mixed_precision, tokens_per_second, eval_loss)
             move_into_place(tmp, final_dir)
         accelerator.wait_for_everyone()
     if main:
@@ -461,24 +486,32 @@ def train(args: argparse.Namespace) -> dict:
             "final_dir": str(final_dir) if final_dir else None, "eval_loss": eval_loss}
 
 
-def write_training_card(folder: Path, model, args: argparse.Namespace, state, num_processes: int,
+def write_training_card(folder: Path, model, args: argparse.Namespace, state: TrainState, mixed_precision: str,
                         tokens_per_second: float, eval_loss: Optional[float]) -> None:
-    """README.md model card of a trained model, filled with this run's recipe and numbers."""
+    """README.md model card of a trained model, filled with this run's recipe and numbers:
+    the schedule and batch as the run used them (``state.settings``; ``mixed_precision`` as
+    the accelerator resolved it)."""
     from .model_card import write_model_card
 
+    settings = state.settings
+    total = settings["max_steps"]
+    initial_lr, warmup = one_cycle_start(args, total)
+    micro, accumulation = settings["micro_batch_size"], settings["gradient_accumulation_steps"]
     training = "\n".join([
         "| | |", "|---|---|",
         f"| data | {', '.join(str(d) for d in args.data)} |",
         f"| tokenizer | {args.tokenizer} |",
         f"| optimizer steps | {state.step} |",
         f"| tokens seen | {state.tokens:,} |",
-        f"| global batch | {args.batch_size} sequences of {args.block_size} tokens |",
+        f"| global batch | {micro * accumulation * settings['num_processes']} sequences of {settings['block_size']} "
+        f"tokens (micro-batches of {micro}, {accumulation} accumulated per step) |",
         f"| optimizer | AdamW, weight decay {args.weight_decay} (none on LayerNorm), beta2 {args.beta2} |",
-        f"| schedule | one-cycle: LR up to {args.lr} in {args.warmup_steps} steps, down to {args.final_lr}; "
-        f"beta1 {args.max_momentum} -> {args.base_momentum} -> {args.max_momentum} |",
+        f"| schedule | one-cycle (cosine) over {total} steps: LR {initial_lr:g} at step 1, up to {args.lr:g} at step "
+        f"{warmup}, down to {args.final_lr:g} at step {total}; beta1 {args.max_momentum:g} -> "
+        f"{args.base_momentum:g} (step {warmup}) -> {args.max_momentum:g} |",
         f"| gradient clipping | {args.max_grad_norm} |",
-        f"| mixed precision | {args.mixed_precision} (GOOM states in float32) |",
-        f"| processes | {num_processes} |",
+        f"| mixed precision | {mixed_precision} (GOOM states in float32) |",
+        f"| processes | {settings['num_processes']} |",
         f"| throughput | {tokens_per_second:,.0f} tokens/s |",
     ])
     if eval_loss is not None:
