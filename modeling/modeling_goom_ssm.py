@@ -574,7 +574,8 @@ class GoomSSMForSequenceClassification(GoomSSMPreTrainedModel):
         if tuple(labels.shape) not in expected:
             raise ValueError(f"{problem_type} with num_labels={num_labels} needs labels of shape "
                              f"{' or '.join(map(str, expected))}, got {tuple(labels.shape)}")
-        labels = labels.reshape(batch) if problem_type == "single_label_classification" else labels.reshape(logits.shape)
+        single_label = problem_type == "single_label_classification"
+        labels = labels.reshape(batch) if single_label else labels.reshape(logits.shape)
         return _classification_loss(logits, labels, problem_type, **kwargs)
 
 

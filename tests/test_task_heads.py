@@ -210,7 +210,8 @@ def test_token_classification_loss_leaves_out_minus_100_labels():
 
 
 @pytest.mark.parametrize("model_class, output_class", [
-    (GoomSSMForSequenceClassification, SequenceClassifierOutput), (GoomSSMForTokenClassification, TokenClassifierOutput),
+    (GoomSSMForSequenceClassification, SequenceClassifierOutput),
+    (GoomSSMForTokenClassification, TokenClassifierOutput),
 ])
 def test_outputs_keywords_and_labels_config(model_class, output_class):
     id2label = {0: "negative", 1: "neutral", 2: "positive"}
@@ -253,8 +254,9 @@ def causal_lm_folder(tmp_path_factory):
 def test_heads_load_a_language_model_and_initialise_themselves_with_init_weights(causal_lm_folder):
     lm = AutoModelForCausalLM.from_pretrained(causal_lm_folder)
     bound = 1 / tiny_config().hidden_size ** 0.5
-    for auto_class, model_class, head in ((AutoModelForSequenceClassification, GoomSSMForSequenceClassification, "score"),
-                                          (AutoModelForTokenClassification, GoomSSMForTokenClassification, "classifier")):
+    heads = [(AutoModelForSequenceClassification, GoomSSMForSequenceClassification, "score"),
+             (AutoModelForTokenClassification, GoomSSMForTokenClassification, "classifier")]
+    for auto_class, model_class, head in heads:
         model = auto_class.from_pretrained(causal_lm_folder, num_labels=4)
         assert type(model) is model_class
         for name, value in lm.backbone.state_dict().items():
