@@ -1,8 +1,9 @@
 """GOOM-SSM language models: deep RNNs whose layers run a non-diagonal linear state-space
 recurrence over generalized orders of magnitude (GOOMs), for Hugging Face transformers.
 
-Importing ``goom_ssm`` registers the model with ``AutoConfig``, ``AutoModel`` and
-``AutoModelForCausalLM`` (model_type ``"goom_ssm"``). It is quick: the model classes and
+Importing ``goom_ssm`` registers the model with ``AutoConfig``, ``AutoModel``,
+``AutoModelForCausalLM``, ``AutoModelForSequenceClassification`` and
+``AutoModelForTokenClassification`` (model_type ``"goom_ssm"``). It is quick: the model classes and
 layers are imported on first use (see :mod:`goom_ssm.modeling`).
 """
 
@@ -23,6 +24,8 @@ _LAZY = {
     "GoomSSMBlock": ".layers",
     "GoomSSMCache": ".modeling",
     "GoomSSMForCausalLM": ".modeling",
+    "GoomSSMForSequenceClassification": ".modeling",
+    "GoomSSMForTokenClassification": ".modeling",
     "GoomSSMModel": ".modeling",
     "GoomSSMPreTrainedModel": ".modeling",
 }

@@ -32,8 +32,9 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 
@@ -146,10 +147,17 @@ def build_model(args, tokenizer):
     return model
 
 
+def one_cycle_start(args, total_steps: int) -> tuple[float, int]:
+    """The one-cycle schedule's learning rate at step 1 (``--initial-lr``, by default
+    ``--final-lr``) and its warm-up: the step of the peak, ``--warmup-steps`` but at most
+    half of ``total_steps``."""
+    initial_lr = args.final_lr if args.initial_lr is None else args.initial_lr
+    return initial_lr, min(args.warmup_steps, total_steps // 2)
+
+
 def build_optimizer_and_schedule(model, args, total_steps: int):
     """AdamW over the model's two parameter groups and the one-cycle LR/beta1 schedule."""
-    initial_lr = args.final_lr if args.initial_lr is None else args.initial_lr
-    warmup = min(args.warmup_steps, total_steps // 2)
+    initial_lr, warmup = one_cycle_start(args, total_steps)
     if warmup < 2:
         raise ValueError(f"the one-cycle schedule needs at least 2 warm-up steps and as many after; "
                          f"got --warmup-steps {args.warmup_steps} and {total_steps} steps in all")
@@ -163,14 +171,32 @@ def build_optimizer_and_schedule(model, args, total_steps: int):
     return optimizer, scheduler
 
 
+def _without_tied_weights(models, weights, output_dir) -> None:
+    """A ``save_state`` pre-hook: leaves out of each model's weights the parameters tied to
+    another one (``lm_head.weight``, the embedding's), as ``save_pretrained`` does, since
+    safetensors stores no tensor twice; ``load_state`` ties them again. (Otherwise accelerate
+    drops them itself, with a "Removed shared tensor" notice at every save.) ``models`` are
+    the models as given to ``prepare`` (not their DDP or compiled wrappers), ``weights``
+    their state dicts."""
+    for model, state in zip(models, weights):
+        for target, source in model.all_tied_weights_keys.items():
+            if state[target].data_ptr() == state[source].data_ptr():
+                del state[target]
+
+
 def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int]) -> Path:
-    """``save_state`` into a temporary folder, then rename it to ``checkpoint-{step}``."""
+    """``save_state`` (tied weights stored once) into a temporary folder, then rename it to
+    ``checkpoint-{step}``."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
+    handle = accelerator.register_save_state_pre_hook(_without_tied_weights)
+    try:
+        accelerator.save_state(str(tmp))
+    finally:
+        handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         move_into_place(tmp, final)  # an older run's checkpoint of this step is replaced only now
@@ -227,17 +253,65 @@ def evaluate(model, loader, accelerator, max_batches: int) -> float:
 # --------------------------------------------------------------------------- training
 
 
+@dataclass
+class Run:
+    """What the stages of one training run (:func:`train`) share."""
+
+    args: argparse.Namespace
+    accelerator: "accelerate.Accelerator"
+    report_to: list[str]
+    num_processes: int
+    accumulation: int  # micro-batches per optimizer step and process
+    checkpoints: list[Path]  # complete checkpoints in the output folder at the start
+    tokenizer: object = None
+    train_loader: object = None
+    sampler: Optional[EpochSampler] = None
+    val_loader: object = None
+    max_steps: int = 0
+    model: object = None
+    optimizer: object = None
+    scheduler: object = None
+    state: Optional[TrainState] = None
+    last_saved: int = 0  # step of the newest checkpoint
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def save_checkpoint(self) -> None:
+        _atomic_save_state(self.accelerator, self.output_dir, self.state.step, self.args.keep_checkpoints)
+        self.last_saved = self.state.step
+
+    def log(self, values: dict) -> None:
+        if self.report_to:
+            self.accelerator.log(values, step=self.state.step)
+
+
 def train(args: argparse.Namespace) -> dict:
-    """Run the training that ``args`` (``goom_ssm.cli.parse_args(["train", ...])``) describe.
+    """Run the training that ``args`` (``goom_ssm.cli.parse_args(["train", ...])``) describe:
+    set up the accelerator, the data, the model and its optimizer, run the loop, save.
 
     Returns ``{"steps", "losses" (per optimizer step of this call), "tokens_per_second",
     "final_dir", "eval_loss"}`` on every process.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
-    from tqdm.auto import tqdm
+    run = _set_up(args)
+    _load_data(run)
+    _build_model_and_optimizer(run)
+    losses, eval_loss, tokens_per_second = _loop(run)
+    final_dir, eval_loss = _finish(run, tokens_per_second, eval_loss)
+    return {"steps": run.state.step, "losses": losses, "tokens_per_second": tokens_per_second,
+            "final_dir": str(final_dir) if final_dir else None, "eval_loss": eval_loss}
 
-    from .data import build_datasets, resolve_tokenizer
+
+def _set_up(args: argparse.Namespace) -> Run:
+    """The accelerator (processes, mixed precision, gradient accumulation, trackers), after
+    refusing to mix a new run into an old one (or clearing the old one with ``--overwrite``)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import GradientAccumulationPlugin, set_seed
 
     output_dir = Path(args.output_dir)
     if args.deterministic:
@@ -259,8 +333,6 @@ def train(args: argparse.Namespace) -> dict:
     # accelerate only runs several processes on a host without GPUs when told to use the CPU.
     multi_process = int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("LOCAL_RANK", "-1")) >= 0
     cpu = args.cpu or (multi_process and not torch.cuda.is_available())
-    from accelerate import PartialState
-
     num_processes = PartialState(cpu=cpu).num_processes
     accumulation = args.gradient_accumulation_steps
     if accumulation is None:
@@ -274,10 +346,8 @@ def train(args: argparse.Namespace) -> dict:
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
-    main = accelerator.is_main_process
     set_seed(args.seed)
 
-    # Refuse to mix a new run into an old one.
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
     checkpoints = list_checkpoints(output_dir) if output_dir.exists() else []
@@ -286,94 +356,109 @@ def train(args: argparse.Namespace) -> dict:
             raise FileExistsError(f"{output_dir} already holds a run; pass --resume to continue it, --overwrite to "
                                   f"start afresh (deleting its checkpoints, final model and logs), or use another folder")
         accelerator.wait_for_everyone()
-        if main:
+        if accelerator.is_main_process:
             remove_run(output_dir)
         accelerator.wait_for_everyone()
         checkpoints = []
+    return Run(args=args, accelerator=accelerator, report_to=report_to, num_processes=num_processes,
+               accumulation=accumulation, checkpoints=checkpoints)
 
-    # Data (tokenized once by the main process; the others then read the datasets cache).
-    tokenizer = resolve_tokenizer(args.tokenizer)
+
+def _load_data(run: Run) -> None:
+    """The tokenizer, the training and held-out loaders, and the number of optimizer steps.
+    The data are tokenized once, by the main process; the others then read the datasets cache."""
+    from .data import build_datasets, resolve_tokenizer
+
+    args = run.args
+    run.tokenizer = resolve_tokenizer(args.tokenizer)
     load_kwargs = dict(name=args.data_config, split=args.data_split, sample_by=args.sample_by, cache_dir=args.cache_dir)
-    with accelerator.main_process_first():
+    with run.accelerator.main_process_first():
         train_data, val_data = build_datasets(
-            args.data if len(args.data) > 1 else args.data[0], tokenizer, args.block_size, streaming=args.streaming,
-            validation_fraction=args.validation_split, validation_source=args.validation_data,
-            text_column=args.text_column, num_proc=args.num_proc, seed=args.seed,
-            shuffle_buffer=0 if args.no_shuffle else args.shuffle_buffer, **load_kwargs,
+            args.data if len(args.data) > 1 else args.data[0], run.tokenizer, args.block_size,
+            streaming=args.streaming, validation_fraction=args.validation_split,
+            validation_source=args.validation_data, text_column=args.text_column, num_proc=args.num_proc,
+            seed=args.seed, shuffle_buffer=0 if args.no_shuffle else args.shuffle_buffer, **load_kwargs,
         )
     loader_kwargs = dict(batch_size=args.micro_batch_size, drop_last=True, num_workers=args.num_workers)
     if args.streaming:
-        sampler = None
-        train_loader = torch.utils.data.DataLoader(train_data, **loader_kwargs)
+        run.train_loader = torch.utils.data.DataLoader(train_data, **loader_kwargs)
     else:
-        if len(train_data) < args.micro_batch_size * num_processes:
+        if len(train_data) < args.micro_batch_size * run.num_processes:
             raise ValueError(f"only {len(train_data)} blocks of {args.block_size} tokens: fewer than one micro-batch "
                              f"per process; use less --block-size or --micro-batch-size, or more data")
-        sampler = EpochSampler(len(train_data), args.seed, shuffle=not args.no_shuffle)
-        train_loader = torch.utils.data.DataLoader(train_data, sampler=sampler, **loader_kwargs)
-    val_loader = None
+        run.sampler = EpochSampler(len(train_data), args.seed, shuffle=not args.no_shuffle)
+        run.train_loader = torch.utils.data.DataLoader(train_data, sampler=run.sampler, **loader_kwargs)
     if val_data is not None:
-        val_loader = torch.utils.data.DataLoader(val_data, batch_size=args.micro_batch_size, drop_last=False,
-                                                 num_workers=args.num_workers)
+        run.val_loader = torch.utils.data.DataLoader(val_data, batch_size=args.micro_batch_size, drop_last=False,
+                                                     num_workers=args.num_workers)
 
-    max_steps = args.max_steps
-    if max_steps is None:
+    run.max_steps = args.max_steps
+    if run.max_steps is None:
         if args.streaming:
             raise ValueError("--max-steps is required with --streaming")
-        max_steps = math.floor(len(train_loader) // num_processes * args.num_epochs / accumulation)
-        if max_steps < 1:
-            raise ValueError(f"{len(train_loader)} micro-batches make no optimizer step of {accumulation} "
-                             f"micro-batches x {num_processes} processes; lower --batch-size")
+        run.max_steps = math.floor(len(run.train_loader) // run.num_processes * args.num_epochs / run.accumulation)
+        if run.max_steps < 1:
+            raise ValueError(f"{len(run.train_loader)} micro-batches make no optimizer step of {run.accumulation} "
+                             f"micro-batches x {run.num_processes} processes; lower --batch-size")
 
-    model = build_model(args, tokenizer)
-    optimizer, scheduler = build_optimizer_and_schedule(model, args, max_steps)
-    model, optimizer, train_loader, scheduler = accelerator.prepare(model, optimizer, train_loader, scheduler)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
+
+def _build_model_and_optimizer(run: Run) -> None:
+    """The model, optimizer and schedule, prepared by the accelerator; the progress state,
+    restored from a checkpoint with ``--resume``."""
+    args, accelerator = run.args, run.accelerator
+    model = build_model(args, run.tokenizer)
+    optimizer, scheduler = build_optimizer_and_schedule(model, args, run.max_steps)
+    run.model, run.optimizer, run.train_loader, run.scheduler = accelerator.prepare(
+        model, optimizer, run.train_loader, scheduler)
+    if run.val_loader is not None:
+        run.val_loader = accelerator.prepare(run.val_loader)
 
     settings = {"seed": args.seed, "block_size": args.block_size, "micro_batch_size": args.micro_batch_size,
-                "num_processes": num_processes, "gradient_accumulation_steps": accumulation, "max_steps": max_steps,
-                "streaming": args.streaming, "tokenizer": tokenizer.name}
-    state = TrainState(settings)
-    accelerator.register_for_checkpointing(state)
-
+                "num_processes": run.num_processes, "gradient_accumulation_steps": run.accumulation,
+                "max_steps": run.max_steps, "streaming": args.streaming, "tokenizer": run.tokenizer.name}
+    run.state = TrainState(settings)
+    accelerator.register_for_checkpointing(run.state)
     if args.resume is not None:
-        path = Path(args.resume) if args.resume != "latest" else (checkpoints[-1] if checkpoints else None)
+        path = Path(args.resume) if args.resume != "latest" else (run.checkpoints[-1] if run.checkpoints else None)
         if path is not None:
             accelerator.load_state(str(path))
-            if main:
-                print(f"resumed from {path} at step {state.step} (epoch {state.epoch}, "
-                      f"batch {state.batches_in_epoch})", file=sys.stderr)
-    if accelerator.step != state.step * accumulation:  # accumulate()'s counter must agree with ours
-        accelerator.step = state.step * accumulation
+            if run.is_main:
+                print(f"resumed from {path} at step {run.state.step} (epoch {run.state.epoch}, "
+                      f"batch {run.state.batches_in_epoch})", file=sys.stderr)
+    if accelerator.step != run.state.step * run.accumulation:  # accumulate()'s counter must agree with ours
+        accelerator.step = run.state.step * run.accumulation
+    run.last_saved = run.state.step
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if report_to:
+
+def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
+    """Optimizer steps up to ``--max-steps`` (or ``--stop-at-step``), logging every step,
+    evaluating and checkpointing as asked. Returns the step losses, the last held-out loss
+    and this session's tokens/s."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, state = run.args, run.accelerator, run.state
+    model, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    run.output_dir.mkdir(parents=True, exist_ok=True)
+    if run.report_to:
         accelerator.init_trackers(TRACKER_PROJECT, config=_tracker_config(args))
-    log_file = _open_log(output_dir / LOG_FILE, state.step) if main else None
+    log_file = _open_log(run.output_dir / LOG_FILE, state.step) if run.is_main else None
 
-    tokens_per_micro = args.micro_batch_size * args.block_size * num_processes
-    stop_at = min(max_steps, args.stop_at_step) if args.stop_at_step else max_steps
-    progress = tqdm(total=max_steps, initial=state.step, disable=not main or args.no_progress, desc="training",
-                    dynamic_ncols=True)
+    tokens_per_micro = args.micro_batch_size * args.block_size * run.num_processes
+    stop_at = min(run.max_steps, args.stop_at_step) if args.stop_at_step else run.max_steps
+    progress = tqdm(total=run.max_steps, initial=state.step, disable=not run.is_main or args.no_progress,
+                    desc="training", dynamic_ncols=True)
     losses, eval_loss = [], None
     step_loss = torch.zeros((), device=accelerator.device)
     start_time, start_tokens = time.perf_counter(), state.tokens
-    last_saved = state.step
     model.train()
-
-    def save():
-        nonlocal last_saved
-        _atomic_save_state(accelerator, output_dir, state.step, args.keep_checkpoints)
-        last_saved = state.step
 
     done = state.step >= stop_at
     while not done:
-        if sampler is not None:
-            sampler.set_epoch(state.epoch)
-        train_loader.set_epoch(state.epoch)  # accelerate passes the epoch on at each iteration
-        loader = (accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
-                  if state.batches_in_epoch else train_loader)
+        if run.sampler is not None:
+            run.sampler.set_epoch(state.epoch)
+        run.train_loader.set_epoch(state.epoch)  # accelerate passes the epoch on at each iteration
+        loader = (accelerator.skip_first_batches(run.train_loader, state.batches_in_epoch)
+                  if state.batches_in_epoch else run.train_loader)
         for batch in loader:
             with accelerator.accumulate(model):
                 loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
@@ -385,7 +470,7 @@ def train(args: argparse.Namespace) -> dict:
                 optimizer.step()
                 if accelerator.sync_gradients:
                     lr, beta1 = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]
-                    if state.step + 1 < max_steps:  # the schedule has max_steps values, the last one is in use
+                    if state.step + 1 < run.max_steps:  # the schedule has max_steps values, the last one is in use
                         scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
@@ -394,7 +479,7 @@ def train(args: argparse.Namespace) -> dict:
                 continue
 
             state.step += 1
-            mean_loss = float(accelerator.reduce(step_loss, reduction="mean")) / accumulation
+            mean_loss = float(accelerator.reduce(step_loss, reduction="mean")) / run.accumulation
             step_loss.zero_()
             losses.append(mean_loss)
             elapsed = time.perf_counter() - start_time
@@ -408,14 +493,13 @@ def train(args: argparse.Namespace) -> dict:
             if log_file is not None:
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
-            if report_to and (state.step % args.log_every == 0 or state.step == stop_at):
-                accelerator.log({f"train/{k}": v for k, v in record.items() if k != "step"}, step=state.step)
-            if val_loader is not None and args.eval_every and state.step % args.eval_every == 0:
-                eval_loss = evaluate(model, val_loader, accelerator, args.eval_batches)
-                if report_to:
-                    accelerator.log({"eval/loss": eval_loss}, step=state.step)
+            if state.step % args.log_every == 0 or state.step == stop_at:
+                run.log({f"train/{k}": v for k, v in record.items() if k != "step"})
+            if run.val_loader is not None and args.eval_every and state.step % args.eval_every == 0:
+                eval_loss = evaluate(model, run.val_loader, accelerator, args.eval_batches)
+                run.log({"eval/loss": eval_loss})
             if args.save_every and state.step % args.save_every == 0:
-                save()
+                run.save_checkpoint()
             if state.step >= stop_at:
                 done = True
                 break
@@ -426,27 +510,35 @@ def train(args: argparse.Namespace) -> dict:
                 raise ValueError("the data gave no block of --block-size tokens")
 
     elapsed = time.perf_counter() - start_time
-    tokens_per_second = (state.tokens - start_tokens) / max(elapsed, 1e-9)
     progress.close()
-    if state.step != last_saved and (stop_at < max_steps or args.save_every):
-        save()
+    if log_file is not None:
+        log_file.close()
+    if state.step != run.last_saved and (stop_at < run.max_steps or args.save_every):
+        run.save_checkpoint()
+    return losses, eval_loss, (state.tokens - start_tokens) / max(elapsed, 1e-9)
 
+
+def _finish(run: Run, tokens_per_second: float, eval_loss: Optional[float]) -> tuple[Optional[Path], Optional[float]]:
+    """At the last step: the held-out loss and the final folder (``save_pretrained``, the
+    tokenizer files, the model card), moved into place when complete. Returns the folder
+    (``None`` for a run stopped early) and the held-out loss."""
+    accelerator, state, main = run.accelerator, run.state, run.is_main
     final_dir = None
-    if state.step >= max_steps:
-        if val_loader is not None:
-            eval_loss = evaluate(model, val_loader, accelerator, args.eval_batches)
-            if report_to:
-                accelerator.log({"eval/loss": eval_loss}, step=state.step)
-        final_dir = output_dir / FINAL_DIR
-        tmp = output_dir / f".tmp-{FINAL_DIR}"
+    if state.step >= run.max_steps:
+        if run.val_loader is not None:
+            eval_loss = evaluate(run.model, run.val_loader, accelerator, run.args.eval_batches)
+            run.log({"eval/loss": eval_loss})
+        final_dir = run.output_dir / FINAL_DIR
+        tmp = run.output_dir / f".tmp-{FINAL_DIR}"
         accelerator.wait_for_everyone()
-        state_dict = accelerator.get_state_dict(model)
+        state_dict = accelerator.get_state_dict(run.model)
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = accelerator.unwrap_model(run.model)
             unwrapped.save_pretrained(tmp, state_dict=state_dict)
-            tokenizer.save_pretrained(tmp)
-            write_training_card(tmp, unwrapped, args, state, accelerator.num_processes, tokens_per_second, eval_loss)
+            run.tokenizer.save_pretrained(tmp)
+            write_training_card(tmp, unwrapped, run.args, state, accelerator.mixed_precision, tokens_per_second,
+                                eval_loss)
             move_into_place(tmp, final_dir)
         accelerator.wait_for_everyone()
     if main:
@@ -454,31 +546,36 @@ def train(args: argparse.Namespace) -> dict:
         if eval_loss is not None:
             message += f"; held-out loss {eval_loss:.4f}"
         print(message + (f"; wrote {final_dir}" if final_dir else f"; stopped at step {state.step}"), file=sys.stderr)
-    if log_file is not None:
-        log_file.close()
     accelerator.end_training()
-    return {"steps": state.step, "losses": losses, "tokens_per_second": tokens_per_second,
-            "final_dir": str(final_dir) if final_dir else None, "eval_loss": eval_loss}
+    return final_dir, eval_loss
 
 
-def write_training_card(folder: Path, model, args: argparse.Namespace, state, num_processes: int,
+def write_training_card(folder: Path, model, args: argparse.Namespace, state: TrainState, mixed_precision: str,
                         tokens_per_second: float, eval_loss: Optional[float]) -> None:
-    """README.md model card of a trained model, filled with this run's recipe and numbers."""
+    """README.md model card of a trained model, filled with this run's recipe and numbers:
+    the schedule and batch as the run used them (``state.settings``; ``mixed_precision`` as
+    the accelerator resolved it)."""
     from .model_card import write_model_card
 
+    settings = state.settings
+    total = settings["max_steps"]
+    initial_lr, warmup = one_cycle_start(args, total)
+    micro, accumulation = settings["micro_batch_size"], settings["gradient_accumulation_steps"]
     training = "\n".join([
         "| | |", "|---|---|",
         f"| data | {', '.join(str(d) for d in args.data)} |",
         f"| tokenizer | {args.tokenizer} |",
         f"| optimizer steps | {state.step} |",
         f"| tokens seen | {state.tokens:,} |",
-        f"| global batch | {args.batch_size} sequences of {args.block_size} tokens |",
+        f"| global batch | {micro * accumulation * settings['num_processes']} sequences of {settings['block_size']} "
+        f"tokens (micro-batches of {micro}, {accumulation} accumulated per step) |",
         f"| optimizer | AdamW, weight decay {args.weight_decay} (none on LayerNorm), beta2 {args.beta2} |",
-        f"| schedule | one-cycle: LR up to {args.lr} in {args.warmup_steps} steps, down to {args.final_lr}; "
-        f"beta1 {args.max_momentum} -> {args.base_momentum} -> {args.max_momentum} |",
+        f"| schedule | one-cycle (cosine) over {total} steps: LR {initial_lr:g} at step 1, up to {args.lr:g} at step "
+        f"{warmup}, down to {args.final_lr:g} at step {total}; beta1 {args.max_momentum:g} -> "
+        f"{args.base_momentum:g} (step {warmup}) -> {args.max_momentum:g} |",
         f"| gradient clipping | {args.max_grad_norm} |",
-        f"| mixed precision | {args.mixed_precision} (GOOM states in float32) |",
-        f"| processes | {num_processes} |",
+        f"| mixed precision | {mixed_precision} (GOOM states in float32) |",
+        f"| processes | {settings['num_processes']} |",
         f"| throughput | {tokens_per_second:,.0f} tokens/s |",
     ])
     if eval_loss is not None:

@@ -2,8 +2,8 @@
 
 Importing this package registers :class:`GoomSSMConfig` with ``AutoConfig`` and nothing
 else: the model classes need transformers' ``PreTrainedModel``, which takes seconds to
-import. They are imported, and registered with ``AutoModel`` and ``AutoModelForCausalLM``,
-on first use: when one of them is looked up here or in ``goom_ssm``, or when the first
+import. They are imported, and registered with ``AutoModel``, ``AutoModelForCausalLM``,
+``AutoModelForSequenceClassification`` and ``AutoModelForTokenClassification``, on first use: when one of them is looked up here or in ``goom_ssm``, or when the first
 ``GoomSSMConfig`` is made (``AutoModel*.from_pretrained`` and ``from_config`` make the
 config before they look up its model class).
 """
@@ -22,6 +22,8 @@ _LAZY = {
     "GoomSSMCache": "cache_goom_ssm",
     "GoomSSMModel": "modeling_goom_ssm",
     "GoomSSMForCausalLM": "modeling_goom_ssm",
+    "GoomSSMForSequenceClassification": "modeling_goom_ssm",
+    "GoomSSMForTokenClassification": "modeling_goom_ssm",
     "GoomSSMPreTrainedModel": "modeling_goom_ssm",
 }
 
@@ -31,12 +33,16 @@ __all__ = ["GoomSSMConfig", *_LAZY, "register_model_classes"]
 @functools.cache
 def register_model_classes() -> None:
     """Import the model classes and register them with the Auto classes (once)."""
-    from transformers import AutoModel, AutoModelForCausalLM
+    from transformers import (
+        AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+    )
 
-    from .modeling_goom_ssm import GoomSSMForCausalLM, GoomSSMModel
+    from . import modeling_goom_ssm as models
 
-    AutoModel.register(GoomSSMConfig, GoomSSMModel, exist_ok=True)
-    AutoModelForCausalLM.register(GoomSSMConfig, GoomSSMForCausalLM, exist_ok=True)
+    AutoModel.register(GoomSSMConfig, models.GoomSSMModel, exist_ok=True)
+    AutoModelForCausalLM.register(GoomSSMConfig, models.GoomSSMForCausalLM, exist_ok=True)
+    AutoModelForSequenceClassification.register(GoomSSMConfig, models.GoomSSMForSequenceClassification, exist_ok=True)
+    AutoModelForTokenClassification.register(GoomSSMConfig, models.GoomSSMForTokenClassification, exist_ok=True)
 
 
 def __getattr__(name: str):

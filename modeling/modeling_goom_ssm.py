@@ -3,6 +3,8 @@
 ``GoomSSMModel``: token embedding -> ``num_hidden_layers`` residual GOOM-SSM layers ->
 LayerNorm. ``GoomSSMForCausalLM`` adds a bias-free head tied to the embedding, a shifted
 cross-entropy loss, and generation with a recurrent-state cache (:class:`GoomSSMCache`).
+``GoomSSMForSequenceClassification`` scores the hidden state of each sequence's last real
+token; ``GoomSSMForTokenClassification`` scores every token.
 """
 
 import functools
@@ -15,7 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from transformers import GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput, TokenClassifierOutput,
+)
 
 from ..layers import GoomSSM, GoomSSMBlock, is_plain, shared_chunk_plans
 from .cache_goom_ssm import CACHE_NAME, GoomSSMCache
@@ -49,15 +53,25 @@ class GoomSSMPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
         """The original's initialisation: SSM parameters as in ``GoomSSM.reset_parameters``;
-        linear maps and the (tied) embedding ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0."""
+        linear maps and the (tied) embedding ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)); LayerNorm 1, 0.
+        Linear biases (only the token classifier has one) start at 0."""
         if isinstance(module, GoomSSM):
             module.reset_parameters()
         elif isinstance(module, (nn.Linear, nn.Embedding)):
             bound = 1.0 / math.sqrt(module.weight.shape[1])
             nn.init.uniform_(module.weight, -bound, bound)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        """The backbone's token embedding (:class:`GoomSSMModel` overrides this with its own)."""
+        return self.backbone.get_input_embeddings()
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.backbone.set_input_embeddings(new_embeddings)
 
     def get_param_groups(self, weight_decay: float) -> list[dict]:
         """Two optimizer groups as in the original: ``weight_decay`` on the embedding, linear
@@ -276,12 +290,6 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.backbone.get_input_embeddings()
-
-    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
-        self.backbone.set_input_embeddings(new_embeddings)
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
@@ -427,3 +435,210 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         cache.check_compatible(self.config, batch)
         mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1, cache.get_seq_length()) != 0
         return decoder(input_ids, mask, cache, functools.partial(_check_id_range, vocab_size=self.config.vocab_size))
+
+
+_CLASSIFICATION_LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+
+def _classification_loss_kwargs(model_name: str, kwargs: dict) -> dict:
+    """The loss's options in a head's ``kwargs``, refusing any other keyword whose value is not ``None``."""
+    _refuse_unknown_kwargs(model_name, kwargs, _CLASSIFICATION_LOSS_KWARGS)
+    return {k: v for k, v in kwargs.items() if k in _CLASSIFICATION_LOSS_KWARGS and v is not None}
+
+
+def _classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str,
+                         num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """transformers' loss for ``problem_type`` (one of :data:`PROBLEM_TYPES`), of ``logits [items, num_labels]``:
+
+    - ``"regression"``: mean squared error against float ``labels`` of the logits' shape;
+    - ``"single_label_classification"``: cross-entropy against integer class ids ``labels [items]``,
+      leaving out the items labelled ``ignore_index``;
+    - ``"multi_label_classification"``: binary cross-entropy with logits against ``labels`` of the
+      logits' shape (0/1, or probabilities).
+
+    The loss is the mean over the items' terms, or, with ``num_items_in_batch`` (as the ``Trainer``
+    passes it, counting labels other than -100 over all its accumulated batches), their sum
+    divided by it, for each problem type.
+    """
+    reduction = "mean" if num_items_in_batch is None else "sum"
+    if problem_type == "single_label_classification":
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise TypeError(f"single-label classification needs integer class ids as labels, got dtype {labels.dtype}")
+        loss = F.cross_entropy(logits, labels.long(), ignore_index=ignore_index, reduction=reduction)
+    elif problem_type == "regression":
+        loss = F.mse_loss(logits, labels.to(logits.dtype), reduction=reduction)
+    else:
+        loss = F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype), reduction=reduction)
+    return loss if num_items_in_batch is None else loss / num_items_in_batch
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` in float32, or float64 if they are."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _last_real_positions(real: torch.Tensor) -> torch.Tensor:
+    """The position of the last ``True`` in each row of ``real [batch, seq_len]`` (bool), as
+    ``[batch]``. Raises if a row has none (not while compiling: the check waits for ``real``)."""
+    positions = torch.arange(real.shape[1], device=real.device)
+    last = torch.where(real, positions, -1).amax(dim=1)
+    if not torch.compiler.is_compiling() and bool((last < 0).any()):
+        row = int((last < 0).nonzero()[0, 0])
+        raise ValueError(f"sequence {row} of the batch has no real token (it is all padding): nothing to classify")
+    return last
+
+
+def _classifier_output(output_class: type, loss, logits: torch.Tensor, hidden_states, return_dict: bool):
+    """``output_class(loss, logits, hidden_states)``, or the tuple of those that are not ``None``."""
+    if not return_dict:
+        return tuple(v for v in (loss, logits, hidden_states) if v is not None)
+    return output_class(loss=loss, logits=logits, hidden_states=hidden_states)
+
+
+class GoomSSMForSequenceClassification(GoomSSMPreTrainedModel):
+    """:class:`GoomSSMModel` and a bias-free linear head ``score`` (``hidden_size -> num_labels``)
+    on the hidden state of each sequence's last real token, as transformers' GPT-2 classifier.
+    ``config.num_labels``, ``id2label``/``label2id`` and ``problem_type`` as usual."""
+
+    def __init__(self, config: GoomSSMConfig):
+        super().__init__(config)
+        self.backbone = GoomSSMModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.Tensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, SequenceClassifierOutput]:
+        """
+        Args:
+            input_ids, inputs_embeds, attention_mask, output_hidden_states: see :meth:`GoomSSMModel.forward`.
+            labels: ``[batch]`` class ids (single-label), ``[batch]`` or ``[batch, 1]`` targets (regression,
+                ``num_labels == 1``), or ``[batch, num_labels]`` (multi-label, or regression on several
+                outputs). Without ``config.problem_type`` it is chosen as transformers does, and kept in
+                the config: regression if ``num_labels == 1``, else single-label for int64/int32 labels,
+                else multi-label. See :func:`_classification_loss`.
+            kwargs: only the loss's options (``num_items_in_batch``, as the ``Trainer`` passes it,
+                ``ignore_index``); any other keyword is refused.
+
+        The pooled position of a sequence is its last real token, as in GPT-2's classifier: the
+        last position whose ``attention_mask`` is 1 (left or right padding); without a mask, the
+        last token that is not ``config.pad_token_id`` (the recurrence then also reads the pad
+        tokens), or, for ``inputs_embeds``, the last position (with a warning for a batch); with
+        neither a mask nor ``config.pad_token_id``, the last position of a single sequence (a
+        batch is refused).
+
+        Returns ``logits [batch, num_labels]`` (float32, or float64 for a float64 model), ``loss``
+        and (if asked) the hidden states.
+        """
+        loss_kwargs = _classification_loss_kwargs(type(self).__name__, kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        last = self._pooled_positions(input_ids, attention_mask, hidden_states)
+        logits = _at_least_float32(self.score(hidden_states[torch.arange(len(last), device=last.device), last]))
+
+        loss = None
+        if labels is not None:
+            loss = self._loss(logits, labels, **loss_kwargs)
+        return _classifier_output(SequenceClassifierOutput, loss, logits, outputs.hidden_states, return_dict)
+
+    def _pooled_positions(self, input_ids, attention_mask, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The position ``[batch]`` of each sequence's last real token (see :meth:`forward`);
+        ``attention_mask`` has been checked by the backbone."""
+        batch, seq_len = hidden_states.shape[:2]
+        if attention_mask is not None:
+            return _last_real_positions(_current_mask(attention_mask, batch, seq_len, past=0) != 0)
+        if self.config.pad_token_id is None and batch > 1:
+            raise ValueError(f"cannot tell where each of the {batch} sequences ends: give attention_mask "
+                             "(1 = real token, 0 = padding), or set config.pad_token_id")
+        if input_ids is not None and self.config.pad_token_id is not None:
+            return _last_real_positions(input_ids != self.config.pad_token_id)
+        if batch > 1:
+            warnings.warn("inputs_embeds without attention_mask: every sequence is scored at the last position, "
+                          "as if none were padded (give attention_mask for a padded batch)", stacklevel=3)
+        return torch.full((batch,), seq_len - 1, device=hidden_states.device)
+
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The loss of ``logits [batch, num_labels]`` (see :meth:`forward`), labels' shape checked."""
+        num_labels = self.config.num_labels
+        if self.config.problem_type is None:
+            if num_labels == 1:
+                self.config.problem_type = "regression"
+            elif labels.dtype in (torch.long, torch.int):
+                self.config.problem_type = "single_label_classification"
+            else:
+                self.config.problem_type = "multi_label_classification"
+        problem_type = self.config.problem_type
+        if problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"config.problem_type must be one of {PROBLEM_TYPES} (or None), got {problem_type!r}")
+        batch = logits.shape[0]
+        one_per_sequence = problem_type == "single_label_classification" or num_labels == 1
+        expected = [(batch,), (batch, 1)] if one_per_sequence else [tuple(logits.shape)]
+        if tuple(labels.shape) not in expected:
+            raise ValueError(f"{problem_type} with num_labels={num_labels} needs labels of shape "
+                             f"{' or '.join(map(str, expected))}, got {tuple(labels.shape)}")
+        single_label = problem_type == "single_label_classification"
+        labels = labels.reshape(batch) if single_label else labels.reshape(logits.shape)
+        return _classification_loss(logits, labels, problem_type, **kwargs)
+
+
+class GoomSSMForTokenClassification(GoomSSMPreTrainedModel):
+    """:class:`GoomSSMModel` and a linear head ``classifier`` (``hidden_size -> num_labels``, with
+    bias) on every position, after dropout of ``config.classifier_dropout`` where the config has
+    it (none by default). ``config.num_labels`` and ``id2label``/``label2id`` as usual."""
+
+    def __init__(self, config: GoomSSMConfig):
+        super().__init__(config)
+        self.backbone = GoomSSMModel(config)
+        self.dropout = nn.Dropout(getattr(config, "classifier_dropout", None) or 0.0)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: Optional[torch.LongTensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        inputs_embeds: Optional[torch.FloatTensor] = None,
+        labels: Optional[torch.LongTensor] = None,
+        output_hidden_states: Optional[bool] = None,
+        return_dict: Optional[bool] = None,
+        **kwargs,
+    ) -> Union[tuple, TokenClassifierOutput]:
+        """
+        Args:
+            input_ids, inputs_embeds, attention_mask, output_hidden_states: see :meth:`GoomSSMModel.forward`.
+            labels: ``[batch, seq_len]`` class ids; the loss is the mean cross-entropy over the
+                positions whose label is not -100 (label padded positions -100).
+            kwargs: only the loss's options (``num_items_in_batch``, as the ``Trainer`` passes it,
+                ``ignore_index``); any other keyword is refused.
+
+        Returns ``logits [batch, seq_len, num_labels]`` (float32, or float64 for a float64 model),
+        ``loss`` and (if asked) the hidden states.
+        """
+        loss_kwargs = _classification_loss_kwargs(type(self).__name__, kwargs)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
+            output_hidden_states=output_hidden_states, return_dict=True,
+        )
+        logits = _at_least_float32(self.classifier(self.dropout(outputs.last_hidden_state)))
+
+        loss = None
+        if labels is not None:
+            if labels.shape != logits.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
+            loss = _classification_loss(logits.flatten(0, 1), labels.flatten(), "single_label_classification",
+                                        **loss_kwargs)
+        return _classifier_output(TokenClassifierOutput, loss, logits, outputs.hidden_states, return_dict)

@@ -20,7 +20,7 @@ def test_demo_generates_and_reports_held_out_perplexity(capsys):
 def test_shipped_model_folder_is_complete_and_small():
     config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     assert config["model_type"] == "goom_ssm" and config["vocab_size"] == 50257
-    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 30e6
+    assert (DEFAULT_MODEL_DIR / "model.safetensors").stat().st_size < 60e6  # float32: 4 bytes x 14.4M parameters
     card = (DEFAULT_MODEL_DIR / "README.md").read_text()
     assert "191.2" in card and "712.5" in card and "tokens seen" in card
 

@@ -16,16 +16,21 @@ import torch
 
 import transformers_tests
 from generation_conformance import GenerationConformanceMixin
-from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM, GoomSSMModel
+from goom_ssm import (
+    GoomSSMConfig, GoomSSMForCausalLM, GoomSSMForSequenceClassification, GoomSSMForTokenClassification, GoomSSMModel,
+)
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME, GoomSSMCache
 
 modeling_common = transformers_tests.load("test_modeling_common")
 configuration_common = transformers_tests.load("test_configuration_common")
 ids_tensor = modeling_common.ids_tensor
 # A built-in model's classes are listed in transformers' auto mappings, which the common tests
-# read to choose inputs (labels for causal LMs) and to leave base models (no loss) out of the
-# training tests: list GoomSSM's there, in the test module's own copies only.
-for _mapping, _class in (("MODEL_MAPPING_NAMES", GoomSSMModel), ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", GoomSSMForCausalLM)):
+# read to choose inputs (labels for causal LMs and the task heads) and to leave base models (no
+# loss) out of the training tests: list GoomSSM's there, in the test module's own copies only.
+for _mapping, _class in (("MODEL_MAPPING_NAMES", GoomSSMModel),
+                         ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", GoomSSMForCausalLM),
+                         ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", GoomSSMForSequenceClassification),
+                         ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", GoomSSMForTokenClassification)):
     setattr(modeling_common, _mapping, {**getattr(modeling_common, _mapping), "goom_ssm": _class.__name__})
 
 
@@ -53,7 +58,9 @@ class GoomSSMModelTester:
 
 
 class GoomSSMModelTest(modeling_common.ModelTesterMixin, GenerationConformanceMixin, unittest.TestCase):
-    all_model_classes = (GoomSSMModel, GoomSSMForCausalLM)
+    all_model_classes = (
+        GoomSSMModel, GoomSSMForCausalLM, GoomSSMForSequenceClassification, GoomSSMForTokenClassification,
+    )
     has_attentions = False  # a recurrent model: no attention weights
     test_torch_exportable = False  # ExportTesterMixin is not in the sdist; export is tested below
     pipeline_model_mapping = {"feature-extraction": GoomSSMModel, "text-generation": GoomSSMForCausalLM}

@@ -53,15 +53,15 @@ def fresh_python(tmp_path_factory):
     return python
 
 
-def run_remote(python, folder, tmp_path, body, block_triton=False):
-    """Run ``body`` in ``python`` after loading ``folder`` as ``model`` with trust_remote_code=True
-    (checking that goom_ssm is not importable there); returns its standard output."""
+def run_remote(python, folder, tmp_path, body, block_triton=False, auto_class="AutoModelForCausalLM"):
+    """Run ``body`` in ``python`` after loading ``folder`` as ``model`` with transformers' ``auto_class``
+    and trust_remote_code=True (checking that goom_ssm is not importable there); returns its standard output."""
     script = "\n".join([
         "import importlib.util, json, sys, torch",
         'sys.modules["triton"] = None  # as if Triton were not installed' if block_triton else "",
-        "from transformers import AutoModelForCausalLM",
+        f"from transformers import {auto_class}",
         'assert importlib.util.find_spec("goom_ssm") is None, "goom_ssm is importable"',
-        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()",
+        f"model = {auto_class}.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()",
         'assert type(model).__module__.startswith("transformers_modules"), type(model).__module__',
         body,
     ])

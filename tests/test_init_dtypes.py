@@ -99,7 +99,7 @@ def test_loaded_A_is_not_reinitialised(dtype):
 
 
 def test_from_pretrained_in_bfloat16_keeps_the_checkpoint():
-    """Loading the shipped (float16) model as bfloat16 gives the checkpoint's values, rounded."""
+    """Loading the shipped (float32) model as bfloat16 gives the checkpoint's values, rounded."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.bfloat16)

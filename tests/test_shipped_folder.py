@@ -1,6 +1,7 @@
 """The shipped model folder (and every folder training writes) loads offline with the Auto
 classes and ``pipeline``: its tokenizer files give GPT-2's ids, and the pipeline generates
-what ``model.generate`` does."""
+what ``model.generate`` does. The folder is float32 (``from_config`` of its config works in
+any dtype), and its card states the run of its step log."""
 
 import hashlib
 import json
@@ -91,6 +92,54 @@ def test_folder_holds_the_packages_tokenizer_files(tmp_path):
     assert not (DEFAULT_MODEL_DIR / "vocab.json").exists() and not (DEFAULT_MODEL_DIR / "merges.txt").exists()
     config = json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())
     assert config["vocab_size"] == GPT2_VOCAB_SIZE
+
+
+def test_folder_is_float32():
+    """Weights and config are float32, so ``from_pretrained`` and ``from_config`` give a
+    float32 model by default: one that trains as loaded (half-precision parameters would
+    need mixed-precision training)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with safe_open(str(DEFAULT_MODEL_DIR / "model.safetensors"), "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}
+    assert json.loads((DEFAULT_MODEL_DIR / "config.json").read_text())["dtype"] == "float32"
+    loaded = AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR)
+    assert {p.dtype for p in loaded.parameters()} == {torch.float32}
+    assert AutoConfig.from_pretrained(DEFAULT_MODEL_DIR).dtype == torch.float32
+
+
+def test_card_states_the_run_of_its_step_log():
+    """The card's schedule and final training loss are those of the run's step log
+    (train_log.jsonl, shipped beside it)."""
+    log = [json.loads(line) for line in (DEFAULT_MODEL_DIR / "train_log.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in log] == list(range(1, len(log) + 1))
+    lrs = [record["lr"] for record in log]
+    peak = max(range(len(lrs)), key=lrs.__getitem__) + 1
+    assert lrs[0] == pytest.approx(1e-5) and lrs[peak - 1] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-5)
+    assert log[peak - 1]["beta1"] == pytest.approx(0.85) and log[0]["beta1"] == log[-1]["beta1"] == pytest.approx(0.99)
+    last10 = sum(record["loss"] for record in log[-10:]) / 10
+    card = (DEFAULT_MODEL_DIR / "README.md").read_text()
+    assert (f"one-cycle (cosine) over {len(log)} steps: LR 1e-5 at step 1, up to 1e-3 at step {peak}, down to 1e-5 "
+            f"at step {len(log)}; beta1 0.99 -> 0.85 (step {peak}) -> 0.99") in card
+    assert (f"| final training loss | {log[-1]['loss']:.2f} nats/token at step {len(log)}, {last10:.2f} averaged over "
+            f"steps {len(log) - 9}-{len(log)} (train batches) |") in card
+    assert f"| tokens seen | {log[-1]['tokens']:,} " in card
+
+
+@pytest.mark.parametrize("dtype", [None, torch.float16, torch.bfloat16])
+def test_from_config_of_the_folder(dtype):
+    """``from_config(AutoConfig.from_pretrained(folder))`` on CPU builds the model in the
+    folder's dtype (float32), or in the one asked for; its forward pass is finite."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(DEFAULT_MODEL_DIR)
+    model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
+    assert {p.dtype for p in model.parameters()} == {dtype or torch.float32}
+    ids = torch.tensor([[464, 2068, 7586, 21831, 11, 50256, 198]])
+    with torch.no_grad():
+        output = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(output.logits).all() and torch.isfinite(output.loss)
 
 
 def test_auto_tokenizer_loads_offline_with_gpt2_ids(offline, tiktoken_gpt2):

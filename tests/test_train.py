@@ -187,6 +187,54 @@ def test_checkpoints_are_written_atomically(tmp_path, cache_dir, monkeypatch):
     assert not (crashed / ".tmp-checkpoint-3").exists()
 
 
+def test_saves_leave_the_tied_head_out_silently(tmp_path, cache_dir, caplog, capfd):
+    """Checkpoints and the final folder are written with no "Removed shared tensor" notice:
+    the head, tied to the embedding, is left out of the weights file (as save_pretrained
+    does) rather than removed by accelerate; both load back tied, with the trained values."""
+    import logging
+
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        train_mod.train(args_for(out, cache_dir, "--max-steps", "6", "--save-every", "3"))
+    printed = capfd.readouterr()
+    notices = [line for text in (caplog.text, printed.out, printed.err) for line in text.splitlines()
+               if "shared tensor" in line]
+    assert not notices, notices
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert final.lm_head.weight.data_ptr() == final.backbone.embeddings.weight.data_ptr()
+    expected = {name for name in final.state_dict() if name != "lm_head.weight"}
+    for checkpoint in ("checkpoint-3", "checkpoint-6", "final"):
+        with safe_open(str(out / checkpoint / "model.safetensors"), "pt") as weights:
+            assert set(weights.keys()) == expected, checkpoint
+    model = AutoModelForCausalLM.from_config(final.config)
+    load_model(model, str(out / "checkpoint-6" / "model.safetensors"))  # as accelerate's load_state does
+    assert model.lm_head.weight.data_ptr() == model.backbone.embeddings.weight.data_ptr()
+    assert all(torch.equal(value, final.state_dict()[name]) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("options, peak_step", [(["--warmup-steps", "4", "--max-steps", "8"], 4),
+                                                (["--max-steps", "6"], 3)])  # 10 warm-up steps: at most half
+def test_card_states_the_schedule_that_ran(tmp_path, cache_dir, options, peak_step):
+    """The card's schedule and batch are those of the run: the step log's learning rates
+    start, peak and end where the card says."""
+    out = tmp_path / "run"
+    train_mod.train(args_for(out, cache_dir, *options))
+    log = log_of(out)
+    lrs = [record["lr"] for record in log]
+    assert max(range(len(lrs)), key=lrs.__getitem__) + 1 == peak_step
+    assert lrs[0] == pytest.approx(1e-5) and lrs[peak_step - 1] == pytest.approx(3e-3)
+    assert lrs[-1] == pytest.approx(1e-5)
+    card = (out / "final" / "README.md").read_text()
+    assert (f"| schedule | one-cycle (cosine) over {len(log)} steps: LR 1e-05 at step 1, up to 0.003 at step "
+            f"{peak_step}, down to 1e-05 at step {len(log)}; beta1 0.99 -> 0.85 (step {peak_step}) -> 0.99 |") in card
+    assert "| global batch | 6 sequences of 64 tokens (micro-batches of 3, 2 accumulated per step) |" in card
+    assert "| mixed precision | no (GOOM states in float32) |" in card
+
+
 def free_port() -> int:
     import socket
 
@@ -212,6 +260,7 @@ def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
            "--cache-dir", cache_dir, "--output-dir", str(out), "--no-progress", "--report-to", "none", "--cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "shared tensor" not in proc.stdout + proc.stderr  # the DDP-wrapped head is left out of checkpoints too
     assert (out / "final" / "model.safetensors").is_file() and (out / "final" / "config.json").is_file()
     # each process saved its RNG states: two processes really ran
     assert {p.name for p in (out / "checkpoint-6").glob("random_states_*.pkl")} == {"random_states_0.pkl",
