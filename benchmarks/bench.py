@@ -8,7 +8,8 @@ Prints a Markdown table per section; every row of a section uses the same settin
 Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA) or
 ``goom:<scan>[:<chunk>][:compile]`` (the 124M GOOM-SSM with scan_implementation
 ``triton`` (the CUDA fast path), ``chunked`` (pure PyTorch) or ``goom_prefix`` (the original
-design)); ``compile``: training through ``torch.compile(model, fullgraph=True)``.
+design); ``<chunk>``: scan_chunk_size, which only the chunked scan reads); ``compile``:
+training through ``torch.compile(model, fullgraph=True)``.
 
 Sections:
     train    fwd + bwd + AdamW step, tokens/s and peak memory, at --seq-len over --batches

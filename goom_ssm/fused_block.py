@@ -21,7 +21,7 @@ tests hold it equal to.
 import torch
 import torch.nn.functional as F
 
-from .triton_scan import default_chunk_length, scan_backward, scan_forward
+from .triton_scan import default_steps_per_program, scan_backward, scan_forward
 
 
 class FusedBlock(torch.autograd.Function):
@@ -44,7 +44,7 @@ class FusedBlock(torch.autograd.Function):
         C_c = (state_output_scale * C).to(compute_dtype)
         Bu = h.mm(B_c).view(batch, seq_len, n, d)
         shared = A.new_empty(0)  # no log-scales: init_states are plain rows shared by the batch
-        chunk_len = default_chunk_length(seq_len)
+        chunk_len = default_steps_per_program(seq_len)
         log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len)
         rows_c = rows.view(batch * seq_len, n * d).to(compute_dtype)
         y = rows_c.mm(C_c) + h.mm(D_c)

@@ -21,7 +21,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .constants import SCAN_IMPLEMENTATIONS, STATE_OUTPUT_LOG_SCALE
 from .fused_block import FusedBlock
-from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, normalize_rows, scan_step, split_plan
+from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, scan_step, split_plan
 from .triton_common import HAS_TRITON, compute_dtype
 from .triton_decode import decode_step
 from .triton_scan import triton_scan
@@ -39,8 +39,10 @@ class GoomSSM(nn.Module):
             installed, else ``"chunked"``), ``"triton"`` (:mod:`goom_ssm.triton_scan`),
             ``"chunked"`` (pure PyTorch) or ``"goom_prefix"`` (the original's complex parallel
             prefix scan); see :mod:`goom_ssm.scan`. All give the same states.
-        chunk_size: steps per chunk of the chunked scan (None: chosen for the device, see
-            :func:`goom_ssm.scan.default_chunk_size`).
+        chunk_size: steps per dense chunk of the chunked scan, its ``chunk_size`` (None: chosen
+            for the device, see :func:`goom_ssm.scan.default_chunk_size`). The Triton scan
+            chooses its own steps per program from the length
+            (:func:`goom_ssm.triton_scan.default_steps_per_program`).
         init_state_range, transition_init_gain: initialisation (see :meth:`reset_parameters`).
     """
 
@@ -85,8 +87,7 @@ class GoomSSM(nn.Module):
 
     def initial_state(self, batch_size: int) -> ScaledRows:
         """The state before the first token: log_scale ``[batch, n_hid, 1]``, rows ``[batch, n_hid, d_hid]``."""
-        log_scale, rows = normalize_rows(self.init_states.to(self.state_dtype))
-        return ScaledRows(log_scale.expand(batch_size, -1, -1), rows.expand(batch_size, -1, -1))
+        return initial_rows(self.init_states, batch_size, self.state_dtype)
 
     def forward(self, u: torch.Tensor, state: Optional[ScaledRows] = None, mask: Optional[torch.Tensor] = None,
                 chunk_plan: Optional[list] = None):

@@ -6,7 +6,10 @@ magnitude is 1, so that ``x = exp(s) * v``. These are the same numbers as the GO
 and no magnitude ever overflows or underflows to a wrong value, however far the
 recurrence grows or decays.
 
-Two pure-PyTorch algorithms compute the states (``goom_ssm.triton_scan`` holds the CUDA one):
+Every scan takes the arguments ``(u, A, initial)`` with one meaning (see :func:`chunked_scan`)
+and gives the states of :func:`goom_ssm.naive.naive_scan`, the step-by-step definition the
+tests hold them to. Two pure-PyTorch algorithms compute them (``goom_ssm.triton_scan`` holds
+the CUDA one):
 
 - :func:`chunked_scan`, the default pure-PyTorch path: each chunk of ``L`` steps is one
   dense matrix product with the (shared) powers ``A^0 .. A^L``; the states at chunk
@@ -22,7 +25,7 @@ All scale constants (maxima, log-scales) are detached, as in the original, so gr
 are those of the exact recurrence.
 """
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 
@@ -41,6 +44,16 @@ def normalize_rows(x: torch.Tensor, dims=(-1,)) -> ScaledRows:
     divided by it. An all-zero row keeps zeros and the log of the smallest normal float."""
     peak = x.detach().abs().amax(dim=dims, keepdim=True).clamp(min=torch.finfo(x.dtype).tiny)
     return ScaledRows(peak.log(), x / peak)
+
+
+def initial_rows(initial: Union[ScaledRows, torch.Tensor], batch_size: int, dtype: torch.dtype) -> ScaledRows:
+    """A scan's ``initial`` argument in ``dtype`` and per-sequence scaled form: ``ScaledRows``
+    (log-scale ``[batch, n, 1]``, rows ``[batch, n, d]``) as given, or a plain ``[n, d]``
+    tensor of rows shared by every sequence, normalised and expanded to ``batch_size``."""
+    if isinstance(initial, torch.Tensor):
+        log_scale, rows = normalize_rows(initial.to(dtype))
+        return ScaledRows(log_scale.expand(batch_size, -1, -1), rows.expand(batch_size, -1, -1))
+    return ScaledRows(initial.log_scale.to(dtype), initial.rows.to(dtype))
 
 
 def add_scaled(scale_a: torch.Tensor, a: torch.Tensor, scale_b: torch.Tensor, b: torch.Tensor) -> ScaledRows:
@@ -154,24 +167,30 @@ def default_chunk_size(device: torch.device) -> int:
     return 8 if torch.device(device).type == "cpu" else 32
 
 
-def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows, chunk_size: Optional[int] = None,
-                 plan: Optional[list] = None) -> ScaledRows:
+def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
+                 chunk_size: Optional[int] = None, plan: Optional[list] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, in scaled form.
 
-    Args:
-        u: ``[batch, seq_len, n, d]`` inputs (plain floats).
+    Args (those of every scan, with this meaning):
+        u: ``[batch, seq_len, n, d]`` inputs (plain floats, any float dtype: computed in ``A``'s).
         A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
-        initial: state before the first step, log_scale ``[batch, n, 1]``, rows ``[batch, n, d]``.
-        chunk_size: steps per dense chunk (default: :func:`default_chunk_size` for ``u``'s device).
+        initial: state before the first step: ``ScaledRows`` (log_scale ``[batch, n, 1]``, rows
+            ``[batch, n, d]``), or a plain ``[n, d]`` tensor of rows shared by every sequence.
+
+    Options of this scan:
+        chunk_size: steps per dense chunk product (default: :func:`default_chunk_size` for
+            ``u``'s device; a model's ``scan_chunk_size``).
         plan: ``chunk_plan(A, seq_len, chunk_size)``, if already computed (e.g. for all of a
-            model's layers at once); ``A`` and ``chunk_size`` are then unused.
+            model's layers at once); ``chunk_size`` is then unused.
 
     Returns:
-        ``ScaledRows`` with log_scale ``[batch, seq_len, n, 1]`` and rows ``[batch, seq_len, n, d]``.
+        ``ScaledRows`` in ``A``'s dtype, log_scale ``[batch, seq_len, n, 1]`` and rows
+        ``[batch, seq_len, n, d]``. Differentiable in ``u``, ``A`` and the initial rows; the
+        log-scales are constants.
     """
     if plan is None:
         plan = chunk_plan(A, u.shape[1], chunk_size)
-    return _scan(u, plan, initial)
+    return _scan(u.to(A.dtype), plan, initial_rows(initial, u.shape[0], A.dtype))
 
 
 def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
@@ -212,8 +231,8 @@ def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
     return ScaledRows(to_time_major(log_scale), to_time_major(rows))
 
 
-def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> ScaledRows:
-    """The original design: same inputs and outputs as :func:`chunked_scan`, computed with
+def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor]) -> ScaledRows:
+    """The original design: same arguments and outputs as :func:`chunked_scan`, computed with
     a Sklansky parallel prefix scan of complex log-matmul-exps (float32 GOOMs), the same
     combination tree as the original, so that its backward rules act on the same numbers.
 
@@ -222,7 +241,8 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: ScaledRows) -> S
     state to ``x_t = [x_0, I] @ [[A^t], [sum_s u_s A^(t-s)]]``.
     """
     batch, seq_len, n, d = u.shape
-    dtype = u.dtype
+    dtype = A.dtype
+    initial = initial_rows(initial, batch, dtype)
     u, A = u.to(GOOM_FLOAT_DTYPE), A.to(GOOM_FLOAT_DTYPE)
     log_0s_atop_I = goom_log(torch.cat([u.new_zeros(d, n), torch.eye(n, dtype=u.dtype, device=u.device)]))
 

@@ -5,8 +5,9 @@ Same inputs and outputs as :func:`goom_ssm.scan.chunked_scan`: the states of
 largest magnitude is 1: the numbers of the GOOM ``log x``), so that no magnitude
 overflows. One kernel runs the recurrence step by step, ``A`` in registers, a block of
 state rows per program. To fill the GPU at any batch size the sequence is cut into chunks
-of ``L`` steps (``K`` chunks), evaluated in three stages, each a launch of that kernel
-with its ``STAGE``:
+of ``L`` steps (``K`` chunks; ``L`` is :func:`triton_scan`'s ``steps_per_program``: each
+program runs the steps of one chunk), evaluated in three stages, each a launch of that
+kernel with its ``STAGE``:
 
 1. :func:`_chunk_end_states` (``"chunk_ends"``): every chunk but the last from a zero state,
    in parallel: its end state ``E_k``;
@@ -47,7 +48,7 @@ from .triton_common import HAS_TRITON, tl, triton
 NO_STATE_LOG_SCALE = -1e30  # log-scale of "no state yet": a zero row that any input outweighs
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
-MIN_CHUNK, MAX_CHUNK = 16, 256
+MIN_STEPS_PER_PROGRAM, MAX_STEPS_PER_PROGRAM = 16, 256
 
 
 if HAS_TRITON:
@@ -219,10 +220,11 @@ if HAS_TRITON:
                      mask=init_ok[:, None] & (feats < D)[None, :])
 
 
-def default_chunk_length(seq_len: int) -> int:
-    """Steps per chunk: the power of two nearest ``sqrt(seq_len)`` (balancing the parallel
-    passes, ``L`` steps each, against the carry over ``T / L`` chunks), within 16..256."""
-    return min(MAX_CHUNK, max(MIN_CHUNK, 2 ** round(math.log2(max(seq_len, 1)) / 2)))
+def default_steps_per_program(seq_len: int) -> int:
+    """Steps per program, the chunk length ``L``: the power of two nearest ``sqrt(seq_len)``
+    (balancing the parallel stages, ``L`` steps each, against the carry over ``T / L``
+    chunks), within 16..256."""
+    return min(MAX_STEPS_PER_PROGRAM, max(MIN_STEPS_PER_PROGRAM, 2 ** round(math.log2(max(seq_len, 1)) / 2)))
 
 
 class AdjointSteps(NamedTuple):
@@ -427,19 +429,22 @@ class _Scan(torch.autograd.Function):
         return grad_u, grad_A, None, grad_init, None
 
 
-def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor],
-                chunk_size: Optional[int] = None) -> ScaledRows:
+def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
+                steps_per_program: Optional[int] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t`` (Triton kernels; see the module
-    docstring). Same arguments and result as :func:`goom_ssm.scan.chunked_scan`: ``u``
-    ``[batch, seq_len, n, d]`` in any float dtype (read as is, computed in ``A``'s dtype,
+    docstring). The arguments and result of every scan (:func:`goom_ssm.scan.chunked_scan`):
+    ``u [batch, seq_len, n, d]`` in any float dtype (read as is, computed in ``A``'s dtype,
     float32 or float64), ``A [d, d]``, ``initial`` ``[batch, n, 1]`` / ``[batch, n, d]``, or
-    a plain ``[n, d]`` tensor: the initial rows of every sequence (a layer's own initial
-    state, with no per-call normalising and broadcasting); ``chunk_size`` defaults to
-    :func:`default_chunk_length`. Differentiable in ``u``, ``A`` and the initial rows; the
-    log-scales are constants, as everywhere in this package."""
+    a plain ``[n, d]`` tensor of rows shared by every sequence (a layer's own initial state,
+    taken with no per-call normalising and broadcasting). Differentiable in ``u``, ``A`` and
+    the initial rows; the log-scales are constants, as everywhere in this package.
+
+    The option of this scan, ``steps_per_program``: the steps each program runs one after
+    another, the chunk length ``L`` (default :func:`default_steps_per_program`, from the
+    length; a model's ``scan_chunk_size``, the chunked scan's, does not set it)."""
     if not HAS_TRITON:
         raise RuntimeError("the 'triton' scan needs the triton package; use scan_implementation='chunked'")
-    chunk_len = chunk_size or default_chunk_length(u.shape[1])
+    chunk_len = steps_per_program or default_steps_per_program(u.shape[1])
     if isinstance(initial, torch.Tensor):  # shared plain rows: an empty log-scale says so to the kernels
         initial = ScaledRows(A.new_empty(0), initial)
     log_scale, rows = _Scan.apply(u.contiguous(), A.contiguous(), initial.log_scale.to(A.dtype).contiguous(),

@@ -34,8 +34,10 @@ class GoomSSMConfig(PretrainedConfig):
             backward), ``"chunked"`` (pure PyTorch, any device) or ``"goom_prefix"`` (the
             original's complex parallel prefix scan, slow; for reference). All compute the same
             states to float32 rounding; the choice is a matter of speed only.
-        scan_chunk_size: time steps per chunk of the chunked (pure PyTorch) scan; ``None``
-            (default): 8 on CPU, 32 on other devices (a matter of speed only).
+        scan_chunk_size: time steps per dense chunk of the chunked (pure PyTorch) scan, its
+            ``chunk_size``; ``None`` (default): 8 on CPU, 32 on other devices (a matter of speed
+            only). The Triton scan does not read it: it chooses its steps per program from the
+            sequence length (:func:`goom_ssm.triton_scan.default_steps_per_program`).
         use_cache: return a recurrent-state cache from the forward pass (for generation).
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python; with

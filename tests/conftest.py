@@ -40,25 +40,6 @@ def random_scan_case(batch, length, n, d, radius, dtype=torch.float64, seed=0, d
     return u.to(device), A.to(device), ScaledRows(*(t.to(device) for t in initial))
 
 
-def sequential_recurrence(u: torch.Tensor, A: torch.Tensor, log_scale: torch.Tensor, rows: torch.Tensor):
-    """The slow, obvious recurrence ``x_t = x_{t-1} A + u_t`` in float64, one step at a time,
-    each state row kept as ``exp(log_scale) * rows`` with ``max|rows| = 1``.
-
-    u ``[batch, T, n, d]``, A ``[d, d]``, log_scale ``[batch, n, 1]``, rows ``[batch, n, d]``;
-    returns log-scales ``[batch, T, n, 1]`` and rows ``[batch, T, n, d]``.
-    """
-    u, A, s, v = u.double(), A.double(), log_scale.double(), rows.double()
-    all_s, all_v = [], []
-    for t in range(u.shape[1]):
-        top = torch.clamp(s, min=0.0)  # common scale of the carried part and of u_t
-        x = torch.exp(s - top) * (v @ A) + torch.exp(-top) * u[:, t]
-        peak = x.abs().amax(dim=-1, keepdim=True)
-        v, s = x / peak, top + peak.log()
-        all_s.append(s)
-        all_v.append(v)
-    return torch.stack(all_s, dim=1), torch.stack(all_v, dim=1)
-
-
 @pytest.fixture(scope="session")
 def reference_vectors():
     return torch.load(REFERENCE_DIR / "original_tiny_vectors.pt", weights_only=True)

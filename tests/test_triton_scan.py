@@ -1,4 +1,4 @@
-"""The Triton scan against the slow recurrence and the pure-PyTorch scan, forward and backward.
+"""The Triton scan against the naive recurrence and the pure-PyTorch scan, forward and backward.
 
 Without a GPU the kernels run in Triton's interpreter (see conftest), so every case here is
 checked on CPU too; the long and large cases run on CUDA only.
@@ -11,9 +11,10 @@ import torch
 
 pytest.importorskip("triton")
 
-from conftest import TRITON_DEVICE, random_scan_case, sequential_recurrence  # noqa: E402
+from conftest import TRITON_DEVICE, random_scan_case  # noqa: E402
+from goom_ssm.naive import naive_scan  # noqa: E402
 from goom_ssm.scan import ScaledRows, chunked_scan, normalize_rows  # noqa: E402
-from goom_ssm.triton_scan import default_chunk_length, triton_scan  # noqa: E402
+from goom_ssm.triton_scan import default_steps_per_program, triton_scan  # noqa: E402
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -42,10 +43,10 @@ def test_equals_the_float64_recurrence_and_its_gradients(length, chunk):
     d += 2  # d = 3..5, n = 1..3: sizes that are not powers of two
     radius = float(torch.empty(1).uniform_(0.5, 1.3, generator=g))
     u, A, initial = random_case(batch, length, n, d, radius, seed=length)
-    log_scale, rows = sequential_recurrence(u.cpu(), A.cpu(), *(t.cpu() for t in initial))
+    log_scale, rows = naive_scan(u.cpu(), A.cpu(), ScaledRows(*(t.cpu() for t in initial)))
     weights = torch.randn(u.shape, generator=g, dtype=u.dtype).to(u.device)
 
-    out, grads = states_and_gradients(triton_scan, u, A, initial, weights, chunk_size=chunk)
+    out, grads = states_and_gradients(triton_scan, u, A, initial, weights, steps_per_program=chunk)
     assert out.rows.shape == (batch, length, n, d) and out.log_scale.shape == (batch, length, n, 1)
     assert torch.allclose(out.rows.cpu(), rows, atol=1e-12)
     assert torch.allclose(out.log_scale.cpu(), log_scale, rtol=1e-13, atol=1e-12)
@@ -65,7 +66,7 @@ def test_shared_plain_initial_rows_equal_each_sequence_starting_from_them(length
 
     def run(initial):
         u_, A_ = (t.detach().clone().requires_grad_(True) for t in (u, A))
-        out = triton_scan(u_, A_, initial(plain), chunk_size=chunk)
+        out = triton_scan(u_, A_, initial(plain), steps_per_program=chunk)
         (out.rows * weights).sum().backward()
         grads = (u_.grad, A_.grad, plain.grad.clone())
         plain.grad = None
@@ -85,8 +86,8 @@ def test_float32_error_is_that_of_the_pure_pytorch_scan(radius):
     rows and log-scales are at most twice the chunked scan's (measured: 0.2x to 1.1x);
     magnitudes reach 100^700 = e^3224 with nothing infinite."""
     u, A, initial = random_case(2, 700, 3, 6, radius, dtype=torch.float32, seed=3)
-    log_scale, rows = sequential_recurrence(*(t.cpu() for t in (u, A, *initial)))
-    ours = triton_scan(u, A, initial, chunk_size=32)
+    log_scale, rows = naive_scan(u.cpu(), A.cpu(), ScaledRows(*(t.cpu() for t in initial)))
+    ours = triton_scan(u, A, initial, steps_per_program=32)
     theirs = chunked_scan(u.cpu(), A.cpu(), ScaledRows(*(t.cpu() for t in initial)), chunk_size=64)
     assert torch.isfinite(ours.rows).all() and torch.isfinite(ours.log_scale).all()
 
@@ -120,8 +121,8 @@ def test_float32_gradients_at_a_huge_dynamic_range():
 def test_half_precision_inputs_are_read_as_they_are():
     u, A, initial = random_case(2, 40, 3, 4, 1.1, dtype=torch.float32, seed=2)
     half = u.to(torch.bfloat16).requires_grad_(True)
-    out = triton_scan(half, A, initial, chunk_size=8)
-    expected = triton_scan(half.detach().float(), A, initial, chunk_size=8)
+    out = triton_scan(half, A, initial, steps_per_program=8)
+    expected = triton_scan(half.detach().float(), A, initial, steps_per_program=8)
     assert torch.equal(out.rows, expected.rows) and torch.equal(out.log_scale, expected.log_scale)
     assert out.rows.dtype == torch.float32
     out.rows.sum().backward()
@@ -132,14 +133,14 @@ def test_zero_inputs_and_zero_initial_state_stay_finite():
     u, A, _ = random_case(1, 30, 2, 4, 1.0, dtype=torch.float32)
     u[:, :10] = 0
     zero = normalize_rows(torch.zeros(1, 2, 4, device=u.device))
-    out = triton_scan(u, A, zero, chunk_size=4)
+    out = triton_scan(u, A, zero, steps_per_program=4)
     assert torch.equal(out.rows[:, :10], torch.zeros_like(out.rows[:, :10]))
     expected = chunked_scan(u.cpu(), A.cpu(), ScaledRows(*(t.cpu() for t in zero)))
     assert torch.allclose(out.rows[:, 10:].cpu(), expected.rows[:, 10:], atol=1e-6)
 
 
-def test_default_chunk_length():
-    assert [default_chunk_length(t) for t in (1, 100, 1024, 4096, 65536, 2**20)] == [16, 16, 32, 64, 256, 256]
+def test_default_steps_per_program():
+    assert [default_steps_per_program(t) for t in (1, 100, 1024, 4096, 65536, 2**20)] == [16, 16, 32, 64, 256, 256]
 
 
 @needs_cuda
