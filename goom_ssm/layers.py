@@ -9,6 +9,24 @@ token has ``n_hid`` hidden state rows of ``d_hid`` features, all advanced by the
 
 where ``scaled`` rescales each state row so its largest magnitude is ``e^2``. The states
 are computed in float32 (never in half precision); the projections follow autocast.
+
+Glossary of sizes, one name per quantity at each level: the model's configuration uses
+transformers' names, the layers the original implementation's (constructors take them by
+keyword), and the scans, kernels and shapes in docstrings the short ones.
+
+====================================  ===================  =====================  ==========================
+quantity                              configuration        layers                 scans, kernels, shapes
+====================================  ===================  =====================  ==========================
+features per token (hidden width)     ``hidden_size``      ``d_emb``              ``E``
+an SSM's input and output features    (hidden_size, 2x)    ``d_inp``, ``d_out``   (``E``, ``2E``)
+state rows per token (state heads)    ``num_state_heads``  ``n_hid``              ``n``
+features per state row                ``state_size``       ``d_hid``              ``d`` (``D`` in Triton code)
+sequences                             (batch)              ``batch``              ``B`` (``M`` in ``triton_decode``)
+tokens per sequence                   (seq_len)            ``seq_len``            ``T``
+steps per chunk; chunks                                                           ``L``; ``K``
+====================================  ===================  =====================  ==========================
+
+In a residual layer (:class:`GoomSSMBlock`) the SSM maps ``d_inp = d_emb`` to ``d_out = 2 d_emb``.
 """
 
 import math
@@ -32,7 +50,7 @@ STATE_OUTPUT_SCALE = math.exp(STATE_OUTPUT_LOG_SCALE)  # a scaled state row's la
 class GoomSSM(nn.Module):
     """Linear time-invariant, non-diagonal state-space model over GOOMs.
 
-    Args:
+    Args (keyword only; see the glossary above):
         d_inp, d_out: input and output features per token.
         n_hid: hidden state rows per token; d_hid: features per row.
         scan_implementation: ``"auto"`` (default: ``"triton"`` for CUDA inputs when Triton is
@@ -46,7 +64,7 @@ class GoomSSM(nn.Module):
         init_state_range, transition_init_gain: initialisation (see :meth:`reset_parameters`).
     """
 
-    def __init__(self, d_inp: int, d_out: int, n_hid: int, d_hid: int, scan_implementation: str = "auto",
+    def __init__(self, *, d_inp: int, d_out: int, n_hid: int, d_hid: int, scan_implementation: str = "auto",
                  chunk_size: Optional[int] = None, init_state_range: float = 0.1, transition_init_gain: float = 0.99):
         super().__init__()
         if scan_implementation not in SCAN_IMPLEMENTATIONS:
@@ -165,12 +183,15 @@ class GoomSSMBlock(GradientCheckpointingLayer):
     the second); ``W_out`` is a bias-free ``d_emb x d_emb`` linear map. A transformers
     ``GradientCheckpointingLayer``: ``gradient_checkpointing_enable(...)`` checkpoints it with
     transformers' options (reentrant or not, every n-th layer).
+
+    Sizes (keyword only): ``d_emb`` features per token, ``n_hid`` state rows of ``d_hid``
+    features; ``ssm_options``: :class:`GoomSSM`'s other options.
     """
 
-    def __init__(self, d_emb: int, n_hid: int, d_hid: int, layer_norm_eps: float = 1e-5, **ssm_options):
+    def __init__(self, *, d_emb: int, n_hid: int, d_hid: int, layer_norm_eps: float = 1e-5, **ssm_options):
         super().__init__()
         self.norm = nn.LayerNorm(d_emb, eps=layer_norm_eps)
-        self.ssm = GoomSSM(d_emb, 2 * d_emb, n_hid, d_hid, **ssm_options)
+        self.ssm = GoomSSM(d_inp=d_emb, d_out=2 * d_emb, n_hid=n_hid, d_hid=d_hid, **ssm_options)
         self.out_proj = nn.Linear(d_emb, d_emb, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, state: Optional[ScaledRows] = None,

@@ -55,10 +55,10 @@ if HAS_TRITON:
         return mean, 1.0 / tl.sqrt(squares / E + eps)
 
     @triton.jit
-    def _products(x_ptr, m, m_ok, K, w_ptr, second_w_offset, stride_wk, stride_wn, n, n_ok, mean, rstd,
+    def _products(x_ptr, m, m_ok, K, w_ptr, second_w_offset, stride_wk, stride_wn, cols, cols_ok, mean, rstd,
                   ln_w_ptr, ln_b_ptr, LAYER_NORM: tl.constexpr, PAIR: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
-        """``f(x[m, :K]) @ w[:K, n]`` ``[BM, BN]`` in ``ACC``, operands rounded to ``DOT``, and with
+        """``f(x[m, :K]) @ w[:K, cols]`` ``[BM, BN]`` in ``ACC``, operands rounded to ``DOT``, and with
         ``PAIR`` the same product with the weight at ``w_ptr + second_w_offset`` (else zeros).
         ``f`` is the LayerNorm ``(x - mean) * rstd * ln_w + ln_b`` with ``LAYER_NORM``, else the
         identity. ``x`` is row-major ``[M, K]``; ``w`` has strides ``stride_wk``, ``stride_wn``."""
@@ -73,8 +73,8 @@ if HAS_TRITON:
                 ln_b = tl.load(ln_b_ptr + k, mask=k_ok, other=0.0).to(ACC)
                 x = tl.where(k_ok[None, :], (x - mean[:, None]) * rstd[:, None] * ln_w[None, :] + ln_b[None, :], 0.0)
             x = x.to(DOT)
-            w_offsets = k[:, None] * stride_wk + n[None, :] * stride_wn
-            w_ok = k_ok[:, None] & n_ok[None, :]
+            w_offsets = k[:, None] * stride_wk + cols[None, :] * stride_wn
+            w_ok = k_ok[:, None] & cols_ok[None, :]
             acc += tl.dot(x, tl.load(w_ptr + w_offsets, mask=w_ok, other=0.0).to(DOT), input_precision="ieee")
             if PAIR:
                 w2 = tl.load(w_ptr + second_w_offset + w_offsets, mask=w_ok, other=0.0).to(DOT)
@@ -83,27 +83,27 @@ if HAS_TRITON:
 
     @triton.jit
     def _norm_in_proj_step_kernel(h_ptr, ln_w_ptr, ln_b_ptr, b_ptr, d_ptr, a_ptr, s_ptr, v_ptr, mask_ptr,
-                                  out_s_ptr, out_v_ptr, du_ptr, M, E, n_rows, ND, eps, tiny: tl.constexpr,
+                                  out_s_ptr, out_v_ptr, du_ptr, M, E, n, ND, eps, tiny: tl.constexpr,
                                   D: tl.constexpr, BLOCK_D: tl.constexpr, STATE: tl.constexpr,
                                   HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                   DOT: tl.constexpr, ACC: tl.constexpr):
-        """Program ``(j, i)``, sequences ``m`` of row block ``i`` (axis 1). For ``j < n_rows``: the
+        """Program ``(j, i)``, sequences ``m`` of row block ``i`` (axis 1). For ``j < n``: the
         state input of row ``j``, ``LN(h) @ B[:, j D:(j + 1) D]``, then the step of that row,
-        ``x_j <- x_j A + Bu_j`` (state ``[M, n_rows, 1]`` / ``[M, n_rows, D]`` in ``STATE``; a
+        ``x_j <- x_j A + Bu_j`` (state ``[M, n, 1]`` / ``[M, n, D]`` in ``STATE``; a
         sequence whose ``mask`` is 0 keeps its row), written to ``out`` (which may be the state
         itself: a row is read and written by its own program only). Other programs: column
-        block ``j - n_rows`` of ``Du = LN(h) @ D`` ``[M, ND]``."""
+        block ``j - n`` of ``Du = LN(h) @ D`` ``[M, ND]``."""
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         m = pid_m * BM + tl.arange(0, BM)
         m_ok = m < M
         mean, rstd = _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM, BK, ACC)
-        if pid_n < n_rows:
+        if pid_n < n:
             feats = tl.arange(0, BLOCK_D)
             ok = m_ok[:, None] & (feats < D)[None, :]
-            u = _products(h_ptr, m, m_ok, E, b_ptr, 0, n_rows * D, 1, pid_n * D + feats, feats < D, mean, rstd,
+            u = _products(h_ptr, m, m_ok, E, b_ptr, 0, n * D, 1, pid_n * D + feats, feats < D, mean, rstd,
                           ln_w_ptr, ln_b_ptr, True, False, BM, BLOCK_D, BK, DOT, ACC)[0]
             A, a_log_scale = normalized(load_matrix(a_ptr, feats, D, False).to(STATE), tiny)
-            row = m * n_rows + pid_n
+            row = m * n + pid_n
             s = tl.load(s_ptr + row, mask=m_ok, other=0.0).to(tl.float64)
             v = tl.load(v_ptr + row[:, None] * D + feats[None, :], mask=ok, other=0.0)
             new_s, new_v = advance(s, v, u.to(STATE), tl.zeros([BM], tl.float64), A, a_log_scale, tiny)
@@ -113,57 +113,57 @@ if HAS_TRITON:
             tl.store(out_s_ptr + row, new_s.to(STATE), mask=m_ok)
             tl.store(out_v_ptr + row[:, None] * D + feats[None, :], new_v, mask=ok)
         else:
-            n = (pid_n - n_rows) * BN + tl.arange(0, BN)
-            n_ok = n < ND
-            acc = _products(h_ptr, m, m_ok, E, d_ptr, 0, ND, 1, n, n_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
+            cols = (pid_n - n) * BN + tl.arange(0, BN)
+            cols_ok = cols < ND
+            acc = _products(h_ptr, m, m_ok, E, d_ptr, 0, ND, 1, cols, cols_ok, mean, rstd, ln_w_ptr, ln_b_ptr,
                             True, False, BM, BN, BK, DOT, ACC)[0]
-            tl.store(du_ptr + m[:, None] * ND + n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+            tl.store(du_ptr + m[:, None] * ND + cols[None, :], acc, mask=m_ok[:, None] & cols_ok[None, :])
 
     @triton.jit
     def _output_block(M, N, BM: tl.constexpr, BN: tl.constexpr):
-        """This program's output rows ``m`` (axis 1) and columns ``n`` (axis 0), and which exist."""
+        """This program's output rows ``m`` (axis 1) and columns ``cols`` (axis 0), and which exist."""
         m = tl.program_id(1) * BM + tl.arange(0, BM)
-        n = tl.program_id(0) * BN + tl.arange(0, BN)
-        return m, m < M, n, n < N
+        cols = tl.program_id(0) * BN + tl.arange(0, BN)
+        return m, m < M, cols, cols < N
 
     @triton.jit
     def _output_glu_kernel(rows_ptr, c_ptr, du_ptr, g_ptr, M, NR, E, LOG_SCALE: tl.constexpr, BM: tl.constexpr,
                            BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
         """``y = exp(LOG_SCALE) rows @ C + Du`` (``rows [M, NR]``, ``C [NR, 2E]``, ``Du [M, 2E]``),
-        then ``g = y[:, :E] * sigmoid(y[:, E:])`` ``[M, E]``: both halves of output block ``n`` here."""
-        m, m_ok, n, n_ok = _output_block(M, E, BM, BN)
-        ok = m_ok[:, None] & n_ok[None, :]
+        then ``g = y[:, :E] * sigmoid(y[:, E:])`` ``[M, E]``: both halves of its output columns ``cols`` here."""
+        m, m_ok, cols, cols_ok = _output_block(M, E, BM, BN)
+        ok = m_ok[:, None] & cols_ok[None, :]
         unused = tl.zeros([BM], ACC)
-        value, gate = _products(rows_ptr, m, m_ok, NR, c_ptr, E, 2 * E, 1, n, n_ok, unused, unused, c_ptr, c_ptr,
+        value, gate = _products(rows_ptr, m, m_ok, NR, c_ptr, E, 2 * E, 1, cols, cols_ok, unused, unused, c_ptr, c_ptr,
                                 False, True, BM, BN, BK, DOT, ACC)
         scale = tl.exp(tl.full([1, 1], LOG_SCALE, ACC))  # in ACC: a float argument would be float32
-        value = value * scale + tl.load(du_ptr + m[:, None] * 2 * E + n[None, :], mask=ok, other=0.0)
-        gate = gate * scale + tl.load(du_ptr + m[:, None] * 2 * E + E + n[None, :], mask=ok, other=0.0)
-        tl.store(g_ptr + m[:, None] * E + n[None, :], value / (1.0 + tl.exp(-gate)), mask=ok)
+        value = value * scale + tl.load(du_ptr + m[:, None] * 2 * E + cols[None, :], mask=ok, other=0.0)
+        gate = gate * scale + tl.load(du_ptr + m[:, None] * 2 * E + E + cols[None, :], mask=ok, other=0.0)
+        tl.store(g_ptr + m[:, None] * E + cols[None, :], value / (1.0 + tl.exp(-gate)), mask=ok)
 
     @triton.jit
     def _out_proj_residual_kernel(g_ptr, w_ptr, h_ptr, out_ptr, M, E, BM: tl.constexpr, BN: tl.constexpr,
                                   BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
         """``out = h + g @ W^T`` with ``W [E, E]`` (an ``nn.Linear`` weight), all rows ``[M, E]``."""
-        m, m_ok, n, n_ok = _output_block(M, E, BM, BN)
-        ok = m_ok[:, None] & n_ok[None, :]
+        m, m_ok, cols, cols_ok = _output_block(M, E, BM, BN)
+        ok = m_ok[:, None] & cols_ok[None, :]
         unused = tl.zeros([BM], ACC)
-        acc, _ = _products(g_ptr, m, m_ok, E, w_ptr, 0, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
+        acc, _ = _products(g_ptr, m, m_ok, E, w_ptr, 0, 1, E, cols, cols_ok, unused, unused, w_ptr, w_ptr,
                            False, False, BM, BN, BK, DOT, ACC)
-        h = tl.load(h_ptr + m[:, None] * E + n[None, :], mask=ok, other=0.0).to(ACC)
-        tl.store(out_ptr + m[:, None] * E + n[None, :], h + acc, mask=ok)
+        h = tl.load(h_ptr + m[:, None] * E + cols[None, :], mask=ok, other=0.0).to(ACC)
+        tl.store(out_ptr + m[:, None] * E + cols[None, :], h + acc, mask=ok)
 
     @triton.jit
     def _head_kernel(h_ptr, w_ptr, out_ptr, M, E, V, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      DOT: tl.constexpr, ACC: tl.constexpr):
         """``logits = h @ W^T`` ``[M, V]`` (``h [M, E]``, ``W [V, E]`` an ``nn.Linear`` weight),
         rounded to ``DOT`` as the head's own output is, then stored in float32."""
-        m, m_ok, n, n_ok = _output_block(M, V, BM, BN)
+        m, m_ok, cols, cols_ok = _output_block(M, V, BM, BN)
         unused = tl.zeros([BM], ACC)
-        acc = _products(h_ptr, m, m_ok, E, w_ptr, 0, 1, E, n, n_ok, unused, unused, w_ptr, w_ptr,
+        acc = _products(h_ptr, m, m_ok, E, w_ptr, 0, 1, E, cols, cols_ok, unused, unused, w_ptr, w_ptr,
                         False, False, BM, BN, BK, DOT, ACC)[0]
         logits = acc.to(DOT).to(tl.float32)
-        tl.store(out_ptr + m[:, None] * V + n[None, :], logits, mask=m_ok[:, None] & n_ok[None, :])
+        tl.store(out_ptr + m[:, None] * V + cols[None, :], logits, mask=m_ok[:, None] & cols_ok[None, :])
 
 
 # Launch configuration (tuned on an H200): output columns per program (more programs read

@@ -104,7 +104,7 @@ if HAS_TRITON:
     def _recurrence_kernel(
         u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr,
         out_s_ptr, out_v_ptr, fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr,
-        seq_len, n_rows, chunk_len, first_chunk, tiny: tl.constexpr,
+        seq_len, n, chunk_len, first_chunk, tiny: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         STAGE: tl.constexpr, ADJOINT: tl.constexpr, HAS_CARRY: tl.constexpr, SHARED_INIT: tl.constexpr,
     ):
@@ -146,7 +146,7 @@ if HAS_TRITON:
         num_chunks = tl.cdiv(seq_len, chunk_len)
         rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         feats = tl.arange(0, BLOCK_D)
-        row_ok = rows < n_rows
+        row_ok = rows < n
         ok = row_ok[:, None] & (feats < D)[None, :]
         A, a_log_scale = normalized(load_matrix(a_ptr, feats, D, TRANSPOSE_A), tiny)
         if HAS_A_SCALE:
@@ -155,15 +155,15 @@ if HAS_TRITON:
         s = tl.full([BLOCK_R], _NO_STATE, tl.float64)
         v = tl.zeros([BLOCK_R, BLOCK_D], A.dtype)
         start_chunk = num_chunks - 1 if REVERSE else 0
-        init = rows if SHARED_INIT else b * n_rows + rows
+        init = rows if SHARED_INIT else b * n + rows
         if HAS_START:
-            start_ok = rows < tl.where(chunk == start_chunk, n_rows, 0)
+            start_ok = rows < tl.where(chunk == start_chunk, n, 0)
             s = tl.where(start_ok, _load_init_scale(start_s_ptr, init, start_ok, SHARED_INIT), s)
             v = tl.where(start_ok[:, None], tl.load(start_v_ptr + init[:, None] * D + feats[None, :],
                                                     mask=start_ok[:, None] & ok, other=0.0), v)
         if HAS_CARRY:
-            carry = (b * (num_chunks - 1) + chunk - (0 if REVERSE else 1)) * n_rows + rows
-            carry_ok = rows < tl.where(chunk == start_chunk, 0, n_rows)
+            carry = (b * (num_chunks - 1) + chunk - (0 if REVERSE else 1)) * n + rows
+            carry_ok = rows < tl.where(chunk == start_chunk, 0, n)
             s = tl.where(carry_ok, tl.load(carry_s_ptr + carry, mask=carry_ok, other=0.0).to(tl.float64), s)
             v = tl.where(carry_ok[:, None], tl.load(carry_v_ptr + carry[:, None] * D + feats[None, :],
                                                     mask=carry_ok[:, None] & ok, other=0.0), v)
@@ -177,17 +177,17 @@ if HAS_TRITON:
         direction = -1 if REVERSE else 1
         # The input of step t + 1 is loaded while step t computes (the load's latency would
         # otherwise be most of a step's time).
-        u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + first_t) * n_rows + rows, feats,
+        u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + first_t) * n + rows, feats,
                                            row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
         for i in range(0, n_steps):
             t = first_t + direction * i
-            step = (b * seq_len + t) * n_rows + rows
+            step = (b * seq_len + t) * n + rows
             u, u_log_scale = u_next, u_scale_next
             t_next = tl.minimum(tl.maximum(t + direction, chunk * chunk_len), chunk * chunk_len + n_steps - 1)
-            u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + t_next) * n_rows + rows, feats,
+            u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + t_next) * n + rows, feats,
                                                row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
             if GRADIENTS:
-                prev = (b * seq_len + tl.maximum(t - 1, 0)) * n_rows + rows
+                prev = (b * seq_len + tl.maximum(t - 1, 0)) * n + rows
                 x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
             s, v = advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
@@ -205,7 +205,7 @@ if HAS_TRITON:
                 grad_a += tl.sum(x_v[:, :, None] * v[:, None, :], axis=0)
 
         if WRITE_ENDS:
-            end = (b * tl.num_programs(0) + pid_c) * n_rows + rows
+            end = (b * tl.num_programs(0) + pid_c) * n + rows
             tl.store(out_s_ptr + end, s.to(A.dtype), mask=row_ok)
             tl.store(out_v_ptr + end[:, None] * D + feats[None, :], v, mask=ok)
         if GRADIENTS:
@@ -215,8 +215,8 @@ if HAS_TRITON:
             # The chunk holding t = 0 ends at lambda_0 (A here is the normalised A^T).
             w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
             grad_init = tl.exp((init_s + s + a_log_scale).to(w.dtype))[:, None] * w
-            init_ok = rows < tl.where(chunk == 0, n_rows, 0)
-            tl.store(grad_init_ptr + (b * n_rows + rows)[:, None] * D + feats[None, :], grad_init,
+            init_ok = rows < tl.where(chunk == 0, n, 0)
+            tl.store(grad_init_ptr + (b * n + rows)[:, None] * D + feats[None, :], grad_init,
                      mask=init_ok[:, None] & (feats < D)[None, :])
 
 

@@ -168,7 +168,8 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         self.embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
             GoomSSMBlock(
-                config.hidden_size, config.num_state_heads, config.state_size, config.layer_norm_epsilon,
+                d_emb=config.hidden_size, n_hid=config.num_state_heads, d_hid=config.state_size,
+                layer_norm_eps=config.layer_norm_epsilon,
                 scan_implementation=config.scan_implementation, chunk_size=config.scan_chunk_size,
                 init_state_range=config.init_state_range, transition_init_gain=config.transition_init_gain,
             )

@@ -27,7 +27,7 @@ def outputs_and_gradients(block, forward, x, weights, final_weight):
 @pytest.mark.parametrize("seq_len", [1, 40, 100])
 def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len):
     torch.manual_seed(seq_len)
-    block = GoomSSMBlock(32, 3, 8, scan_implementation="triton").to(TRITON_DEVICE, dtype)
+    block = GoomSSMBlock(d_emb=32, n_hid=3, d_hid=8, scan_implementation="triton").to(TRITON_DEVICE, dtype)
     x = torch.randn(2, seq_len, 32, dtype=dtype, device=TRITON_DEVICE)
     weights = torch.randn_like(x)
     results = []
@@ -49,7 +49,7 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
         block(x, **kwargs)
         return bool(calls)
 
-    block = GoomSSMBlock(16, 2, 4, scan_implementation="triton").to(TRITON_DEVICE)
+    block = GoomSSMBlock(d_emb=16, n_hid=2, d_hid=4, scan_implementation="triton").to(TRITON_DEVICE)
     x = torch.randn(2, 5, 16, device=TRITON_DEVICE)
     assert fused(block, x)
     with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16):
@@ -61,8 +61,8 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
     handle = block.ssm.register_forward_hook(lambda *args: None)
     assert not fused(block, x)  # a hook must see its module called
     handle.remove()
-    assert not fused(GoomSSMBlock(16, 2, 4, scan_implementation="chunked").to(TRITON_DEVICE), x)
-    wrapped = GoomSSMBlock(16, 2, 4, scan_implementation="triton").to(TRITON_DEVICE)
+    assert not fused(GoomSSMBlock(d_emb=16, n_hid=2, d_hid=4, scan_implementation="chunked").to(TRITON_DEVICE), x)
+    wrapped = GoomSSMBlock(d_emb=16, n_hid=2, d_hid=4, scan_implementation="triton").to(TRITON_DEVICE)
     wrapped.out_proj = type("LoraLinear", (torch.nn.Linear,), {})(16, 16, bias=False).to(TRITON_DEVICE)
     assert not fused(wrapped, x)  # an adapter (PEFT wraps modules and parameters) must run as it is
     assert not fused(block.to(torch.bfloat16), x.to(torch.bfloat16))

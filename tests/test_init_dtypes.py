@@ -40,7 +40,7 @@ def recipe(n_hid: int, d_hid: int, d_inp: int, d_out: int, dtype: torch.dtype, s
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, *HALF])
 def test_reset_parameters_follows_the_recipe(dtype):
     """Same seed -> the recipe's values exactly, and the same random numbers consumed."""
-    layer = GoomSSM(24, 16, 4, 8, transition_init_gain=GAIN).to(dtype)
+    layer = GoomSSM(d_inp=24, d_out=16, n_hid=4, d_hid=8, transition_init_gain=GAIN).to(dtype)
     torch.manual_seed(3)
     layer.reset_parameters()
     after_layer = torch.rand(4)
@@ -54,7 +54,7 @@ def test_reset_parameters_follows_the_recipe(dtype):
 
 def test_float32_draw_is_nn_init_orthogonal_on_the_parameter():
     """For float32, A is what nn.init.orthogonal_ on the parameter itself gives."""
-    layer = GoomSSM(24, 16, 4, 8, transition_init_gain=GAIN)
+    layer = GoomSSM(d_inp=24, d_out=16, n_hid=4, d_hid=8, transition_init_gain=GAIN)
     torch.manual_seed(5)
     nn.init.uniform_(layer.init_states, -0.1, 0.1)
     direct = nn.init.orthogonal_(layer.A, gain=GAIN).detach().clone()
@@ -90,7 +90,7 @@ def test_loaded_A_is_not_reinitialised(dtype):
     _is_hf_initialized keeps its values; the other parameters are drawn."""
     from transformers.initialization import guard_torch_init_functions
 
-    layer = GoomSSM(24, 16, 4, 8).to(dtype)
+    layer = GoomSSM(d_inp=24, d_out=16, n_hid=4, d_hid=8).to(dtype)
     A, B = layer.A.detach().clone(), layer.B.detach().clone()
     layer.A._is_hf_initialized = True
     with guard_torch_init_functions():

@@ -92,7 +92,7 @@ def test_gradients_equal_exact_float64_gradients(converted_tiny_dir, reference_v
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_stress_layer_matches_float64_sequential(stress_case, implementation):
     s = stress_case
-    layer = GoomSSM(16, 12, 2, 8, scan_implementation=implementation)
+    layer = GoomSSM(d_inp=16, d_out=12, n_hid=2, d_hid=8, scan_implementation=implementation)
     layer.load_state_dict({k: t for k, t in s["state_dict"].items() if k in dict(layer.named_parameters())})
     layer.to(device_for(implementation))
     u = s["u"].detach().to(device_for(implementation)).requires_grad_(True)  # a leaf; the fixture untouched
@@ -109,7 +109,7 @@ def test_stress_layer_against_our_own_float64_recurrence(stress_case):
     """The reference file's float64 output (y_float64_sequential), re-derived here from the naive recurrence."""
     s = stress_case
     sd = s["state_dict"]
-    layer = GoomSSM(16, 12, 2, 8).double()
+    layer = GoomSSM(d_inp=16, d_out=12, n_hid=2, d_hid=8).double()
     layer.load_state_dict({k: t for k, t in sd.items() if k in dict(layer.named_parameters())})
     u = s["u"].double()
     Bu = (u @ layer.B).view(1, -1, 2, 8)

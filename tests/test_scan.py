@@ -189,7 +189,7 @@ def test_the_default_chunk_size_is_chosen_for_the_device():
     u, A, initial = random_case(2, 70, 3, 4, 1.1, torch.float32, seed=3, device="cpu")
     assert torch.equal(chunked_scan(u, A, initial).rows, chunked_scan(u, A, initial, chunk_size=8).rows)
     assert tiny_config().scan_chunk_size is None
-    ssm = GoomSSM(8, 16, 3, 4)
+    ssm = GoomSSM(d_inp=8, d_out=16, n_hid=3, d_hid=4)
     x = torch.randn(2, 30, 8)
     default_out = ssm(x)[0]
     ssm.chunk_size = 8

@@ -19,7 +19,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 def make_case(batch, d_emb, n, d, dtype, device=TRITON_DEVICE, seed=0):
     """A layer with non-trivial LayerNorm parameters, an input and a state at a large scale."""
     torch.manual_seed(seed)
-    block = GoomSSMBlock(d_emb, n, d).to(device=device, dtype=dtype)
+    block = GoomSSMBlock(d_emb=d_emb, n_hid=n, d_hid=d).to(device=device, dtype=dtype)
     with torch.no_grad():
         block.norm.weight.uniform_(0.5, 1.5)
         block.norm.bias.uniform_(-0.2, 0.2)
