@@ -39,7 +39,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .constants import SCAN_IMPLEMENTATIONS, STATE_OUTPUT_LOG_SCALE
 from .fused_block import FusedBlock
-from .scan import ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, scan_step, split_plan
+from .scan import (ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, is_dynamic_length, scan_step,
+                   split_plan, stepwise_scan)
 from .triton_common import HAS_TRITON, compute_dtype
 from .triton_decode import decode_step
 from .triton_scan import triton_scan
@@ -117,11 +118,17 @@ class GoomSSM(nn.Module):
         masked input is not written into it. ``chunk_plan``: this layer's
         :func:`~goom_ssm.scan.chunk_plan` for ``seq_len`` steps, if computed already (used by
         the chunked scan only; see :func:`shared_chunk_plans`).
+
+        Traced by ``torch.export`` with a dynamic ``seq_len``, every implementation runs
+        :func:`~goom_ssm.scan.stepwise_scan`: one graph (a loop) for every length.
         """
         batch, seq_len, _ = u.shape
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if mask is None:
+            if is_dynamic_length(seq_len):
+                state = self.initial_state(batch) if state is None else state
+                states = stepwise_scan(Bu.to(self.state_dtype), self.A.to(self.state_dtype), state, mask=mask)
+            elif mask is None:
                 states = self._scan(Bu, state, chunk_plan)
             else:
                 state = self.initial_state(batch) if state is None else state
@@ -280,7 +287,7 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
     the layer's own call) has no ``A`` to stack here; such layers plan in their own call.
     """
     seq_len = hidden_states.shape[1]
-    if seq_len == 1:  # decoding: a single step needs no plan (checked first: it is the per-token path)
+    if is_dynamic_length(seq_len) or seq_len == 1:  # a single step, or a loop of them, needs no plan (checked first)
         return None
     if not len(blocks) or not all(type(block) is GoomSSMBlock and is_plain(block) for block in blocks):
         return None

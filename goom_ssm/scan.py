@@ -8,8 +8,8 @@ recurrence grows or decays.
 
 Every scan takes the arguments ``(u, A, initial)`` with one meaning (see :func:`chunked_scan`)
 and gives the states of :func:`goom_ssm.naive.naive_scan`, the step-by-step definition the
-tests hold them to. Two pure-PyTorch algorithms compute them (``goom_ssm.triton_scan`` holds
-the CUDA one):
+tests hold them to. Three pure-PyTorch algorithms compute them (``goom_ssm.triton_scan``
+holds the CUDA one):
 
 - :func:`chunked_scan`, the default pure-PyTorch path: each chunk of ``L`` steps is one
   dense matrix product with the (shared) powers ``A^0 .. A^L``; the states at chunk
@@ -20,6 +20,8 @@ the CUDA one):
 - :func:`goom_prefix_scan`, the original design: an inclusive parallel prefix scan of
   complex log-matmul-exps over the stacked matrices ``[[A], [u_t]]``, ``O(T log T)``
   memory. Kept as the literal reference and as the benchmark baseline.
+- :func:`stepwise_scan`, for ``torch.export`` with a dynamic length (and ONNX): the decoding
+  step (:func:`scan_step`) in a loop, one graph for every length.
 
 All scale constants (maxima, log-scales) are detached, as in the original, so gradients
 are those of the exact recurrence.
@@ -118,9 +120,10 @@ def _chunk_level(powers: ScaledRows) -> ChunkLevel:
     """The :class:`ChunkLevel` for chunks of ``L`` steps from the powers ``M^0 .. M^L``
     (log_scale ``[..., L + 1]``, rows ``[..., L + 1, d, d]``, as :func:`scaled_powers` gives)."""
     lead, L, d = powers.rows.shape[:-3], powers.rows.shape[-3] - 1, powers.rows.shape[-1]
-    m = torch.cummax(powers.log_scale[..., :L], dim=-1).values  # [..., L]
-    steps = torch.arange(L, device=m.device)
+    steps = torch.arange(L, device=powers.rows.device)
     lag = steps[:, None] - steps[None, :]  # [t, s]
+    # The running maximum (torch.cummax's values, as a maximum over each row: it exports to ONNX).
+    m = torch.where(lag >= 0, powers.log_scale[..., None, :L], -torch.inf).amax(dim=-1)  # [..., L]
     lag_index = lag.clamp(min=0)
     weight = torch.where(lag >= 0, (powers.log_scale[..., lag_index] - m[..., :, None]).exp(), 0.0)  # [..., t, s]
     within = powers.rows[..., lag_index, :, :] * weight[..., None, None]  # [..., t, s, i, j]
@@ -229,6 +232,45 @@ def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
         return t.transpose(2, 3).reshape(batch, K * L, n, t.shape[-1])[:, :seq_len]
 
     return ScaledRows(to_time_major(log_scale), to_time_major(rows))
+
+
+def is_dynamic_length(seq_len) -> bool:
+    """Whether ``seq_len`` is a dynamic dimension of a graph that ``torch.export`` traces
+    (``dynamic_shapes``, as in ``torch.onnx.export(..., dynamo=True)``). Such a graph must hold
+    for every length, so the layers then run :func:`stepwise_scan` and take no branch on the
+    length. Elsewhere (eager, ``torch.compile``, an export with a static length) the length is
+    a number and the layers run as usual."""
+    return isinstance(seq_len, torch.SymInt) and torch.compiler.is_exporting()
+
+
+def stepwise_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
+                  mask: Optional[torch.Tensor] = None) -> ScaledRows:
+    """Same arguments and outputs as :func:`chunked_scan`, computed one step after another
+    (:func:`scan_step`, the decoding step) in PyTorch's ``scan`` higher-order op, which
+    ``torch.export`` keeps as one loop (ONNX ``Scan``) for any length: the chunked scan's
+    structure (chunk sizes, levels) depends on the length, so no one graph holds it for all.
+
+    ``mask [batch, seq_len]`` (bool, True = real token), if given, makes every masked position
+    an identity step: the state is carried through unchanged.
+    """
+    from torch._higher_order_ops import scan
+
+    def step(state: tuple, inputs: tuple):  # tuples: the op takes no NamedTuple
+        u_t, keep_t = inputs
+        new = scan_step(u_t, A, ScaledRows(*state))
+        new = tuple(torch.where(keep_t, after, before) for after, before in zip(new, state))
+        return new, tuple(t.clone() for t in new)  # its outputs may not alias one another
+
+    # The loop runs on [batch * n, d] rows: ONNX's exporter fails on a loop body whose
+    # product reshapes by a dynamic batch size.
+    batch, seq_len, n, _ = u.shape
+    u, initial = u.to(A.dtype), initial_rows(initial, batch, A.dtype)
+    keep = u.new_ones(batch, seq_len, dtype=torch.bool) if mask is None else mask
+    inputs = (u.movedim(1, 0).flatten(1, 2), keep.T[:, :, None, None].expand(-1, -1, n, 1).flatten(1, 2))
+    initial = tuple(t.flatten(0, 1).contiguous() for t in initial)  # the op keeps the carry's strides: none expanded
+    _, outputs = scan(step, initial, inputs)
+    log_scale, rows = (t.unflatten(1, (batch, n)).movedim(0, 1) for t in outputs)
+    return ScaledRows(log_scale, rows)
 
 
 def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor]) -> ScaledRows:

@@ -7,7 +7,7 @@ from conftest import TRITON_DEVICE, random_scan_case as random_case, relative_er
 from goom_ssm.layers import GoomSSM
 from goom_ssm.naive import naive_scan
 from goom_ssm.scan import (ScaledRows, chunk_plan, chunked_scan, default_chunk_size, goom_prefix_scan, normalize_rows,
-                           scaled_powers, split_plan)
+                           scaled_powers, split_plan, stepwise_scan)
 from goom_ssm.triton_scan import HAS_TRITON, triton_scan
 
 
@@ -23,6 +23,7 @@ TRITON_SCAN = pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, re
 SCANS = {
     "chunked": (lambda u, A, initial: chunked_scan(u, A, initial, chunk_size=4), "cpu"),
     "goom_prefix": (goom_prefix_scan, "cpu"),
+    "stepwise": (stepwise_scan, "cpu"),
     "triton": (lambda u, A, initial: triton_scan(u, A, initial, steps_per_program=4), TRITON_DEVICE),
 }
 
@@ -39,12 +40,12 @@ def states_and_gradients(scan, u, A, initial, weights):
 
 
 @pytest.mark.parametrize("shared_initial", [False, True], ids=["per-sequence-initial", "shared-plain-initial"])
-@pytest.mark.parametrize("name", ["chunked", "goom_prefix", TRITON_SCAN])
+@pytest.mark.parametrize("name", ["chunked", "goom_prefix", "stepwise", TRITON_SCAN])
 def test_every_scan_equals_the_naive_recurrence_states_and_gradients(name, shared_initial):
     """Each scan against :func:`naive_scan` with the same arguments (float64; 13 steps in
     several chunks, sizes that are not powers of two, an initial state per sequence or plain
     rows shared by all): states, and the gradients in ``u``, ``A`` and the initial rows of a
-    loss weighting every state row. The chunked and Triton scans agree to float64 rounding
+    loss weighting every state row. The chunked, stepwise and Triton scans agree to float64 rounding
     (measured ~1e-15); the original design computes in float32 GOOMs, with the original's
     backward rules (which add float32's eps to every derivative of log and exp): states
     within 1e-5, gradients within 1e-4 (measured 6e-7 and 1.2e-5)."""
@@ -63,7 +64,7 @@ def test_every_scan_equals_the_naive_recurrence_states_and_gradients(name, share
         assert ((got - want).norm() / want.norm()).item() < grads_tol
 
 
-@pytest.mark.parametrize("name", ["chunked", "goom_prefix", TRITON_SCAN])
+@pytest.mark.parametrize("name", ["chunked", "goom_prefix", "stepwise", TRITON_SCAN])
 def test_every_scan_reads_inputs_of_any_float_dtype_in_the_dtype_of_A(name):
     """``u`` in bfloat16 gives the states of its float32 values, in ``A``'s float32."""
     scan, device = SCANS[name]
