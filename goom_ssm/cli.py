@@ -211,7 +211,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (3e-4)")
     opt.add_argument("--final-lr", type=float, default=1e-5, help="learning rate at the end (1e-5)")
     opt.add_argument("--initial-lr", type=float, default=None, help="learning rate at step 0 (default: --final-lr)")
-    opt.add_argument("--warmup-steps", type=int, default=10, help="optimizer steps up to the peak (10)")
+    opt.add_argument("--warmup-steps", type=int, default=10,
+                     help="optimizer steps up to the peak (10; at most half the run)")
     opt.add_argument("--weight-decay", type=float, default=0.1)
     opt.add_argument("--max-momentum", type=float, default=0.99, help="beta1 at the start and the end (0.99)")
     opt.add_argument("--base-momentum", type=float, default=0.85, help="beta1 at the peak learning rate (0.85)")

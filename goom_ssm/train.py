@@ -5,8 +5,9 @@
     goom-ssm train ...            (one process, no launcher)
 
 The options are defined in :mod:`goom_ssm.cli`. Defaults follow the original recipe:
-AdamW over ``model.get_param_groups(0.1)``; ``OneCycleLR`` from ``--initial-lr`` up to ``--lr`` 3e-4 in ``--warmup-steps`` 10
-optimizer steps and down to ``--final-lr`` 1e-5, cycling beta1 between 0.99 and 0.85;
+AdamW over ``model.get_param_groups(0.1)``; ``OneCycleLR`` from ``--initial-lr`` up to
+``--lr`` 3e-4 in ``--warmup-steps`` 10 optimizer steps (at most half the run) and down to
+``--final-lr`` 1e-5, cycling beta1 between 0.99 and 0.85;
 global batches of ``--batch-size`` 960 sequences of ``--block-size`` 1024 tokens, made
 of micro-batches that accumulate gradients; gradient clipping at 1.0; fp16 autocast on
 GPUs (the model keeps its GOOM states in float32 itself). The original ran

@@ -134,10 +134,11 @@ def _cache_argument(cache, past_key_values):
 def _current_mask(attention_mask: torch.Tensor, batch: int, seq_len: int, past: int) -> torch.Tensor:
     """The columns of ``attention_mask`` for the current tokens (shape checked only): the mask
     covers the current tokens, or the ``past`` tokens the cache has consumed and the current ones."""
-    widths = sorted({seq_len, past + seq_len})
-    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or attention_mask.shape[1] not in widths:
+    if attention_mask.ndim != 2 or attention_mask.shape[0] != batch or (
+            attention_mask.shape[1] != seq_len and attention_mask.shape[1] != past + seq_len):
+        widths = f"{seq_len} or {past + seq_len}" if past else f"{seq_len}"
         raise ValueError(
-            f"attention_mask must have shape [batch={batch}, {' or '.join(map(str, widths))}] (a padding mask, "
+            f"attention_mask must have shape [batch={batch}, {widths}] (a padding mask, "
             f"1 = real token, over the current tokens" + (f" or over the {past} cached ones and them" if past else "")
             + f"), got {tuple(attention_mask.shape)}"
         )
