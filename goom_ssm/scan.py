@@ -162,11 +162,8 @@ def split_plan(plan: list) -> list:
 def default_chunk_size(device: torch.device) -> int:
     """Steps per chunk of :func:`chunked_scan` when none is given. On CPU, 8: the dense chunk
     products cost ``n L d^2`` multiply-adds per token, which at ``L = 64`` rival the layer's
-    projections (forward + backward at ``d = 32`` measured 3.5-7x faster than at 64, for 256
-    to 4,096 steps, with the same float32 error). Elsewhere 32: training the 124M model at
-    sequence length 1024 on an H200 (bf16 autocast) ran at 81K / 140K / 147K tokens/s at
-    batch 8 / 32 / 64 with 32 steps, 58K / 159K / 172K with 16 (more levels, more launches)
-    and 67K / 107K / 112K with 64 (larger chunk products)."""
+    projections. Elsewhere 32: between more levels and launches (16) and larger chunk products
+    (64). (Timings: ``benchmarks/results/design_notes.md``.)"""
     return 8 if torch.device(device).type == "cpu" else 32
 
 

@@ -401,7 +401,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         """The head's float32 logits ``[..., vocab_size]``. On CUDA, for many positions at once
         and a vocabulary that is not a multiple of 64 (GPT-2's 50257), the product runs against
         the weight padded with zero rows, then drops their logits: cuBLAS has no fast kernel
-        for the odd size (H200, 8192 positions: an sm75 kernel at ~95 TFLOP/s)."""
+        for the odd size (benchmarks/results/design_notes.md)."""
         head = self.lm_head
         padding = -head.weight.shape[0] % 64 if is_plain(head) else 0
         if padding and hidden_states.is_cuda and hidden_states.shape[:-1].numel() >= 1024:
