@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 
+from .constants import GPT2_VOCAB_SIZE
 from .folders import move_into_place
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -137,7 +138,7 @@ def build_model(args, tokenizer):
         config = {**_given_config(args), **sizes}
         if "vocab_size" not in config and tokenizer.vocab_size:
             config["vocab_size"] = tokenizer.vocab_size
-        if tokenizer.eos_token_id < config.get("vocab_size", 50257):
+        if tokenizer.eos_token_id < config.get("vocab_size", GPT2_VOCAB_SIZE):
             config.setdefault("eos_token_id", tokenizer.eos_token_id)
             config.setdefault("bos_token_id", tokenizer.eos_token_id)
         model = GoomSSMForCausalLM(GoomSSMConfig(**config))
