@@ -57,8 +57,8 @@ def load_original_state_dict(path: os.PathLike) -> dict[str, torch.Tensor]:
     try:
         state_dict = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # torch's message advises weights_only=False: never do that for a checkpoint
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint of tensors (it holds something else, or is not a "
-                              f"checkpoint at all; only tensors are loaded)") from None
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint of tensors (it holds something else, or "
+                              f"is not a checkpoint at all; only tensors are loaded)") from None
     except Exception as error:  # torch raises many types for truncated or foreign files
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: {error})") from None
     if isinstance(state_dict, Mapping) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):

@@ -88,7 +88,7 @@ def test_bad_model_files_and_checkpoints_are_named(tmp_path, converted_tiny_dir)
     assert_user_error(run("export-original", corrupt, tmp_path / "x.pt"), "model.safetensors")
     text = tmp_path / "notes.txt"
     text.write_text("KING HENRY.\nMy lords,\n")
-    assert_user_error(run("convert-original", text, tmp_path / "out"), "not a PyTorch checkpoint of tensors")
+    assert_user_error(run("convert-original", text, tmp_path / "out"), "not a readable PyTorch checkpoint of tensors")
     # A folder without tokenizer files: named, with the way out (not "install sentencepiece").
     assert_user_error(run("perplexity", converted_tiny_dir, text), "has no tokenizer files", "--tokenizer")
     empty = tmp_path / "empty.txt"
