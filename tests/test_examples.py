@@ -1,5 +1,6 @@
 """The example scripts of the original paper's tasks (``examples/``), at tiny sizes on CPU: each
-learns its task well above what the same model scores untrained (``--steps 0``)."""
+learns its task well above what the same model scores untrained (``--steps 0``). Also their
+shared training pieces (``examples/example_utils.py``) and the checks of their options."""
 
 import importlib
 import json
