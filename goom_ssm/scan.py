@@ -92,6 +92,15 @@ def scan_step(u: torch.Tensor, A: torch.Tensor, state: ScaledRows, *,
     return add_scaled(state.log_scale + A_scale, state.rows @ A_rows, u_scale, u_rows)
 
 
+def reset_inputs(Bu: torch.Tensor, starts: torch.Tensor, init_states: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The scan inputs of packed documents: ``Bu [batch, seq_len, n, d]`` (any float dtype) in
+    ``A``'s dtype, plus ``init_states A`` at each document's first token (``starts [batch,
+    seq_len]``, bool). With the scans' ``resets=starts`` (the state before a start dropped),
+    the state after a start is ``init_states A + (u B)``: the first step of the document alone."""
+    Bu = Bu.to(A.dtype)
+    return torch.where(starts[:, :, None, None], Bu + init_states.to(A.dtype) @ A, Bu)
+
+
 def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
     """Powers ``M^0 .. M^n`` of the matrices ``M = exp(base.log_scale) * base.rows``.
 
