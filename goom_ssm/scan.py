@@ -96,9 +96,11 @@ def reset_inputs(Bu: torch.Tensor, starts: torch.Tensor, init_states: torch.Tens
     """The scan inputs of packed documents: ``Bu [batch, seq_len, n, d]`` (any float dtype) in
     ``A``'s dtype, plus ``init_states A`` at each document's first token (``starts [batch,
     seq_len]``, bool). With the scans' ``resets=starts`` (the state before a start dropped),
-    the state after a start is ``init_states A + (u B)``: the first step of the document alone."""
-    Bu = Bu.to(A.dtype)
-    return torch.where(starts[:, :, None, None], Bu + init_states.to(A.dtype) @ A, Bu)
+    the state after a start is ``init_states A + (u B)``: the first step of the document alone.
+    Computed in ``A``'s dtype whether autocast is on or not."""
+    with torch.autocast(device_type=Bu.device.type, enabled=False):
+        Bu = Bu.to(A.dtype)
+        return torch.where(starts[:, :, None, None], Bu + init_states.to(A.dtype) @ A, Bu)
 
 
 def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
