@@ -48,7 +48,7 @@ LOG_FILE = "train_log.jsonl"
 TRACKER_PROJECT = "goom-ssm"  # accelerate's trackers log under OUTPUT_DIR/goom-ssm
 # Settings that must not change when a run is resumed (they define the data order and schedule).
 RESUME_INVARIANTS = ("seed", "block_size", "micro_batch_size", "num_processes", "gradient_accumulation_steps",
-                     "max_steps", "streaming")
+                     "max_steps", "streaming", "documents_apart")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -245,7 +245,8 @@ def evaluate(model, loader, accelerator, max_batches: int) -> float:
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        total += model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.float()
+        total += model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                       use_cache=False).loss.float()
         count += 1
     model.train()
     mean = accelerator.reduce(total / max(count, 1), reduction="mean")
@@ -266,6 +267,7 @@ class Run:
     accumulation: int  # micro-batches per optimizer step and process
     checkpoints: list[Path]  # complete checkpoints in the output folder at the start
     tokenizer: object = None
+    documents_apart: bool = False  # blocks carry position_ids that restart at each document
     train_loader: object = None
     sampler: Optional[EpochSampler] = None
     val_loader: object = None
@@ -379,8 +381,15 @@ def _load_data(run: Run) -> None:
             args.data if len(args.data) > 1 else args.data[0], run.tokenizer, args.block_size,
             streaming=args.streaming, validation_fraction=args.validation_split,
             validation_source=args.validation_data, text_column=args.text_column, num_proc=args.num_proc,
-            seed=args.seed, shuffle_buffer=0 if args.no_shuffle else args.shuffle_buffer, **load_kwargs,
+            seed=args.seed, shuffle_buffer=0 if args.no_shuffle else args.shuffle_buffer, pack_documents=args.pack,
+            **load_kwargs,
         )
+    run.documents_apart = train_data.eos_token_id is not None
+    if run.is_main:
+        how = "given" if args.pack is not None else "documents shorter than a block" if run.documents_apart else \
+            "documents longer than a block"
+        print(f"documents {'packed apart (each starts afresh)' if run.documents_apart else 'run together'} in "
+              f"blocks of {args.block_size} tokens ({how})", file=sys.stderr)
     loader_kwargs = dict(batch_size=args.micro_batch_size, drop_last=True, num_workers=args.num_workers)
     if args.streaming:
         run.train_loader = torch.utils.data.DataLoader(train_data, **loader_kwargs)
@@ -417,7 +426,8 @@ def _build_model_and_optimizer(run: Run) -> None:
 
     settings = {"seed": args.seed, "block_size": args.block_size, "micro_batch_size": args.micro_batch_size,
                 "num_processes": run.num_processes, "gradient_accumulation_steps": run.accumulation,
-                "max_steps": run.max_steps, "streaming": args.streaming, "tokenizer": run.tokenizer.name}
+                "max_steps": run.max_steps, "streaming": args.streaming, "tokenizer": run.tokenizer.name,
+                "documents_apart": run.documents_apart}
     run.state = TrainState(settings)
     accelerator.register_for_checkpointing(run.state)
     if args.resume is not None:
@@ -463,7 +473,8 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
                   if state.batches_in_epoch else run.train_loader)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+                loss = model(input_ids=batch["input_ids"], labels=batch["labels"],
+                             position_ids=batch.get("position_ids"), use_cache=False).loss
                 accelerator.backward(loss)
                 step_loss += loss.detach().float()
                 grad_norm = None
@@ -567,6 +578,8 @@ def write_training_card(folder: Path, model, args: argparse.Namespace, state: Tr
         "| | |", "|---|---|",
         f"| data | {', '.join(str(d) for d in args.data)} |",
         f"| tokenizer | {args.tokenizer} |",
+        "| documents | " + ("packed apart: each starts from the initial state" if settings.get("documents_apart")
+                            else "run together across blocks") + " |",
         f"| optimizer steps | {state.step} |",
         f"| tokens seen | {state.tokens:,} |",
         f"| global batch | {micro * accumulation * settings['num_processes']} sequences of {settings['block_size']} "

@@ -172,9 +172,11 @@ def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: 
     next, or 0) wait for the ids, so compiled and exported graphs skip them."""
     if position_ids is None:
         return None
-    if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() or position_ids.is_complex():
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be an integer tensor [batch, seq_len], got {type(position_ids).__name__}")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
         raise TypeError("position_ids must be an integer tensor [batch, seq_len] (0 at each packed document's first "
-                        f"token), got {position_ids.dtype if isinstance(position_ids, torch.Tensor) else type(position_ids).__name__}")
+                        f"token), got dtype {position_ids.dtype}")
     if position_ids.ndim != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
         raise ValueError(f"position_ids must have shape [batch={batch}, seq_len={seq_len}] (or [1, {seq_len}]), "
                          f"got {tuple(position_ids.shape)}")
