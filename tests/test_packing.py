@@ -214,3 +214,24 @@ def test_the_padding_free_collator_of_transformers_trains_documents_apart():
             losses.append(model(ids, labels=ids).loss * (len(doc) - 1))
             counts.append(len(doc) - 1)
     assert torch.allclose(packed.loss, sum(losses) / sum(counts), rtol=1e-6)
+
+
+def test_the_trainer_trains_packed_batches(tmp_path, monkeypatch):
+    """The README's recipe: the ``Trainer`` with ``DataCollatorWithFlattening`` passes
+    position_ids through to the model (whose forward would refuse anything it did not read)."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    from goom_ssm.modeling import modeling_goom_ssm
+
+    torch.manual_seed(5)
+    model = GoomSSMForCausalLM(tiny_config())
+    rows = Dataset.from_dict({"input_ids": [torch.randint(0, 97, (n,)).tolist() for n in (5, 9, 3, 7, 4, 6, 8, 2)]})
+    seen, document_starts = [], modeling_goom_ssm._document_starts
+    monkeypatch.setattr(modeling_goom_ssm, "_document_starts",
+                        lambda position_ids, *args: seen.append(position_ids.shape) or document_starts(position_ids, *args))
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                             use_cpu=True, save_strategy="no", logging_steps=1)
+    result = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithFlattening()).train()
+    assert result.global_step == 2 and torch.isfinite(torch.tensor(result.training_loss))
+    assert [shape[0] for shape in seen] == [1, 1]  # one packed row per batch
