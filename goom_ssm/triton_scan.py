@@ -106,6 +106,15 @@ if HAS_TRITON:
         return tl.load(reset_ptr + b * seq_len + t, mask=t < seq_len, other=0) != 0
 
     @triton.jit
+    def _load_resets(reset_ptr, b, t, seq_len, REVERSE: tl.constexpr):
+        """The flags step ``t`` reads: whether to drop the state (forward) or adjoint (``REVERSE``:
+        when step ``t + 1`` resets) before it, and whether step ``t`` itself resets."""
+        own = _is_reset(reset_ptr, b, t, seq_len)
+        if REVERSE:
+            return _is_reset(reset_ptr, b, t + 1, seq_len), own
+        return own, own
+
+    @triton.jit
     def _recurrence_kernel(
         u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr,
         out_s_ptr, out_v_ptr, fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr, reset_ptr,
@@ -187,10 +196,12 @@ if HAS_TRITON:
         n_steps = tl.minimum(chunk_len, seq_len - chunk * chunk_len)
         first_t = chunk * chunk_len + (n_steps - 1 if REVERSE else 0)
         direction = -1 if REVERSE else 1
-        # The input of step t + 1 is loaded while step t computes (the load's latency would
-        # otherwise be most of a step's time).
+        # The input (and reset flags) of step t + 1 are loaded while step t computes (the loads'
+        # latency would otherwise be most of a step's time).
         u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + first_t) * n + rows, feats,
                                            row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
+        if HAS_RESETS:
+            drop_next, own_next = _load_resets(reset_ptr, b, first_t, seq_len, REVERSE)
         for i in range(0, n_steps):
             t = first_t + direction * i
             step = (b * seq_len + t) * n + rows
@@ -198,12 +209,14 @@ if HAS_TRITON:
             t_next = tl.minimum(tl.maximum(t + direction, chunk * chunk_len), chunk * chunk_len + n_steps - 1)
             u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + t_next) * n + rows, feats,
                                                row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
+            if HAS_RESETS:
+                drop, own_reset = drop_next, own_next
+                drop_next, own_next = _load_resets(reset_ptr, b, t_next, seq_len, REVERSE)
             if GRADIENTS:
                 prev = (b * seq_len + tl.maximum(t - 1, 0)) * n + rows
                 x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
             if HAS_RESETS:
-                drop = _is_reset(reset_ptr, b, t + 1 if REVERSE else t, seq_len)
                 s = tl.where(drop, _NO_STATE, s)
                 v = tl.where(drop, 0.0, v)
             s, v = advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
@@ -218,7 +231,7 @@ if HAS_TRITON:
                 x_s = tl.where(t == 0, init_s, x_s)
                 x_v = tl.where(t == 0, init_v, x_v)
                 if HAS_RESETS:  # a reset step has no x_{t-1} A term
-                    x_v = tl.where(_is_reset(reset_ptr, b, t, seq_len), 0.0, x_v)
+                    x_v = tl.where(own_reset, 0.0, x_v)
                 x_v = x_v * tl.exp((x_s + s).to(x_v.dtype))[:, None]  # both scales at once: finite whenever the term is
                 grad_a += tl.sum(x_v[:, :, None] * v[:, None, :], axis=0)
 

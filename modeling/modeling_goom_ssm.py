@@ -186,21 +186,22 @@ def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: 
     starts = (position_ids == 0) & real & ((seen > 0) if not carried else True)
     if torch.compiler.is_compiling():
         return starts
-    if bool((position_ids < 0).any()):
-        raise ValueError("position_ids must be non-negative (0 at each packed document's first token)")
     # Compare each real token with the real token before it (the padding between is skipped).
     last_real = torch.cummax(torch.where(real, torch.arange(seq_len, device=real.device), -1), dim=1).values[:, :-1]
     previous = position_ids.gather(1, last_real.clamp(min=0))  # the id of the last real token before t
     follows = real[:, 1:] & (last_real >= 0)
-    ok = (position_ids[:, 1:] == 0) | (position_ids[:, 1:] == previous + 1)
-    if not bool((ok | ~follows).all()):
-        row, column = (~ok & follows).nonzero()[0].tolist()
+    wrong = follows & (position_ids[:, 1:] != 0) & (position_ids[:, 1:] != previous + 1)
+    negative, miscounted, any_start = torch.stack([(position_ids < 0).any(), wrong.any(), starts.any()]).tolist()
+    if negative:
+        raise ValueError("position_ids must be non-negative (0 at each packed document's first token)")
+    if miscounted:
+        row, column = wrong.nonzero()[0].tolist()
         raise ValueError(
             f"position_ids must count up by 1 within a packed document and restart at 0 at the next one (as "
             f"transformers' DataCollatorWithFlattening gives them); sequence {row} has {position_ids[row, column + 1]} "
             f"at position {column + 1} after {previous[row, column]}"
         )
-    return starts if bool(starts.any()) else None
+    return starts if any_start else None
 
 
 class GoomSSMModel(GoomSSMPreTrainedModel):

@@ -219,7 +219,7 @@ def test_the_padding_free_collator_of_transformers_trains_documents_apart():
 def test_the_trainer_trains_packed_batches(tmp_path, monkeypatch):
     """The README's recipe: the ``Trainer`` with ``DataCollatorWithFlattening`` passes
     position_ids through to the model (whose forward would refuse anything it did not read)."""
-    from datasets import Dataset
+    Dataset = pytest.importorskip("datasets").Dataset
     from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
 
     from goom_ssm.modeling import modeling_goom_ssm
