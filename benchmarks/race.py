@@ -45,7 +45,6 @@ import json
 import lzma
 import math
 import shutil
-import sys
 import tarfile
 import tempfile
 import time
@@ -55,11 +54,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import goom_ssm  # noqa: E402  (registers model_type "goom_ssm")
-from goom_ssm.constants import ENDOFTEXT_ID, GPT2_VOCAB_SIZE  # noqa: E402
+import goom_ssm  # noqa: F401  (registers model_type "goom_ssm")
+from goom_ssm.constants import ENDOFTEXT_ID, GPT2_VOCAB_SIZE
 
 MODELS = ("goom-ssm", "gpt2", "gla", "gated-deltanet")
 SAVED_MODELS = ("goom-ssm", "gpt2")
@@ -70,14 +66,14 @@ PART_BYTES = 15 * 2**20
 # Sizes: "race" about 14.6-15.1M parameters each (12.87M of them the tied GPT-2 embedding at
 # width 256), so that the GOOM-SSM weights ship in float32 under 60 MB; "tiny" for CPU tests.
 PRESETS = {
-    "race": {"goom-ssm": dict(hidden_size=256, num_hidden_layers=5, num_state_heads=8, state_size=32),
-             "gpt2": dict(n_embd=256, n_layer=2, n_head=4),
-             "gla": dict(hidden_size=256, num_hidden_layers=2, num_heads=4),
-             "gated-deltanet": dict(hidden_size=256, num_hidden_layers=2, num_heads=4, head_dim=64)},
-    "tiny": {"goom-ssm": dict(hidden_size=32, num_hidden_layers=1, num_state_heads=2, state_size=8),
-             "gpt2": dict(n_embd=32, n_layer=1, n_head=2),
-             "gla": dict(hidden_size=32, num_hidden_layers=1, num_heads=2),
-             "gated-deltanet": dict(hidden_size=32, num_hidden_layers=1, num_heads=2, head_dim=16)},
+    "race": {"goom-ssm": {"hidden_size": 256, "num_hidden_layers": 5, "num_state_heads": 8, "state_size": 32},
+             "gpt2": {"n_embd": 256, "n_layer": 2, "n_head": 4},
+             "gla": {"hidden_size": 256, "num_hidden_layers": 2, "num_heads": 4},
+             "gated-deltanet": {"hidden_size": 256, "num_hidden_layers": 2, "num_heads": 4, "head_dim": 64}},
+    "tiny": {"goom-ssm": {"hidden_size": 32, "num_hidden_layers": 1, "num_state_heads": 2, "state_size": 8},
+             "gpt2": {"n_embd": 32, "n_layer": 1, "n_head": 2},
+             "gla": {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2},
+             "gated-deltanet": {"hidden_size": 32, "num_hidden_layers": 1, "num_heads": 2, "head_dim": 16}},
 }
 
 
@@ -134,6 +130,7 @@ def write_data(out: Path, sources: list[tuple[dict, list[list[int]]]]) -> dict:
 
 def prepare(args) -> None:
     from goom_ssm.conversion.tokenizer import gpt2_tiktoken_encoding
+
     from goom_ssm.corpus import SOURCES, fetch_corpus
 
     encoding = gpt2_tiktoken_encoding()
@@ -166,7 +163,7 @@ def fla_available() -> str | None:
 def build_model(name: str, preset: str, block_size: int):
     """A new model ``name`` of ``preset``'s size, GPT-2 vocabulary, EOS/BOS ``<|endoftext|>``."""
     sizes = PRESETS[preset][name]
-    common = dict(vocab_size=GPT2_VOCAB_SIZE, bos_token_id=ENDOFTEXT_ID, eos_token_id=ENDOFTEXT_ID)
+    common = {"vocab_size": GPT2_VOCAB_SIZE, "bos_token_id": ENDOFTEXT_ID, "eos_token_id": ENDOFTEXT_ID}
     if name == "goom-ssm":
         from goom_ssm.modeling import GoomSSMConfig, GoomSSMForCausalLM
 
@@ -318,7 +315,8 @@ def run(args) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         (out / "race.json").write_text(json.dumps(results, indent=1) + "\n")  # after each model
-    results["unigram_perplexity"] = {text: unigram_perplexity(train_ids, ids) for text, ids in held_out_ids(args.heldout_tokens).items()}
+    results["unigram_perplexity"] = {text: unigram_perplexity(train_ids, ids)
+                                     for text, ids in held_out_ids(args.heldout_tokens).items()}
     (out / "race.json").write_text(json.dumps(results, indent=1) + "\n")
     pack(models_dir, out)
     shutil.rmtree(models_dir)
@@ -363,9 +361,8 @@ def pack(models_dir: Path, out: Path) -> None:
 
 def unpack(args) -> None:
     """The packed models of a ``run`` folder as float32 folders with the GPT-2 tokenizer files."""
-    from transformers import AutoModelForCausalLM
-
     from goom_ssm.conversion.tokenizer import save_gpt2_tokenizer
+    from transformers import AutoModelForCausalLM
 
     parts = sorted(Path(args.run_dir).glob("race_models.tar.*"))
     if not parts:
@@ -392,6 +389,7 @@ def held_out_ids(max_tokens: int = 0) -> dict[str, list[int]]:
     """GPT-2 ids of the two held-out texts shipped in the package (the first ``max_tokens``
     of each; 0: all)."""
     from goom_ssm.conversion.tokenizer import gpt2_tiktoken_encoding
+
     from goom_ssm.corpus import HELD_OUT_TEXT, MODERN_HELD_OUT_TEXT
 
     encoding = gpt2_tiktoken_encoding()

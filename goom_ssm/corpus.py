@@ -45,9 +45,9 @@ import sys
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 DATA_DIR = Path(__file__).parent / "corpus_data"
 HELD_OUT_NAME = "tempest_gut.txt"
@@ -118,7 +118,7 @@ def _python_docs(files: dict[str, bytes]) -> list[Document]:
     return [(name[len(prefix):-len(".rst.txt")], _text(data)) for name, data in sorted(files.items())]
 
 
-_OSIS_NOTE = re.compile(r"<note\b.*?</note>", re.S)
+_OSIS_NOTE = re.compile(r"<note\b.*?</note>", re.DOTALL)
 _OSIS_BREAK = re.compile(r'<(?:div|title|lb|l)\b[^>]*>')
 _TAG = re.compile(r"<[^>]*>")
 
@@ -249,7 +249,8 @@ def _download(archive: Archive, dest: Path) -> Path:
             "debian": ["apt-get", "download", "-q", archive.spec],
         }
         try:
-            result = subprocess.run(commands[archive.registry], capture_output=True, text=True, cwd=dest)
+            result = subprocess.run(commands[archive.registry], check=False, capture_output=True, text=True,
+                                    cwd=dest)
         except FileNotFoundError as error:
             raise RuntimeError(f"cannot fetch {archive.spec}: {error}") from None
         if result.returncode != 0 or not path.exists():
@@ -269,8 +270,8 @@ def _members(path: Path, pattern: str) -> dict[str, bytes]:
     """``{path: contents}`` of the files of a ``.tar.gz``/``.tgz`` or ``.deb`` whose path
     (without a leading ``./``) matches ``pattern``."""
     wanted = re.compile(pattern)
-    tar = tarfile.open(fileobj=io.BytesIO(_deb_data(path.read_bytes()))) if path.suffix == ".deb" else tarfile.open(path)
-    with tar:
+    source = io.BytesIO(_deb_data(path.read_bytes())) if path.suffix == ".deb" else path.open("rb")
+    with source, tarfile.open(fileobj=source) as tar:
         return {member.name.removeprefix("./"): tar.extractfile(member).read() for member in tar.getmembers()
                 if member.isfile() and wanted.fullmatch(member.name.removeprefix("./"))}
 
