@@ -48,6 +48,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -171,9 +172,7 @@ def build_model(name: str, preset: str, block_size: int):
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
 
-        config = GPT2Config(**sizes, **common, n_positions=block_size)
-        config._attn_implementation = "sdpa"
-        return GPT2LMHeadModel(config)
+        return GPT2LMHeadModel(GPT2Config(**sizes, **common, n_positions=block_size, attn_implementation="sdpa"))
     if name == "gla":
         from fla.models import GLAConfig, GLAForCausalLM
 
@@ -291,12 +290,13 @@ def run(args) -> None:
     if n_valid == 0:
         raise ValueError(f"the held-out split has fewer than --block-size {args.block_size} tokens")
     valid_blocks = torch.from_numpy(valid_ids[:n_valid * args.block_size].reshape(n_valid, args.block_size))
+    texts = held_out_ids(args.heldout_tokens)
     if args.tokens < args.batch_size * args.block_size:
         raise ValueError(f"--tokens {args.tokens} is less than one step of {args.batch_size * args.block_size}")
     results = {"settings": {k: v for k, v in vars(args).items() if k != "func"},
                "data": {k: manifest[k] for k in ("train_tokens", "valid_tokens", "sources")},
                "heldout_blocks": n_valid, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "versions": _versions(), "models": {}, "skipped": {}}
+               "versions": _versions(), "models": {}, "skipped": {}, "failed": {}}
     models_dir = Path(tempfile.mkdtemp(prefix="race_models_"))
     for name in args.models:
         why = fla_available() if name in FLA_MODELS else None
@@ -306,8 +306,14 @@ def run(args) -> None:
             print(f"{name}: skipped: {why}", flush=True)
             results["skipped"][name] = why
             continue
-        record, model, log = train_one(name, train_ids, valid_blocks, args, device, deadline)
-        record["heldout_perplexity"] = heldout_perplexities(model, args.block_size, args.heldout_tokens)
+        try:  # one model's failure (an fla kernel, say) is reported, and the others still run
+            record, model, log = train_one(name, train_ids, valid_blocks, args, device, deadline)
+            record["heldout_perplexity"] = {text: model_perplexity(model, ids, args.block_size)
+                                            for text, ids in texts.items()}
+        except Exception:  # noqa: BLE001
+            results["failed"][name] = traceback.format_exc()
+            print(f"{name}: FAILED\n{results['failed'][name]}", flush=True)
+            continue
         results["models"][name] = record
         if name in SAVED_MODELS:
             save_half(model, log, models_dir / name)
@@ -315,8 +321,7 @@ def run(args) -> None:
         if device.type == "cuda":
             torch.cuda.empty_cache()
         (out / "race.json").write_text(json.dumps(results, indent=1) + "\n")  # after each model
-    results["unigram_perplexity"] = {text: unigram_perplexity(train_ids, ids)
-                                     for text, ids in held_out_ids(args.heldout_tokens).items()}
+    results["unigram_perplexity"] = {text: unigram_perplexity(train_ids, ids) for text, ids in texts.items()}
     (out / "race.json").write_text(json.dumps(results, indent=1) + "\n")
     pack(models_dir, out)
     shutil.rmtree(models_dir)
@@ -326,6 +331,8 @@ def run(args) -> None:
     except ImportError as error:
         print(f"no plot ({error}); make it with: python benchmarks/race.py plot race.json")
     print(f"done in {time.perf_counter() - started:.0f} s")
+    if results["failed"]:
+        raise SystemExit(f"failed: {', '.join(results['failed'])} (tracebacks in race.json)")
 
 
 def _versions() -> dict:
@@ -425,10 +432,6 @@ def model_perplexity(model, ids: list[int], block_size: int) -> float:
     return math.exp(window_nll(model, ids, block_size) / len(ids))
 
 
-def heldout_perplexities(model, block_size: int, max_tokens: int = 0) -> dict[str, float]:
-    return {name: model_perplexity(model, ids, block_size) for name, ids in held_out_ids(max_tokens).items()}
-
-
 def unigram_perplexity(train_ids: np.ndarray, ids: list[int]) -> float:
     """Perplexity of ``ids`` under the add-one-smoothed token frequencies of ``train_ids``."""
     counts = np.bincount(train_ids, minlength=GPT2_VOCAB_SIZE).astype(np.float64) + 1.0
@@ -468,6 +471,8 @@ def print_table(results: dict) -> None:
         print(f"| unigram (add-one) | | | | | | {unigram['the-tempest']:.1f} | {unigram['sotu-2016']:.1f} |")
     for name, why in results["skipped"].items():
         print(f"{name}: skipped ({why})")
+    for name in results.get("failed", {}):
+        print(f"{name}: failed (traceback in race.json)")
 
 
 def plot(results_path: Path, png: Path) -> None:
@@ -523,7 +528,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evals", type=int, default=24, help="held-out evaluations per model (besides step 0)")
     p.add_argument("--eval-blocks", type=int, default=0, help="held-out blocks used (default: all)")
     p.add_argument("--eval-batch-size", type=int, default=16)
-    p.add_argument("--deadline-s", type=float, default=480.0,
+    p.add_argument("--deadline-s", type=float, default=450.0,
                    help="stop training (and skip models not started) past this many seconds of the run")
     p.add_argument("--heldout-tokens", type=int, default=0,
                    help="score only the first N tokens of each held-out text (default 0: all)")

@@ -63,19 +63,19 @@ def test_tiny_race_on_cpu(data_dir, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "run"
-    race.main(["run", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--tokens", "1024",
+    race.main(["run", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--tokens", "512",
                "--batch-size", "4", "--block-size", "32", "--warmup-steps", "2", "--lr", "3e-3", "--evals", "2",
                "--eval-batch-size", "8", "--heldout-tokens", "200", "--device", "cpu"])
     results = json.loads((out / "race.json").read_text())
     expected = ["goom-ssm", "gpt2"] + ([] if race.fla_available() else ["gla", "gated-deltanet"])
-    assert list(results["models"]) == expected
+    assert list(results["models"]) == expected and not results["failed"]
     if race.fla_available():
         assert set(results["skipped"]) == {"gla", "gated-deltanet"}
         assert race.fla_available() in capsys.readouterr().out
     for record in results["models"].values():
         curve = record["curve"]
-        assert record["steps"] == 8 and record["tokens"] == 1024 and not record["stopped_early"]
-        assert [p["tokens"] for p in curve] == [0, 512, 1024]
+        assert record["steps"] == 4 and record["tokens"] == 512 and not record["stopped_early"]
+        assert [p["tokens"] for p in curve] == [0, 256, 512]
         assert curve[-1]["loss"] < curve[0]["loss"]
         assert set(record["heldout_perplexity"]) == {"the-tempest", "sotu-2016"}
     assert set(results["unigram_perplexity"]) == {"the-tempest", "sotu-2016"}
@@ -87,7 +87,7 @@ def test_tiny_race_on_cpu(data_dir, tmp_path, capsys):
         model = AutoModelForCausalLM.from_pretrained(folder)
         assert all(p.dtype == torch.float32 and torch.equal(p, p.half().float()) for p in model.parameters())
         log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in log] == list(range(1, 9))
+        assert [r["step"] for r in log] == list(range(1, 5))
         assert AutoTokenizer.from_pretrained(folder).encode("Hello world") == [15496, 995]
     with pytest.raises(FileExistsError):
         race.main(["unpack", str(out), "--dest", str(tmp_path / "models")])
