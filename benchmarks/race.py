@@ -216,6 +216,12 @@ def block_loss(model, blocks: torch.Tensor, device: torch.device, batch_size: in
     return total / count
 
 
+def schedule_args(args) -> argparse.Namespace:
+    """The optimizer settings of ``goom-ssm train`` (its defaults) with the race's LRs and warm-up."""
+    return argparse.Namespace(lr=args.lr, final_lr=args.final_lr, initial_lr=None, warmup_steps=args.warmup_steps,
+                              weight_decay=0.1, max_momentum=0.99, base_momentum=0.85, beta2=0.999, adam_eps=1e-8)
+
+
 def train_one(name: str, train_ids: np.ndarray, valid_blocks: torch.Tensor, args, device, deadline: float) -> tuple:
     """Train model ``name``; returns (its result record, the model, its step log)."""
     from goom_ssm.train import build_optimizer_and_schedule
@@ -225,9 +231,7 @@ def train_one(name: str, train_ids: np.ndarray, valid_blocks: torch.Tensor, args
     model.train()
     tokens_per_step = args.batch_size * args.block_size
     steps = args.tokens // tokens_per_step
-    schedule = argparse.Namespace(lr=args.lr, final_lr=args.final_lr, initial_lr=None, warmup_steps=args.warmup_steps,
-                                  weight_decay=0.1, max_momentum=0.99, base_momentum=0.85, beta2=0.999,
-                                  adam_eps=1e-8)
+    schedule = schedule_args(args)
     optimizer, scheduler = build_optimizer_and_schedule(model, schedule, steps,
                                                         param_groups(model, schedule.weight_decay))
     n_blocks = len(train_ids) // args.block_size
@@ -278,6 +282,8 @@ def train_one(name: str, train_ids: np.ndarray, valid_blocks: torch.Tensor, args
 
 
 def run(args) -> None:
+    from goom_ssm.train import one_cycle_start
+
     started = time.perf_counter()
     deadline = started + args.deadline_s
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -291,8 +297,10 @@ def run(args) -> None:
         raise ValueError(f"the held-out split has fewer than --block-size {args.block_size} tokens")
     valid_blocks = torch.from_numpy(valid_ids[:n_valid * args.block_size].reshape(n_valid, args.block_size))
     texts = held_out_ids(args.heldout_tokens)
-    if args.tokens < args.batch_size * args.block_size:
-        raise ValueError(f"--tokens {args.tokens} is less than one step of {args.batch_size * args.block_size}")
+    steps = args.tokens // (args.batch_size * args.block_size)
+    if one_cycle_start(schedule_args(args), steps)[1] < 2:
+        raise ValueError(f"--tokens {args.tokens} make {steps} steps of {args.batch_size} x {args.block_size} tokens: "
+                         f"the one-cycle schedule needs at least 2 warm-up steps (--warmup-steps) and as many after")
     results = {"settings": {k: v for k, v in vars(args).items() if k != "func"},
                "data": {k: manifest[k] for k in ("train_tokens", "valid_tokens", "sources")},
                "heldout_blocks": n_valid, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -89,6 +89,9 @@ def test_tiny_race_on_cpu(data_dir, tmp_path, capsys):
         log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
         assert [r["step"] for r in log] == list(range(1, 5))
         assert AutoTokenizer.from_pretrained(folder).encode("Hello world") == [15496, 995]
+    with pytest.raises(ValueError, match="warm-up"):
+        race.main(["run", "--data", str(data_dir), "--out", str(out), "--preset", "tiny", "--tokens", "256",
+                   "--batch-size", "4", "--block-size", "32", "--warmup-steps", "2", "--device", "cpu"])
     with pytest.raises(FileExistsError):
         race.main(["unpack", str(out), "--dest", str(tmp_path / "models")])
     race.main(["evaluate", "--data", str(data_dir), "--block-size", "32", "--heldout-tokens", "200", str(tmp_path / "models" / "gpt2")])
