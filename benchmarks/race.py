@@ -314,16 +314,16 @@ def run(args) -> None:
             print(f"{name}: skipped: {why}", flush=True)
             results["skipped"][name] = why
             continue
-        try:  # one model's failure (an fla kernel, say) is reported, and the others still run
+        model = None
+        try:  # a failure (an fla kernel, say) is reported with what was done, and the other models still run
             record, model, log = train_one(name, train_ids, valid_blocks, args, device, deadline)
+            results["models"][name] = record
             record["heldout_perplexity"] = {text: model_perplexity(model, ids, args.block_size)
                                             for text, ids in texts.items()}
         except Exception:  # noqa: BLE001
             results["failed"][name] = traceback.format_exc()
             print(f"{name}: FAILED\n{results['failed'][name]}", flush=True)
-            continue
-        results["models"][name] = record
-        if name in SAVED_MODELS:
+        if model is not None and name in SAVED_MODELS:
             save_half(model, log, models_dir / name)
         del model
         if device.type == "cuda":
@@ -470,10 +470,10 @@ def print_table(results: dict) -> None:
     print("| model | parameters | tokens | train s | tokens/s | held-out loss | ppl Tempest | ppl SOTU 2016 |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["models"].items():
-        ppl = r["heldout_perplexity"]
+        ppl = {text: f"{value:.1f}" for text, value in r.get("heldout_perplexity", {}).items()}
         print(f"| {name} | {r['parameters']:,} | {r['tokens']:,} | {r['train_seconds']:.1f} | "
-              f"{r['tokens_per_second']:,.0f} | {r['final_heldout_loss']:.4f} | {ppl['the-tempest']:.1f} | "
-              f"{ppl['sotu-2016']:.1f} |")
+              f"{r['tokens_per_second']:,.0f} | {r['final_heldout_loss']:.4f} | {ppl.get('the-tempest', 'failed')} | "
+              f"{ppl.get('sotu-2016', 'failed')} |")
     unigram = results.get("unigram_perplexity")
     if unigram:
         print(f"| unigram (add-one) | | | | | | {unigram['the-tempest']:.1f} | {unigram['sotu-2016']:.1f} |")
