@@ -24,8 +24,8 @@ Steps (one script)::
 (sources, licences, token counts, sha256 of the raw ids). Each source's documents are joined
 with ``<|endoftext|>`` after each; the last 1% of each source's tokens is its held-out part.
 
-``run`` writes ``race.json`` (configs, parameter counts, the held-out curve, step log,
-tokens/s, held-out perplexities), ``race.png`` where matplotlib imports, and the trained
+``run`` writes ``race.json`` (configs, parameter counts, the held-out curves, the training
+seconds and tokens/s, held-out perplexities), ``race.png`` where matplotlib imports, and the trained
 GOOM-SSM and GPT-2 (float16 copies, packed as ``race_models.tar.NN`` parts of at most
 15 MiB so that they fit what comes back from a remote run); ``unpack`` turns them into
 float32 folders with the tokenizer files and the step log, ``evaluate`` prints held-out
