@@ -157,13 +157,16 @@ def one_cycle_start(args, total_steps: int) -> tuple[float, int]:
     return initial_lr, min(args.warmup_steps, total_steps // 2)
 
 
-def build_optimizer_and_schedule(model, args, total_steps: int):
-    """AdamW over the model's two parameter groups and the one-cycle LR/beta1 schedule."""
+def build_optimizer_and_schedule(model, args, total_steps: int, param_groups: Optional[list[dict]] = None):
+    """AdamW over ``param_groups`` (default: the model's two groups, ``get_param_groups``)
+    and the one-cycle LR/beta1 schedule."""
     initial_lr, warmup = one_cycle_start(args, total_steps)
     if warmup < 2:
         raise ValueError(f"the one-cycle schedule needs at least 2 warm-up steps and as many after; "
                          f"got --warmup-steps {args.warmup_steps} and {total_steps} steps in all")
-    optimizer = torch.optim.AdamW(model.get_param_groups(weight_decay=args.weight_decay), lr=args.lr,
+    if param_groups is None:
+        param_groups = model.get_param_groups(weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr,
                                   betas=(args.max_momentum, args.beta2), eps=args.adam_eps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=warmup / total_steps,
