@@ -339,6 +339,15 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         model_inputs.update({CACHE_NAME: cache, "attention_mask": attention_mask}, **kwargs)
         return model_inputs
 
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        """transformers' update between two ``generate()`` steps, less the attention mask once a
+        cache holds the tokens fed so far: their padding is in the recurrent state, and every later
+        token is one that ``generate()`` appends as real (its mask column would be 1), so the
+        following steps run without a mask (no per-step concatenation, checks or copies of it)."""
+        if outputs.get(CACHE_NAME) is not None:
+            model_kwargs.pop("attention_mask", None)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
