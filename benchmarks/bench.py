@@ -22,7 +22,8 @@ CPU test of this script).
 Sections:
     train    fwd + bwd + AdamW step, tokens/s, MFU and peak memory, at --seq-len over --batches.
              MFU: 6 x parameters x tokens/s over the bf16 matmul peak (--peak-flops, measured on
-             the H200; parameters counted once where tied, so the tied head's product is in)
+             the H200; parameters counted once where tied, so the tied head's product is in; GPT-2's
+             position table has its 1024 rows, more only for longer sequences)
     prefill  forward over one long sequence (batch 1), tokens/s and peak memory
     decode   new tokens/s after a 512-token prompt, through generate() and a raw step loop, and
              the bound of a step that only reads the weights once: batch x memory bandwidth
@@ -62,14 +63,15 @@ def unavailable(name: str, device: str) -> Optional[str]:
     return None
 
 
-def build(name: str, device: str, tiny: bool = False) -> torch.nn.Module:
-    """The model of spec ``name`` (see the module docstring), at 124M or (``tiny``) :data:`TINY`'s sizes."""
+def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> torch.nn.Module:
+    """The model of spec ``name`` (see the module docstring), at 124M or (``tiny``) :data:`TINY`'s sizes;
+    GPT-2's position table has ``positions`` rows (at least its own 1024)."""
     kind = name.split(":")[0]
     size = TINY if tiny else dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12)
     if kind == "gpt2":
         gpt2_size = {} if not tiny else dict(vocab_size=size["vocab_size"], n_embd=size["hidden_size"],
                                              n_layer=size["num_hidden_layers"], n_head=2)
-        model = GPT2LMHeadModel(GPT2Config(n_positions=1024 if tiny else 65536, attn_implementation="sdpa", **gpt2_size))
+        model = GPT2LMHeadModel(GPT2Config(n_positions=max(positions, 1024), attn_implementation="sdpa", **gpt2_size))
     elif kind == "goom":
         _, scan, *options = name.split(":")
         chunk = int(options[0]) if options and options[0].isdigit() else None
@@ -126,7 +128,7 @@ def time_it(fn, warmup: int, steps: int, device: str) -> float:
 def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
     """(tokens/s, parameters, peak GiB) of training steps, or (None, None, None) out of memory."""
     cleanup(device)
-    model = build(name, device, tiny).train()
+    model = build(name, device, tiny, positions=seq_len).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     # GPT-2's loss in transformers logs (a graph break), so only GOOM-SSM is compiled whole.
     compiled = torch.compile(model, fullgraph=name.startswith("goom")) if "compile" in name.split(":") else None
@@ -153,7 +155,7 @@ def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
 @torch.no_grad()
 def bench_prefill(name, seq_len, dtype, device, tiny):
     cleanup(device)
-    model = build(name, device, tiny).eval()
+    model = build(name, device, tiny, positions=seq_len).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
 
     def run():
@@ -176,7 +178,7 @@ def bench_decode(name, batch, new_tokens, dtype, device, tiny, prompt_len=512):
     ``prompt_len``-token prompt. generate(): its time less that of the prompt's forward; raw: a
     loop of single-token steps, timed alone."""
     cleanup(device)
-    model = build(name, device, tiny).eval().to(dtype)
+    model = build(name, device, tiny, positions=prompt_len + new_tokens).eval().to(dtype)
     prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
     # fla's models take the cache under transformers' former name, whatever the release
     cache_kwarg = "past_key_values" if name.split(":")[0] in FLA_MODELS else CACHE_NAME

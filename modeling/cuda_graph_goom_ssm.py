@@ -112,7 +112,7 @@ class CUDAGraphDecoder:
     def __call__(self, ids: torch.Tensor, mask: Optional[torch.Tensor], cache, check_id_range) -> torch.Tensor:
         """One step for ``ids [batch, 1]`` and ``mask [batch, 1]`` (bool; None: no padding)
         from ``cache``'s states: advances ``cache`` and returns the logits ``[batch, 1, vocab_size]``
-        (float32). ``check_id_range(lowest, highest)`` raises for ids outside the vocabulary;
+        (float32). ``check_id_range(lowest, highest, vocab_size)`` raises for ids outside the vocabulary;
         then ``cache`` is left as it was."""
         self.ids.copy_(ids)
         self.host_ids.copy_(self.ids, non_blocking=True)
@@ -125,7 +125,8 @@ class CUDAGraphDecoder:
         self._take_buffers_for(cache)
         self.graph.replay()
         self.host_ids_copied.synchronize()
-        check_id_range(*(int(bound) for bound in torch.aminmax(self.host_ids)))
+        ids = self.host_ids.view(-1).tolist()
+        check_id_range(min(ids), max(ids), self.vocab_size)
         cache.advance(self.states, 1)
         return self.logits.clone()
 

@@ -7,7 +7,6 @@ cross-entropy loss, and generation with a recurrent-state cache (:class:`GoomSSM
 token; ``GoomSSMForTokenClassification`` scores every token.
 """
 
-import functools
 import math
 import warnings
 from typing import Optional, Union
@@ -443,9 +442,10 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
 
     def _decode_with_cuda_graph(self, decoder, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
         batch = input_ids.shape[0]
-        cache.check_compatible(self.config, batch)
+        if not decoder.is_current_for(cache) or cache.batch_size != batch:  # else it ran the previous step
+            cache.check_compatible(self.config, batch)
         mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1, cache.get_seq_length()) != 0
-        return decoder(input_ids, mask, cache, functools.partial(_check_id_range, vocab_size=self.config.vocab_size))
+        return decoder(input_ids, mask, cache, _check_id_range)
 
 
 _CLASSIFICATION_LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
