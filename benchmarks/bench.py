@@ -34,6 +34,7 @@ import argparse
 import gc
 import json
 import time
+import traceback
 from typing import Optional
 
 import torch
@@ -271,11 +272,33 @@ def main():
     print(header + "\n")
     rows = []
 
+    def record(**row):
+        """Keep ``row``; with --json, rewrite the file (a run cut short keeps the rows so far)."""
+        rows.append(row)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(header=header, settings=vars(args), rows=rows), f, indent=1)
+
+    failures = []
+
+    def attempt(section, model_name, fn, *fn_args):
+        """``fn(*fn_args)``; if it raises, the traceback, a row saying so and None: the other rows
+        still run, and the script exits with an error at the end."""
+        try:
+            return fn(*fn_args)
+        except Exception as error:  # noqa: BLE001 - reported, recorded and turned into the exit status
+            traceback.print_exc()
+            reason = f"failed: {type(error).__name__}: {error}".splitlines()[0]
+            print(f"| {model_name} | {reason} |", flush=True)
+            record(section=section, model=model_name, failed=reason)
+            failures.append(f"{section} {model_name}")
+            return None
+
     def skipped(model_name, section):
         reason = unavailable(model_name, device)
         if reason:
             print(f"| {model_name} | {reason} |", flush=True)
-            rows.append(dict(section=section, model=model_name, skipped=reason))
+            record(section=section, model=model_name, skipped=reason)
         return reason
 
     if "train" in args.sections:
@@ -285,10 +308,14 @@ def main():
             if skipped(model_name, "train"):
                 continue
             for batch in args.batches:
-                tps, params, mem = bench_train(model_name, batch, args.seq_len, dtype, args.steps, device, args.tiny)
+                result = attempt("train", model_name, bench_train, model_name, batch, args.seq_len, dtype, args.steps,
+                                 device, args.tiny)
+                if result is None:
+                    break
+                tps, params, mem = result
                 mfu = None if tps is None else 6 * params * tps / args.peak_flops
-                rows.append(dict(section="train", model=model_name, batch=batch, parameters=params,
-                                 tokens_per_s=tps, mfu=mfu, peak_gib=mem))
+                record(section="train", model=model_name, batch=batch, parameters=params, tokens_per_s=tps,
+                       mfu=mfu, peak_gib=mem)
                 print(f"| {model_name} | {fmt(params and params / 1e6, '.1f')}M | {batch} | {fmt(tps)} | "
                       f"{fmt(mfu, '.1%')} | {fmt(mem, '.1f', '-')} |", flush=True)
                 if tps is None:
@@ -301,8 +328,11 @@ def main():
             if skipped(model_name, "prefill"):
                 continue
             for seq_len in args.prefill_lengths:
-                tps, mem = bench_prefill(model_name, seq_len, dtype, device, args.tiny)
-                rows.append(dict(section="prefill", model=model_name, seq_len=seq_len, tokens_per_s=tps, peak_gib=mem))
+                result = attempt("prefill", model_name, bench_prefill, model_name, seq_len, dtype, device, args.tiny)
+                if result is None:
+                    break
+                tps, mem = result
+                record(section="prefill", model=model_name, seq_len=seq_len, tokens_per_s=tps, peak_gib=mem)
                 print(f"| {model_name} | {seq_len} | {fmt(tps)} | {fmt(mem, '.1f', '-')} |", flush=True)
         print()
     if "decode" in args.sections:
@@ -313,19 +343,21 @@ def main():
             if skipped(model_name, "decode"):
                 continue
             for batch in args.decode_batches:
-                gen, raw, weight_bytes, mem = bench_decode(model_name, batch, args.new_tokens, dtype, device,
-                                                           args.tiny, args.prompt_len)
+                result = attempt("decode", model_name, bench_decode, model_name, batch, args.new_tokens, dtype, device,
+                                 args.tiny, args.prompt_len)
+                if result is None:
+                    break
+                gen, raw, weight_bytes, mem = result
                 bound = batch * args.bandwidth / weight_bytes
-                rows.append(dict(section="decode", model=model_name, batch=batch, generate_tokens_per_s=gen,
-                                 raw_tokens_per_s=raw, weight_bytes=weight_bytes, bound_tokens_per_s=bound,
-                                 peak_gib=mem))
+                record(section="decode", model=model_name, batch=batch, generate_tokens_per_s=gen,
+                       raw_tokens_per_s=raw, weight_bytes=weight_bytes, bound_tokens_per_s=bound, peak_gib=mem)
                 print(f"| {model_name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(bound)} | {fmt(gen / bound, '.1%')} "
                       f"| {fmt(raw / bound, '.1%')} | {fmt(mem, '.1f', '-')} |", flush=True)
         print()
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, settings=vars(args), rows=rows), f, indent=1)
         print(f"wrote {args.json}")
+    if failures:
+        raise SystemExit(f"failed: {', '.join(failures)} (tracebacks above)")
 
 
 if __name__ == "__main__":

@@ -61,3 +61,23 @@ def test_bench_plot_mode_writes_a_png(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench.py", "--plot", str(results)])
     bench.main()
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_reports_a_failing_row_runs_the_rest_and_exits_with_an_error(tmp_path, monkeypatch):
+    bench = load_bench()
+
+    def fake_train(name, batch, *args):
+        if name == "gpt2":
+            raise RuntimeError("kernel exploded")
+        return 1000.0 * batch, 10, None
+
+    monkeypatch.setattr(bench, "bench_train", fake_train)
+    out = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--tiny", "--device", "cpu", "--sections", "train", "--models", "gpt2",
+                                     "goom:chunked", "--batches", "1", "2", "--json", str(out)])
+    with pytest.raises(SystemExit, match="failed: train gpt2"):
+        bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0] == dict(section="train", model="gpt2", failed="failed: RuntimeError: kernel exploded")
+    assert [(r["model"], r["batch"], r["tokens_per_s"]) for r in rows[1:]] == [("goom:chunked", 1, 1000.0),
+                                                                              ("goom:chunked", 2, 2000.0)]
