@@ -232,8 +232,10 @@ def plot(json_path: str, png_path: str) -> None:
         for model in dict.fromkeys(r["model"] for r in rows):
             points = sorted((r["batch"], r[key]) for r in rows if r["model"] == model)
             ax.plot(*zip(*points), marker="o", label=model)
-        ax.set(title=title, xlabel="batch", ylabel="tokens/s", xscale="log", xticks=[], yscale="log" if section == "decode" else "linear")
-        ax.set_xticks(sorted({r["batch"] for r in rows}), labels=sorted({r["batch"] for r in rows}))
+        batches = sorted({r["batch"] for r in rows})
+        ax.set(title=title, xlabel="batch", ylabel="tokens/s", xscale="log", yscale="log" if section == "decode" else "linear")
+        ax.minorticks_off()
+        ax.set_xticks(batches, labels=batches)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(results["header"], fontsize=9)
