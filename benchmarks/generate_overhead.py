@@ -4,7 +4,8 @@ Counts, per token, the torch operations (each one a kernel launch on a GPU) and 
 synchronisations (``_local_scalar_dense``: ``.item()``, ``bool(tensor)``) of ``generate()`` and of a
 plain loop of single-token forwards with an argmax, and their CPU time; the difference is
 generate()'s overhead. Per-token figures are differences between a long and a short run, so
-the prompt's forward and generate()'s set-up cancel out.
+the prompt's forward and generate()'s set-up cancel out. The counts are exact; the times need a
+quiet machine.
 
     python benchmarks/generate_overhead.py            # a tiny model on the CPU
     python benchmarks/generate_overhead.py --device cuda --hidden-size 768 --layers 12
@@ -44,6 +45,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs of each length (the fastest counts)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # the CPU time is then the time of the one thread doing the work
     config = GoomSSMConfig(vocab_size=args.vocab_size, hidden_size=args.hidden_size, num_hidden_layers=args.layers)
     model = GoomSSMForCausalLM(config).to(args.device).eval()
     prompt = torch.randint(0, args.vocab_size, (args.batch, 32), device=args.device)
