@@ -1,27 +1,44 @@
-"""Speed and memory of GOOM-SSM against GPT-2 124M, measured in one run on one GPU.
+"""Speed and memory of GOOM-SSM against GPT-2 124M and fla's GLA and Gated DeltaNet, measured
+in one run on one GPU.
 
 Prints a Markdown table per section; every row of a section uses the same settings.
 
     python benchmarks/bench.py --sections train --models goom:triton goom:chunked goom:goom_prefix gpt2
     python benchmarks/bench.py --sections prefill decode --decode-models goom:triton goom:chunked gpt2
+    python benchmarks/bench.py --sections train decode --models goom:triton gpt2 gla gdn \
+        --batches 8 16 32 --json results.json                 # the README's table and plot, then:
+    python benchmarks/bench.py --plot results.json           # results.png: tokens/s against batch
 
-Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA) or
+Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA),
 ``goom:<scan>[:<chunk>][:compile]`` (the 124M GOOM-SSM with scan_implementation
 ``triton`` (the CUDA fast path), ``chunked`` (pure PyTorch) or ``goom_prefix`` (the original
-design); ``<chunk>``: scan_chunk_size, which only the chunked scan reads); ``compile``:
-training through ``torch.compile(model, fullgraph=True)``.
+design); ``<chunk>``: scan_chunk_size, which only the chunked scan reads), ``gla[:compile]`` and
+``gdn[:compile]`` (fla's GLA and Gated DeltaNet at GPT-2's width and depth, head tied to the
+embedding as GPT-2's: ~124M and ~131M parameters; need the ``fla`` package and CUDA: their rows
+are skipped, with the reason, elsewhere); ``compile``: training through
+``torch.compile(model, fullgraph=True)``. ``--tiny`` builds every model at a tiny size (the
+CPU test of this script).
 
 Sections:
-    train    fwd + bwd + AdamW step, tokens/s and peak memory, at --seq-len over --batches
+    train    fwd + bwd + AdamW step, tokens/s, MFU and peak memory, at --seq-len over --batches.
+             MFU: 6 x parameters x tokens/s over the bf16 matmul peak (--peak-flops, measured on
+             the H200; parameters counted once where tied, so the tied head's product is in; GPT-2's
+             position table has its 1024 rows, more only for longer sequences)
     prefill  forward over one long sequence (batch 1), tokens/s and peak memory
-    decode   new tokens/s after a 512-token prompt, through generate() and a raw step loop
+    decode   new tokens/s after a 512-token prompt, through generate() and a raw step loop, and
+             the bound of a step that only reads the weights once: batch x memory bandwidth
+             (--bandwidth) / bytes of the weights, with each measurement as a fraction of it
 """
 
 import argparse
 import gc
+import json
 import time
+import traceback
+from typing import Optional
 
 import torch
+import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import goom_ssm
@@ -29,90 +46,143 @@ from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
-def build(name: str, device: str) -> torch.nn.Module:
-    """``gpt2[:compile]`` (124M, SDPA attention) or ``goom:<scan>[:<chunk>][:compile]``
-    (124M GOOM-SSM); see the module docstring."""
-    if name.split(":")[0] == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_positions=65536, attn_implementation="sdpa"))
-    else:
+FLA_MODELS = ("gla", "gdn")
+TINY = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2)  # --tiny: every model at this size
+
+
+def unavailable(name: str, device: str) -> Optional[str]:
+    """Why model ``name`` cannot run on ``device`` (fla's layers are Triton kernels without a CPU
+    path), or None."""
+    if name.split(":")[0] not in FLA_MODELS:
+        return None
+    if device != "cuda":
+        return f"skipped: fla's {name} needs CUDA (its layers have no CPU path)"
+    try:
+        import fla  # noqa: F401
+    except ImportError:
+        return f"skipped: {name} needs the fla package (pip install flash-linear-attention)"
+    return None
+
+
+def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> torch.nn.Module:
+    """The model of spec ``name`` (see the module docstring), at 124M or (``tiny``) :data:`TINY`'s sizes;
+    GPT-2's position table has ``positions`` rows (at least its own 1024)."""
+    kind = name.split(":")[0]
+    size = TINY if tiny else dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12)
+    if kind == "gpt2":
+        gpt2_size = {} if not tiny else dict(vocab_size=size["vocab_size"], n_embd=size["hidden_size"],
+                                             n_layer=size["num_hidden_layers"], n_head=2)
+        model = GPT2LMHeadModel(GPT2Config(n_positions=max(positions, 1024), attn_implementation="sdpa", **gpt2_size))
+    elif kind == "goom":
         _, scan, *options = name.split(":")
         chunk = int(options[0]) if options and options[0].isdigit() else None
-        config = GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk)
-        model = GoomSSMForCausalLM(config)
+        goom_size = {} if not tiny else dict(size, num_state_heads=2, state_size=8)
+        model = GoomSSMForCausalLM(GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk, **goom_size))
+    elif kind == "gla":
+        from fla.models import GLAConfig, GLAForCausalLM
+
+        model = GLAForCausalLM(GLAConfig(num_heads=2 if tiny else 4, tie_word_embeddings=True, **size))
+    elif kind == "gdn":
+        from fla.models import GatedDeltaNetConfig, GatedDeltaNetForCausalLM
+
+        config = GatedDeltaNetConfig(num_heads=2 if tiny else 6, head_dim=16 if tiny else 128, expand_v=1,
+                                     tie_word_embeddings=True, **size)
+        model = GatedDeltaNetForCausalLM(config)
+    else:
+        raise ValueError(f"unknown model {name!r}: see --help for the specs")
     return model.to(device)
 
 
-def cleanup():
+def num_parameters(model: torch.nn.Module) -> int:
+    """Parameters, tied ones counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def cleanup(device: str):
     gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
 
 
-def time_it(fn, warmup: int, steps: int) -> float:
-    """Seconds per call of ``fn`` (CUDA-synchronised)."""
+def synchronize(device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(device: str) -> Optional[float]:
+    return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def time_it(fn, warmup: int, steps: int, device: str) -> float:
+    """Seconds per call of ``fn`` (synchronised with the device)."""
     for _ in range(warmup):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         fn()
-    torch.cuda.synchronize()
+    synchronize(device)
     return (time.perf_counter() - start) / steps
 
 
-def bench_train(name, batch, seq_len, dtype, steps):
-    cleanup()
-    model = build(name, "cuda").train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
+    """(tokens/s, parameters, peak GiB) of training steps, or (None, None, None) out of memory."""
+    cleanup(device)
+    model = build(name, device, tiny, positions=seq_len).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     # GPT-2's loss in transformers logs (a graph break), so only GOOM-SSM is compiled whole.
     compiled = torch.compile(model, fullgraph=name.startswith("goom")) if "compile" in name.split(":") else None
     step_model = model if compiled is None else compiled
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
 
     def step():
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             loss = step_model(input_ids=ids, labels=ids).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     try:
-        seconds = time_it(step, warmup=2, steps=steps)
-        return batch * seq_len / seconds, torch.cuda.max_memory_allocated() / 2**30
+        seconds = time_it(step, warmup=2, steps=steps, device=device)
+        return batch * seq_len / seconds, num_parameters(model), peak_gib(device)
     except torch.OutOfMemoryError:
-        return None, None
+        return None, None, None
     finally:
         del model, optimizer, step_model, compiled
-        cleanup()
+        cleanup(device)
 
 
 @torch.no_grad()
-def bench_prefill(name, seq_len, dtype):
-    cleanup()
-    model = build(name, "cuda").eval()
-    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device="cuda")
+def bench_prefill(name, seq_len, dtype, device, tiny):
+    cleanup(device)
+    model = build(name, device, tiny, positions=seq_len).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, seq_len), device=device)
 
     def run():
-        with torch.autocast("cuda", dtype=dtype):
+        with torch.autocast(device, dtype=dtype):
             model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
     try:
-        seconds = time_it(run, warmup=1, steps=3)
-        return seq_len / seconds, torch.cuda.max_memory_allocated() / 2**30
+        seconds = time_it(run, warmup=1, steps=3, device=device)
+        return seq_len / seconds, peak_gib(device)
     except torch.OutOfMemoryError:
         return None, None
     finally:
         del model
-        cleanup()
+        cleanup(device)
 
 
 @torch.no_grad()
-def bench_decode(name, batch, new_tokens, dtype):
-    """(generate() tokens/s, raw-step tokens/s, peak GiB) after a 512-token prompt. generate():
-    its time less that of the prompt's forward; raw: a loop of single-token steps, timed alone."""
-    cleanup()
-    model = build(name, "cuda").eval().to(dtype)
-    prompt = torch.randint(0, model.config.vocab_size, (batch, 512), device="cuda")
+def bench_decode(name, batch, new_tokens, dtype, device, tiny, prompt_len=512):
+    """(generate() tokens/s, raw-step tokens/s, bytes of the weights, peak GiB) after a
+    ``prompt_len``-token prompt. generate(): its time less that of the prompt's forward; raw: a
+    loop of single-token steps, timed alone."""
+    cleanup(device)
+    model = build(name, device, tiny, positions=prompt_len + new_tokens).eval().to(dtype)
+    prompt = torch.randint(0, model.config.vocab_size, (batch, prompt_len), device=device)
+    # fla's models take the cache under transformers' former name, whatever the release
+    cache_kwarg = "past_key_values" if name.split(":")[0] in FLA_MODELS else CACHE_NAME
 
     def via_generate():
         model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -120,27 +190,58 @@ def bench_decode(name, batch, new_tokens, dtype):
     def raw_step_seconds():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
         cache, token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(new_tokens):
-            out = model(input_ids=token, cache=cache, use_cache=True)
+            out = model(input_ids=token, use_cache=True, **{cache_kwarg: cache})
             cache, token = out[CACHE_NAME], out.logits[:, -1:].argmax(-1)
-        torch.cuda.synchronize()
+        synchronize(device)
         return (time.perf_counter() - start) / new_tokens
 
     try:
-        prefill = time_it(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), warmup=1, steps=2)
-        gen = time_it(via_generate, warmup=1, steps=2) - prefill
+        prefill = time_it(lambda: model(input_ids=prompt, use_cache=True, logits_to_keep=1), 1, 2, device)
+        gen = time_it(via_generate, warmup=1, steps=2, device=device) - prefill
         raw_step_seconds()  # warm-up (GOOM-SSM captures its CUDA graph)
         raw = (raw_step_seconds() + raw_step_seconds()) / 2
-        return batch * new_tokens / gen, batch / raw, torch.cuda.max_memory_allocated() / 2**30
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        return batch * new_tokens / gen, batch / raw, weight_bytes, peak_gib(device)
     finally:
         del model
-        cleanup()
+        cleanup(device)
 
 
-def fmt(value, spec=".0f"):
-    return "OOM" if value is None else format(value, spec)
+def fmt(value, spec=",.0f", missing="OOM"):
+    return missing if value is None else format(value, spec)
+
+
+def plot(json_path: str, png_path: str) -> None:
+    """Tokens/s against batch, one line per model: training (left) and decoding through
+    generate() (right, log scales), from the records of a ``--json`` file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(json_path) as f:
+        results = json.load(f)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    panels = (("train", "tokens_per_s", "Training (fwd + bwd + AdamW)"),
+              ("decode", "generate_tokens_per_s", "Decoding through generate()"))
+    for ax, (section, key, title) in zip(axes, panels):
+        rows = [r for r in results["rows"] if r["section"] == section and r.get(key) is not None]
+        for model in dict.fromkeys(r["model"] for r in rows):
+            points = sorted((r["batch"], r[key]) for r in rows if r["model"] == model)
+            ax.plot(*zip(*points), marker="o", label=model)
+        batches = sorted({r["batch"] for r in rows})
+        ax.set(title=title, xlabel="batch", ylabel="tokens/s", xscale="log", yscale="log" if section == "decode" else "linear")
+        ax.minorticks_off()
+        ax.set_xticks(batches, labels=batches)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(results["header"], fontsize=9)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print(f"wrote {png_path}")
 
 
 def main():
@@ -153,39 +254,112 @@ def main():
     parser.add_argument("--prefill-lengths", nargs="+", type=int, default=[4096, 16384, 65536])
     parser.add_argument("--decode-batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--peak-flops", type=float, default=790e12, help="bf16 matmul peak of the GPU (FLOP/s), for MFU")
+    parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth of the GPU (bytes/s), for the decode bound")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tiny", action="store_true", help="every model at a tiny size (a quick check, e.g. on CPU)")
+    parser.add_argument("--json", help="also write every row, with the settings, to this JSON file")
+    parser.add_argument("--plot", metavar="JSON", help="only plot the results of a --json file (to the same name, .png)")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype)
-    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, goom_ssm {goom_ssm.__version__}, "
-          f"dtype {args.dtype}\n")
+    if args.plot:
+        plot(args.plot, args.plot.removesuffix(".json") + ".png")
+        return
+    device, dtype = args.device, getattr(torch, args.dtype)
+    name = torch.cuda.get_device_name() if device == "cuda" else device
+    header = (f"device: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+              f"goom_ssm {goom_ssm.__version__}, dtype {args.dtype}" + (", tiny models" if args.tiny else ""))
+    print(header + "\n")
+    rows = []
+
+    def record(**row):
+        """Keep ``row``; with --json, rewrite the file (a run cut short keeps the rows so far)."""
+        rows.append(row)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(header=header, settings=vars(args), rows=rows), f, indent=1)
+
+    failures = []
+
+    def attempt(section, model_name, fn, *fn_args):
+        """``fn(*fn_args)``; if it raises, the traceback, a row saying so and None: the other rows
+        still run, and the script exits with an error at the end."""
+        try:
+            return fn(*fn_args)
+        except Exception as error:  # noqa: BLE001 - reported, recorded and turned into the exit status
+            traceback.print_exc()
+            reason = f"failed: {type(error).__name__}: {error}".splitlines()[0]
+            print(f"| {model_name} | {reason} |", flush=True)
+            record(section=section, model=model_name, failed=reason)
+            failures.append(f"{section} {model_name}")
+            return None
+
+    def skipped(model_name, section):
+        reason = unavailable(model_name, device)
+        if reason:
+            print(f"| {model_name} | {reason} |", flush=True)
+            record(section=section, model=model_name, skipped=reason)
+        return reason
 
     if "train" in args.sections:
         print(f"### Training (fwd + bwd + AdamW), seq {args.seq_len}\n")
-        print("| model | batch | tokens/s | peak GiB |\n|---|---|---|---|")
-        for name in args.models:
+        print("| model | parameters | batch | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+        for model_name in args.models:
+            if skipped(model_name, "train"):
+                continue
             for batch in args.batches:
-                tps, mem = bench_train(name, batch, args.seq_len, dtype, args.steps)
-                print(f"| {name} | {batch} | {fmt(tps)} | {fmt(mem, '.1f')} |", flush=True)
+                result = attempt("train", model_name, bench_train, model_name, batch, args.seq_len, dtype, args.steps,
+                                 device, args.tiny)
+                if result is None:
+                    break
+                tps, params, mem = result
+                mfu = None if tps is None else 6 * params * tps / args.peak_flops
+                record(section="train", model=model_name, batch=batch, parameters=params, tokens_per_s=tps,
+                       mfu=mfu, peak_gib=mem)
+                print(f"| {model_name} | {fmt(params and params / 1e6, '.1f')}M | {batch} | {fmt(tps)} | "
+                      f"{fmt(mfu, '.1%')} | {fmt(mem, '.1f', '-')} |", flush=True)
                 if tps is None:
                     break
         print()
     if "prefill" in args.sections:
         print("### Prefill (forward, batch 1)\n")
         print("| model | seq | tokens/s | peak GiB |\n|---|---|---|---|")
-        for name in args.decode_models or args.models:
+        for model_name in args.decode_models or args.models:
+            if skipped(model_name, "prefill"):
+                continue
             for seq_len in args.prefill_lengths:
-                tps, mem = bench_prefill(name, seq_len, dtype)
-                print(f"| {name} | {seq_len} | {fmt(tps)} | {fmt(mem, '.1f')} |", flush=True)
+                result = attempt("prefill", model_name, bench_prefill, model_name, seq_len, dtype, device, args.tiny)
+                if result is None:
+                    break
+                tps, mem = result
+                record(section="prefill", model=model_name, seq_len=seq_len, tokens_per_s=tps, peak_gib=mem)
+                print(f"| {model_name} | {seq_len} | {fmt(tps)} | {fmt(mem, '.1f', '-')} |", flush=True)
         print()
     if "decode" in args.sections:
-        print(f"### Decode after a 512-token prompt, {args.new_tokens} new tokens\n")
-        print("| model | batch | generate() tokens/s | raw step tokens/s | peak GiB |\n|---|---|---|---|---|")
-        for name in args.decode_models or args.models:
+        print(f"### Decode after a {args.prompt_len}-token prompt, {args.new_tokens} new tokens\n")
+        print("| model | batch | generate() tokens/s | raw step tokens/s | weight-read bound tokens/s "
+              "| generate() / bound | raw / bound | peak GiB |\n|---|---|---|---|---|---|---|---|")
+        for model_name in args.decode_models or args.models:
+            if skipped(model_name, "decode"):
+                continue
             for batch in args.decode_batches:
-                gen, raw, mem = bench_decode(name, batch, args.new_tokens, dtype)
-                print(f"| {name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(mem, '.1f')} |", flush=True)
+                result = attempt("decode", model_name, bench_decode, model_name, batch, args.new_tokens, dtype, device,
+                                 args.tiny, args.prompt_len)
+                if result is None:
+                    break
+                gen, raw, weight_bytes, mem = result
+                bound = batch * args.bandwidth / weight_bytes
+                record(section="decode", model=model_name, batch=batch, generate_tokens_per_s=gen,
+                       raw_tokens_per_s=raw, weight_bytes=weight_bytes, bound_tokens_per_s=bound, peak_gib=mem)
+                print(f"| {model_name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(bound)} | {fmt(gen / bound, '.1%')} "
+                      f"| {fmt(raw / bound, '.1%')} | {fmt(mem, '.1f', '-')} |", flush=True)
         print()
+    if args.json:
+        print(f"wrote {args.json}")
+    if failures:
+        raise SystemExit(f"failed: {', '.join(failures)} (tracebacks above)")
 
 
 if __name__ == "__main__":

@@ -62,8 +62,7 @@ class CUDAGraphDecoder:
         self.mask = torch.ones(batch_size, 1, dtype=torch.bool, device=device)
         self.mask_is_all_true = True  # skip refilling it for calls without a mask
         self.host_ids = torch.zeros(batch_size, 1, dtype=torch.long, pin_memory=True)
-        self.ids_ready, self.host_ids_copied = torch.cuda.Event(), torch.cuda.Event()
-        self.copy_stream = torch.cuda.Stream(device)  # the copy to the host runs beside the graph
+        self.host_ids_copied = torch.cuda.Event()
         self.states = [
             ScaledRows(torch.zeros(batch_size, config.num_state_heads, 1, dtype=ssm.state_dtype, device=device),
                        torch.zeros(batch_size, config.num_state_heads, config.state_size, dtype=ssm.state_dtype, device=device))
@@ -113,14 +112,11 @@ class CUDAGraphDecoder:
     def __call__(self, ids: torch.Tensor, mask: Optional[torch.Tensor], cache, check_id_range) -> torch.Tensor:
         """One step for ``ids [batch, 1]`` and ``mask [batch, 1]`` (bool; None: no padding)
         from ``cache``'s states: advances ``cache`` and returns the logits ``[batch, 1, vocab_size]``
-        (float32). ``check_id_range(lowest, highest)`` raises for ids outside the vocabulary;
+        (float32). ``check_id_range(lowest, highest, vocab_size)`` raises for ids outside the vocabulary;
         then ``cache`` is left as it was."""
         self.ids.copy_(ids)
-        self.ids_ready.record(torch.cuda.current_stream(self.ids.device))
-        with torch.cuda.stream(self.copy_stream):
-            self.ids_ready.wait()
-            self.host_ids.copy_(self.ids, non_blocking=True)
-            self.host_ids_copied.record()
+        self.host_ids.copy_(self.ids, non_blocking=True)
+        self.host_ids_copied.record()  # queued before the graph: waiting for it does not wait for the graph
         if mask is not None:
             self.mask.copy_(mask)
         elif not self.mask_is_all_true:
@@ -128,8 +124,9 @@ class CUDAGraphDecoder:
         self.mask_is_all_true = mask is None
         self._take_buffers_for(cache)
         self.graph.replay()
-        self.host_ids_copied.synchronize()  # waits for the copy only, not for the graph
-        check_id_range(*(int(bound) for bound in torch.aminmax(self.host_ids)))
+        self.host_ids_copied.synchronize()
+        ids = self.host_ids.view(-1).tolist()
+        check_id_range(min(ids), max(ids), self.vocab_size)
         cache.advance(self.states, 1)
         return self.logits.clone()
 

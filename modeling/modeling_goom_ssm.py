@@ -7,7 +7,6 @@ cross-entropy loss, and generation with a recurrent-state cache (:class:`GoomSSM
 token; ``GoomSSMForTokenClassification`` scores every token.
 """
 
-import functools
 import math
 import warnings
 from typing import Optional, Union
@@ -394,6 +393,15 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         model_inputs.update({CACHE_NAME: cache, "attention_mask": attention_mask}, **kwargs)
         return model_inputs
 
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        """transformers' update between two ``generate()`` steps, less the attention mask once a
+        cache holds the tokens fed so far: their padding is in the recurrent state, and every later
+        token is one that ``generate()`` appends as real (its mask column would be 1), so the
+        following steps run without a mask (no per-step concatenation, checks or copies of it)."""
+        if outputs.get(CACHE_NAME) is not None:
+            model_kwargs.pop("attention_mask", None)
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+
     def forward(
         self,
         input_ids: Optional[torch.LongTensor] = None,
@@ -493,9 +501,10 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
 
     def _decode_with_cuda_graph(self, decoder, input_ids, attention_mask, cache: GoomSSMCache) -> torch.Tensor:
         batch = input_ids.shape[0]
-        cache.check_compatible(self.config, batch)
+        if not decoder.is_current_for(cache) or cache.batch_size != batch:  # else it ran the previous step
+            cache.check_compatible(self.config, batch)
         mask = None if attention_mask is None else _current_mask(attention_mask, batch, 1, cache.get_seq_length()) != 0
-        return decoder(input_ids, mask, cache, functools.partial(_check_id_range, vocab_size=self.config.vocab_size))
+        return decoder(input_ids, mask, cache, _check_id_range)
 
 
 _CLASSIFICATION_LOSS_KWARGS = ("num_items_in_batch", "ignore_index")

@@ -180,6 +180,26 @@ def test_batched_generation_with_left_padding_equals_single(tiny_model):
     assert torch.equal(together[1, 4:], alone_b[0])
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_feeds_the_mask_while_the_cache_does_not_hold_the_prompt(tiny_model, use_cache):
+    """With a cache, only the prompt's forward gets the padding mask (every later token is real);
+    without one, every step re-reads the whole sequence with its whole mask."""
+    ids = torch.randint(1, 97, (2, 6))
+    mask = torch.tensor([[1] * 6, [0, 0] + [1] * 4])
+    masks = []
+    hook = tiny_model.register_forward_pre_hook(
+        lambda m, args, kwargs: masks.append(kwargs.get("attention_mask")), with_kwargs=True)
+    tiny_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
+                        use_cache=use_cache)
+    hook.remove()
+    assert len(masks) == 4 and torch.equal(masks[0], mask)
+    if use_cache:
+        assert all(m is None for m in masks[1:])
+    else:
+        for step, m in enumerate(masks[1:], start=1):
+            assert torch.equal(m, torch.cat([mask, torch.ones(2, step, dtype=mask.dtype)], 1))
+
+
 def test_decoding_feeds_one_token_per_step_and_the_cache_stays_the_same_size(tiny_model):
     seen_lengths = []
     hook = tiny_model.backbone.layers[0].register_forward_pre_hook(lambda m, args: seen_lengths.append(args[0].shape[1]))

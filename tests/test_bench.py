@@ -1,0 +1,83 @@
+"""benchmarks/bench.py runs end to end at tiny sizes (on the CPU here): its JSON rows, the
+derived columns (MFU, the weight-read bound of decoding), fla's rows skipped with the reason
+off CUDA, and the plot mode."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):
+    bench = load_bench()
+    out = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", [
+        "bench.py", "--tiny", "--device", "cpu", "--sections", "train", "decode", "--models", "goom:chunked", "gpt2",
+        "gla", "gdn", "--batches", "2", "--seq-len", "16", "--steps", "1", "--decode-batches", "1",
+        "--new-tokens", "2", "--prompt-len", "4", "--peak-flops", "1e12", "--bandwidth", "1e11", "--json", str(out),
+    ])
+    torch.manual_seed(0)
+    bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    measured = {(r["section"], r["model"]): r for r in rows if "skipped" not in r}
+    assert set(measured) == {(s, m) for s in ("train", "decode") for m in ("goom:chunked", "gpt2")}
+    for model in ("goom:chunked", "gpt2"):
+        train, decode = measured["train", model], measured["decode", model]
+        assert train["parameters"] == bench.num_parameters(bench.build(model, "cpu", tiny=True))
+        assert train["tokens_per_s"] > 0
+        assert train["mfu"] == pytest.approx(6 * train["parameters"] * train["tokens_per_s"] / 1e12)
+        # bf16 weights: two bytes per parameter, read once per step of the whole batch
+        assert decode["weight_bytes"] == 2 * train["parameters"]
+        assert decode["bound_tokens_per_s"] == pytest.approx(1e11 / decode["weight_bytes"])
+        assert decode["raw_tokens_per_s"] > 0
+    skipped = {(r["section"], r["model"]): r["skipped"] for r in rows if "skipped" in r}
+    assert set(skipped) == {(s, m) for s in ("train", "decode") for m in ("gla", "gdn")}
+    assert all("needs CUDA" in reason for reason in skipped.values())
+
+
+def test_bench_refuses_an_unknown_model():
+    with pytest.raises(ValueError, match="unknown model 'mamba'"):
+        load_bench().build("mamba", "cpu", tiny=True)
+
+
+def test_bench_plot_mode_writes_a_png(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = load_bench()
+    results = tmp_path / "results.json"
+    rows = [dict(section="train", model=m, batch=b, tokens_per_s=1000.0 * b) for m in ("a", "b") for b in (8, 16)]
+    rows += [dict(section="decode", model="a", batch=b, generate_tokens_per_s=10.0 * b) for b in (1, 64)]
+    results.write_text(json.dumps(dict(header="test", rows=rows)))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--plot", str(results)])
+    bench.main()
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_reports_a_failing_row_runs_the_rest_and_exits_with_an_error(tmp_path, monkeypatch):
+    bench = load_bench()
+
+    def fake_train(name, batch, *args):
+        if name == "gpt2":
+            raise RuntimeError("kernel exploded")
+        return 1000.0 * batch, 10, None
+
+    monkeypatch.setattr(bench, "bench_train", fake_train)
+    out = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--tiny", "--device", "cpu", "--sections", "train", "--models", "gpt2",
+                                     "goom:chunked", "--batches", "1", "2", "--json", str(out)])
+    with pytest.raises(SystemExit, match="failed: train gpt2"):
+        bench.main()
+    rows = json.loads(out.read_text())["rows"]
+    assert rows[0] == dict(section="train", model="gpt2", failed="failed: RuntimeError: kernel exploded")
+    assert [(r["model"], r["batch"], r["tokens_per_s"]) for r in rows[1:]] == [("goom:chunked", 1, 1000.0),
+                                                                              ("goom:chunked", 2, 2000.0)]
