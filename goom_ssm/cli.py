@@ -236,6 +236,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-batches", type=int, default=50, help="micro-batches per evaluation")
     run.add_argument("--report-to", default="tensorboard", help="accelerate trackers, comma-separated, or 'none'")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
+    run.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                     help="split each sequence over N processes (consecutive ranks; they gather their micro-batches "
+                          "and each takes 1/N of every sequence; --block-size a multiple of N)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -237,15 +237,28 @@ def _tracker_config(args) -> dict:
             if k != "run"}
 
 
+def micro_batch_loss(model, batch: dict, sequence_group=None) -> torch.Tensor:
+    """The loss of one micro-batch on this process: the model's mean loss, or with sequence
+    parallelism (``sequence_group``) this process's scaled share of its group's
+    (:func:`goom_ssm.distributed.sequence_parallel_loss`); averaged over the processes, either
+    gives the mean loss of the processes' micro-batches."""
+    if sequence_group is not None:
+        from .distributed import sequence_parallel_loss
+
+        return sequence_parallel_loss(model, batch["input_ids"], batch["labels"], sequence_group)
+    return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+
+
 @torch.no_grad()
-def evaluate(model, loader, accelerator, max_batches: int) -> float:
-    """Mean loss over up to ``max_batches`` micro-batches of each process, averaged over processes."""
+def evaluate(model, loader, accelerator, max_batches: int, sequence_group=None) -> float:
+    """Mean loss over up to ``max_batches`` micro-batches of each process, averaged over processes
+    (``sequence_group``: see :func:`micro_batch_loss`)."""
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), 0
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        total += model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss.float()
+        total += micro_batch_loss(model, batch, sequence_group).float()
         count += 1
     model.train()
     mean = accelerator.reduce(total / max(count, 1), reduction="mean")
@@ -265,6 +278,7 @@ class Run:
     num_processes: int
     accumulation: int  # micro-batches per optimizer step and process
     checkpoints: list[Path]  # complete checkpoints in the output folder at the start
+    sequence_group: object = None  # with --sequence-parallel: this process's group (torch.distributed)
     tokenizer: object = None
     train_loader: object = None
     sampler: Optional[EpochSampler] = None
@@ -287,6 +301,9 @@ class Run:
     def save_checkpoint(self) -> None:
         _atomic_save_state(self.accelerator, self.output_dir, self.state.step, self.args.keep_checkpoints)
         self.last_saved = self.state.step
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.val_loader, self.accelerator, self.args.eval_batches, self.sequence_group)
 
     def log(self, values: dict) -> None:
         if self.report_to:
@@ -349,6 +366,7 @@ def _set_up(args: argparse.Namespace) -> Run:
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
     set_seed(args.seed)
+    sequence_group = _sequence_group(args, num_processes)
 
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
@@ -363,7 +381,24 @@ def _set_up(args: argparse.Namespace) -> Run:
         accelerator.wait_for_everyone()
         checkpoints = []
     return Run(args=args, accelerator=accelerator, report_to=report_to, num_processes=num_processes,
-               accumulation=accumulation, checkpoints=checkpoints)
+               accumulation=accumulation, checkpoints=checkpoints, sequence_group=sequence_group)
+
+
+def _sequence_group(args, num_processes: int):
+    """With ``--sequence-parallel N`` (N > 1), this process's group of N consecutive ranks
+    (``torch.distributed.new_subgroups``), which split each sequence of their micro-batches
+    between them; else None."""
+    size = args.sequence_parallel
+    if size < 1:
+        raise ValueError(f"--sequence-parallel must be at least 1, got {size}")
+    if size == 1:
+        return None
+    if num_processes % size:
+        raise ValueError(f"--sequence-parallel {size} does not divide the {num_processes} processes")
+    if args.block_size % size:
+        raise ValueError(f"--block-size {args.block_size} does not split into {size} equal segments (--sequence-parallel)")
+    group, _ = torch.distributed.new_subgroups(group_size=size)
+    return group
 
 
 def _load_data(run: Run) -> None:
@@ -409,6 +444,10 @@ def _build_model_and_optimizer(run: Run) -> None:
     restored from a checkpoint with ``--resume``."""
     args, accelerator = run.args, run.accelerator
     model = build_model(args, run.tokenizer)
+    if run.sequence_group is not None:
+        from .distributed import set_sequence_group
+
+        set_sequence_group(model, run.sequence_group)
     optimizer, scheduler = build_optimizer_and_schedule(model, args, run.max_steps)
     run.model, run.optimizer, run.train_loader, run.scheduler = accelerator.prepare(
         model, optimizer, run.train_loader, scheduler)
@@ -463,7 +502,7 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
                   if state.batches_in_epoch else run.train_loader)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+                loss = micro_batch_loss(model, batch, run.sequence_group)
                 accelerator.backward(loss)
                 step_loss += loss.detach().float()
                 grad_norm = None
@@ -498,7 +537,7 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
             if state.step % args.log_every == 0 or state.step == stop_at:
                 run.log({f"train/{k}": v for k, v in record.items() if k != "step"})
             if run.val_loader is not None and args.eval_every and state.step % args.eval_every == 0:
-                eval_loss = evaluate(model, run.val_loader, accelerator, args.eval_batches)
+                eval_loss = run.evaluate()
                 run.log({"eval/loss": eval_loss})
             if args.save_every and state.step % args.save_every == 0:
                 run.save_checkpoint()
@@ -528,7 +567,7 @@ def _finish(run: Run, tokens_per_second: float, eval_loss: Optional[float]) -> t
     final_dir = None
     if state.step >= run.max_steps:
         if run.val_loader is not None:
-            eval_loss = evaluate(run.model, run.val_loader, accelerator, run.args.eval_batches)
+            eval_loss = run.evaluate()
             run.log({"eval/loss": eval_loss})
         final_dir = run.output_dir / FINAL_DIR
         tmp = run.output_dir / f".tmp-{FINAL_DIR}"

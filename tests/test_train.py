@@ -267,3 +267,31 @@ def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
                                                                                      "random_states_1.pkl"}
     log = log_of(out)
     assert len(log) == 6 and log[-1]["tokens"] == 6 * 8 * 64
+
+
+def test_sequence_parallel_training_equals_one_process(tmp_path, cache_dir):
+    """``--sequence-parallel 2``: two CPU processes (gloo) split every sequence of their gathered
+    micro-batches of 2 (each a 32-token half of 4 sequences of 64); one process trains on the same
+    micro-batches of 4 whole. Losses and final parameters agree to float32 rounding. About 20 s."""
+    out = tmp_path / "sp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    common = ["--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY, "--batch-size", "8",
+              "--max-steps", "4", "--warmup-steps", "2", "--lr", "3e-3", "--save-every", "0", "--num-proc", "1",
+              "--cache-dir", cache_dir, "--no-progress", "--report-to", "none", "--deterministic"]
+    cmd = [*launcher, "-m", "goom_ssm", "train", *common, "--micro-batch-size", "2", "--output-dir", str(out), "--cpu",
+           "--sequence-parallel", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_mod.train(parse_args(["train", *common, "--micro-batch-size", "4", "--output-dir", str(tmp_path / "one")]))
+
+    split, whole = log_of(out), log_of(tmp_path / "one")
+    assert [r["tokens"] for r in split] == [r["tokens"] for r in whole]
+    for a, b in zip(split, whole):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    pa, pb = final_state(out), final_state(tmp_path / "one")
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], msg=lambda m: f"{name}: {m}")
