@@ -43,6 +43,7 @@ from .constants import GPT2_VOCAB_SIZE
 from .folders import move_into_place
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"  # the tokenizer's files in a checkpoint
 FINAL_DIR = "final"
 LOG_FILE = "train_log.jsonl"
 TRACKER_PROJECT = "goom-ssm"  # accelerate's trackers log under OUTPUT_DIR/goom-ssm
@@ -186,9 +187,11 @@ def _without_tied_weights(models, weights, output_dir) -> None:
                 del state[target]
 
 
-def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int]) -> Path:
-    """``save_state`` (tied weights stored once) into a temporary folder, then rename it to
-    ``checkpoint-{step}``."""
+def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int], model_config=None,
+                       tokenizer=None) -> Path:
+    """``save_state`` (tied weights stored once) into a temporary folder, with the model's
+    ``config.json`` and the tokenizer's files in ``tokenizer/`` (so that :func:`export_checkpoint`
+    converts it on its own), then rename it to ``checkpoint-{step}``."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -201,6 +204,11 @@ def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[
         handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if model_config is not None:
+            model_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            (tmp / CHECKPOINT_TOKENIZER_DIR).mkdir()
+            tokenizer.save_pretrained(tmp / CHECKPOINT_TOKENIZER_DIR)
         move_into_place(tmp, final)  # an older run's checkpoint of this step is replaced only now
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
@@ -299,7 +307,8 @@ class Run:
         return self.accelerator.is_main_process
 
     def save_checkpoint(self) -> None:
-        _atomic_save_state(self.accelerator, self.output_dir, self.state.step, self.args.keep_checkpoints)
+        _atomic_save_state(self.accelerator, self.output_dir, self.state.step, self.args.keep_checkpoints,
+                           self.accelerator.unwrap_model(self.model).config, self.tokenizer)
         self.last_saved = self.state.step
 
     def evaluate(self) -> float:
@@ -361,7 +370,7 @@ def _set_up(args: argparse.Namespace) -> Run:
                              f"= {args.micro_batch_size} x {num_processes}")
         accumulation = args.batch_size // per_step
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=mixed_precision, log_with=report_to or None, project_dir=str(output_dir),
+        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=_fsdp_plugin(), log_with=report_to or None, project_dir=str(output_dir),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
@@ -382,6 +391,26 @@ def _set_up(args: argparse.Namespace) -> Run:
         checkpoints = []
     return Run(args=args, accelerator=accelerator, report_to=report_to, num_processes=num_processes,
                accumulation=accumulation, checkpoints=checkpoints, sequence_group=sequence_group)
+
+
+def _fsdp_plugin():
+    """Under an accelerate FSDP configuration (``accelerate launch --config_file
+    examples/accelerate/fsdp2.yaml``), its plugin with the parameters gathered and the
+    gradients reduced in float32: with ``--mixed-precision`` bf16 or fp16, autocast runs the
+    projections in half precision as without FSDP, and the transition matrix ``A`` and the
+    GOOM states stay float32 (accelerate's default policy would gather every parameter in
+    half precision). The rest of the plugin (version, wrapping, state dict type) is the
+    configuration's. None without FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    return plugin
 
 
 def _sequence_group(args, num_processes: int):
@@ -589,6 +618,62 @@ def _finish(run: Run, tokens_per_second: float, eval_loss: Optional[float]) -> t
         print(message + (f"; wrote {final_dir}" if final_dir else f"; stopped at step {state.step}"), file=sys.stderr)
     accelerator.end_training()
     return final_dir, eval_loss
+
+
+def export_checkpoint(checkpoint, out_dir, overwrite: bool = False) -> Path:
+    """A ``save_pretrained`` folder (config, weights, tokenizer files) from a training
+    checkpoint: a data-parallel one (``model.safetensors``) or an FSDP one with sharded state
+    dicts (``pytorch_model_fsdp_0/``, torch.distributed.checkpoint files, read in this one
+    process with torch's ``dcp_to_torch_save``). ``out_dir`` must be absent or empty unless
+    ``overwrite``; it is written whole or not at all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import modeling  # noqa: F401  (registers the model with the Auto classes)
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint of goom-ssm train (it has no config.json)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+    sharded = checkpoint / "pytorch_model_fsdp_0"
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if sharded.is_dir():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+            _load_sharded_weights(model, sharded, tmp / "merged.pt")
+        elif (checkpoint / "model.safetensors").is_file():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        else:
+            raise FileNotFoundError(f"{checkpoint} holds no model weights (model.safetensors or pytorch_model_fsdp_0/)")
+        model.save_pretrained(tmp)
+        if (checkpoint / CHECKPOINT_TOKENIZER_DIR).is_dir():
+            for path in (checkpoint / CHECKPOINT_TOKENIZER_DIR).iterdir():
+                shutil.copy(path, tmp / path.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return move_into_place(tmp, out_dir)
+
+
+def _load_sharded_weights(model, folder: Path, scratch: Path) -> None:
+    """Load into ``model`` the weights that accelerate's FSDP ``save_state`` wrote to ``folder``
+    (torch.distributed.checkpoint files of ``{"model": state dict}``), through the single file
+    ``scratch`` (deleted after). Every parameter must be there (the tied head may be left out)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch)
+    try:
+        state = torch.load(scratch, weights_only=True)["model"]
+    finally:
+        scratch.unlink()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - set(model.all_tied_weights_keys)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not hold this model's weights (missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)})")
+    model.tie_weights()
 
 
 def write_training_card(folder: Path, model, args: argparse.Namespace, state: TrainState, mixed_precision: str,

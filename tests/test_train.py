@@ -161,8 +161,17 @@ def test_checkpoints_are_written_atomically(tmp_path, cache_dir, monkeypatch):
     assert [p.name for p in train_mod.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     for ckpt in train_mod.list_checkpoints(out):
         names = {p.name for p in ckpt.iterdir()}
-        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"} <= names
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "config.json"} <= names
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # a checkpoint converts on its own to a save_pretrained folder: the last one is the final model
+    exported = train_mod.export_checkpoint(out / "checkpoint-6", tmp_path / "exported")
+    weights = final_state(out)
+    from safetensors.torch import load_file
+
+    assert load_file(str(exported / "model.safetensors")).keys() == weights.keys()
+    assert all(torch.equal(load_file(str(exported / "model.safetensors"))[k], v) for k, v in weights.items())
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_mod.export_checkpoint(out / "checkpoint-6", tmp_path / "exported")
 
     # A save that dies half-way leaves no folder named checkpoint-*.
     real_save_state = Accelerator.save_state
