@@ -1,8 +1,14 @@
 """Run by tests/test_distributed.py in each of two processes (``torchrun --nproc_per_node 2``,
 gloo): a tiny language model's logits, loss and every parameter gradient with its sequences
 split over the two processes (goom_ssm.distributed) against the same model run whole in
-one process. Exits non-zero (an assertion's traceback) on any difference."""
+one process. Exits non-zero (an assertion's traceback) on any difference.
 
+``sequence_parallel_worker.py cuda``: the same on CUDA over NCCL, one process per GPU, with
+the Triton scan (with one GPU, ``--nproc_per_node 1``: one segment, the segment scan from
+the zero state and the carry from the gathered entering state against the whole run)."""
+
+import os
+import sys
 from contextlib import nullcontext
 
 import torch
@@ -12,8 +18,9 @@ from goom_ssm.distributed import sequence_parallel, sequence_parallel_loss, spli
 from goom_ssm.modeling import GoomSSMConfig, GoomSSMForCausalLM
 
 # 2 layers, 2 heads of 4 features; segments of 12 tokens in chunks of 4 (two levels of the chunked scan).
+DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if sys.argv[1:] == ["cuda"] else torch.device("cpu")
 CONFIG = dict(vocab_size=37, hidden_size=16, num_hidden_layers=2, num_state_heads=2, state_size=4,
-              scan_chunk_size=4, scan_implementation="chunked")
+              scan_chunk_size=4, scan_implementation="triton" if DEVICE.type == "cuda" else "chunked")
 BATCH, SEQ_LEN = 4, 24
 # float64 rounding: the split computes each state as (states from zero) + (carried state) A^k, with
 # A^k by repeated squaring, where one process scans straight through.
@@ -24,9 +31,9 @@ FLOAT32 = dict(rtol=1.3e-6, atol=1e-5)
 
 def model_and_batch(dtype):
     torch.manual_seed(0)
-    model = GoomSSMForCausalLM(GoomSSMConfig(**CONFIG)).to(dtype)
-    input_ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ_LEN))
-    mask = torch.ones(BATCH, SEQ_LEN, dtype=torch.long)
+    model = GoomSSMForCausalLM(GoomSSMConfig(**CONFIG)).to(DEVICE, dtype)
+    input_ids = torch.randint(0, CONFIG["vocab_size"], (BATCH, SEQ_LEN)).to(DEVICE)
+    mask = torch.ones(BATCH, SEQ_LEN, dtype=torch.long, device=DEVICE)
     mask[1, :15] = 0  # left padding past the first segment: that process's rows see no real token
     mask[2, [3, 4, 12, 20, 23]] = 0  # gaps in both segments, one at a segment's start
     mask[3, 12:] = 0  # right padding: the whole second segment
@@ -49,7 +56,7 @@ def layers_run(dtype, group, split: bool):
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     model, input_ids, mask = model_and_batch(dtype)
     weights = torch.randn(BATCH, SEQ_LEN, CONFIG["hidden_size"], generator=torch.Generator().manual_seed(1),
-                          dtype=torch.float64).to(dtype)
+                          dtype=torch.float64).to(DEVICE, dtype)
     segment = slice(rank * SEQ_LEN // size, (rank + 1) * SEQ_LEN // size) if split else slice(None)
     with sequence_parallel(model.backbone, group) if split else nullcontext():
         hidden = model.backbone(input_ids=input_ids[:, segment], attention_mask=mask[:, segment]).last_hidden_state
@@ -114,7 +121,9 @@ def check_language_model(group, padded: bool):
 
 
 def main():
-    dist.init_process_group("gloo")
+    if DEVICE.type == "cuda":
+        torch.cuda.set_device(DEVICE)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo")
     group = dist.new_group(list(range(dist.get_world_size())))
     check_layers(group)
     check_language_model(group, padded=True)

@@ -54,3 +54,19 @@ def test_fsdp2_training_resume_and_export(tmp_path):
     proc = torchrun(TESTS / "fsdp2_worker.py", str(tmp_path))
     assert "resume and export exact" in proc.stdout
     assert (tmp_path / "exported" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("name, parameters", [("goom-ssm-350m", 353.7e6), ("goom-ssm-1.3b", 1311.2e6)])
+def test_preset_configurations_have_their_documented_sizes(name, parameters):
+    """The presets for `goom-ssm train --config` (GPT-2 vocabulary, tied head): sizes as the README states."""
+    import json
+
+    import torch
+
+    from goom_ssm.modeling import GoomSSMConfig, GoomSSMForCausalLM
+
+    config = json.loads((TESTS.parent / "examples" / "accelerate" / f"{name}.json").read_text())
+    with torch.device("meta"):
+        model = GoomSSMForCausalLM(GoomSSMConfig(**config))
+    assert config["num_state_heads"] * config["state_size"] == config["hidden_size"]
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(parameters, rel=1e-3)
