@@ -32,7 +32,6 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed import _functional_collectives
 
 from .scan import ScaledRows, add_scaled, initial_rows, normalize_rows, scaled_powers
 
@@ -65,6 +64,8 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     backward sends each process the gradient of its part (summed over the group). torch's
     differentiable functional all-gather: ``all_gather_single_autograd``, named
     ``all_gather_tensor_autograd`` in earlier releases."""
+    from torch.distributed import _functional_collectives  # imported here: torch builds without distributed lack it
+
     gather = getattr(_functional_collectives, "all_gather_single_autograd", None)
     if gather is None:
         gather = _functional_collectives.all_gather_tensor_autograd
