@@ -74,8 +74,8 @@ def all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
 
 def zero_state(batch: int, n: int, d: int, dtype: torch.dtype, device) -> ScaledRows:
     """The zero state ``[batch, n, 1]`` / ``[batch, n, d]``: zero rows at the log-scale that
-    :func:`~goom_ssm.scan.normalize_rows` gives an all-zero row (the smallest normal float's),
-    so that any state added to it keeps its own scale."""
+    :func:`~goom_ssm.scan.normalize_rows` gives an all-zero row (the log of the smallest normal
+    float), so that a state added to it keeps its own scale (any state above that magnitude)."""
     return normalize_rows(torch.zeros(batch, n, d, dtype=dtype, device=device))
 
 
@@ -116,6 +116,8 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
         steps = seen[:, -1]
 
     # One gather: [start; end] rows with their log-scales appended (constants, as everywhere).
+    # Every process sends its entering state, though only rank 0's is used: so every process's
+    # initial-state parameters are in its graph (with a zero gradient), as DDP expects.
     sent = torch.stack([torch.cat([start.rows, start.log_scale.detach()], dim=-1),
                         torch.cat([local.rows[:, -1], local.log_scale[:, -1].detach()], dim=-1)])
     gathered = all_gather(sent, group).view(size, 2, batch, n, d + 1)

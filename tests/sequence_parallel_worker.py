@@ -68,7 +68,8 @@ def layers_run(dtype, group, split: bool):
 def check_layers(group):
     """Hidden states (every state and the carry) and every gradient, with padding in both segments.
     float64: equal to the whole run's to float64 rounding. float32: as close to the float64 whole
-    run as the float32 whole run is (within a factor 2: the rounding of different operations)."""
+    run as the float32 whole run is (within a factor 2, as different operations round differently,
+    plus the rounding of the largest value)."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     segment = slice(rank * SEQ_LEN // size, (rank + 1) * SEQ_LEN // size)
     hidden, grads = layers_run(torch.float64, group, split=False)
@@ -82,10 +83,13 @@ def check_layers(group):
 
     hidden32, grads32 = layers_run(torch.float32, group, split=False)
     split_hidden32, split_grads32 = layers_run(torch.float32, group, split=True)
-    assert error(split_hidden32, hidden[:, segment]) <= 2 * error(hidden32[:, segment], hidden[:, segment])
+    def bound(value32, truth):  # twice the whole float32 run's error, at least the rounding of the largest value
+        return 2 * error(value32, truth) + torch.finfo(torch.float32).eps * truth.abs().max().item()
+
+    assert error(split_hidden32, hidden[:, segment]) <= bound(hidden32[:, segment], hidden[:, segment])
     for name, truth in grads.items():
-        split_error, whole_error = error(split_grads32[name], truth), error(grads32[name], truth)
-        assert split_error <= 2 * whole_error, f"float32 gradient of {name}: error {split_error:.3g}, whole run's {whole_error:.3g}"
+        split_error, limit = error(split_grads32[name], truth), bound(grads32[name], truth)
+        assert split_error <= limit, f"float32 gradient of {name}: error {split_error:.3g}, bound {limit:.3g}"
 
 
 def check_language_model(group, padded: bool):

@@ -1,10 +1,12 @@
 """Multi-process tests on CPU: two processes over gloo, started with torchrun.
 
-- Sequence parallelism (goom_ssm.distributed): tests/sequence_parallel_worker.py, a tiny
-  model's logits, loss and every gradient against the single-process run, padded rows included.
-- FSDP2: tests/fsdp2_worker.py, torch's ``fully_shard`` per ``GoomSSMBlock`` on CPU (accelerate
-  runs FSDP on GPUs only), training, a sharded checkpoint's resume, and the export of
-  accelerate's sharded checkpoint layout to a ``save_pretrained`` folder.
+One launch of tests/distributed_worker.py checks both:
+
+- Sequence parallelism (goom_ssm.distributed; the checks of tests/sequence_parallel_worker.py):
+  a tiny model's logits, loss and every gradient against the single-process run, padded rows included.
+- FSDP2: torch's ``fully_shard`` per ``GoomSSMBlock`` on CPU (accelerate runs FSDP on GPUs
+  only), training, a sharded checkpoint's resume, and the export of accelerate's sharded
+  checkpoint layout to a ``save_pretrained`` folder.
 
 (``goom-ssm train --sequence-parallel`` through ``accelerate launch``: tests/test_train.py.)
 """
@@ -40,20 +42,26 @@ def torchrun(script: Path, *args: str, timeout: int = 120) -> subprocess.Complet
     return proc
 
 
-def test_sequence_parallel_equals_one_process():
-    """About 15 s: float64 states and gradients to float64 rounding, float32 ones as accurate as
-    the single-process float32 run, the language model's split batch, shifted labels and loss."""
-    proc = torchrun(TESTS / "sequence_parallel_worker.py")
-    assert "equal the single-process run" in proc.stdout
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory):
+    """One launch of tests/distributed_worker.py (about 40 s): its output and output folder."""
+    out = tmp_path_factory.mktemp("distributed")
+    return torchrun(TESTS / "distributed_worker.py", str(out)).stdout, out
 
 
-def test_fsdp2_training_resume_and_export(tmp_path):
-    """About 15 s: losses and parameters after 3 AdamW steps equal the single-process run's to
-    float32 rounding; the last step resumed from a sharded checkpoint is bit for bit the same;
-    the exported folder holds the trained weights."""
-    proc = torchrun(TESTS / "fsdp2_worker.py", str(tmp_path))
-    assert "resume and export exact" in proc.stdout
-    assert (tmp_path / "exported" / "config.json").is_file()
+def test_sequence_parallel_equals_one_process(workers):
+    """float64 states and gradients to float64 rounding, float32 ones as accurate as the
+    single-process float32 run, the language model's split batch, shifted labels and loss."""
+    assert "sequence parallel: logits, loss and gradients equal the single-process run" in workers[0]
+
+
+def test_fsdp2_training_resume_and_export(workers):
+    """Losses and parameters after 3 AdamW steps equal the single-process run's to float32
+    rounding; the last step resumed from a sharded checkpoint is bit for bit the same; the
+    exported folder holds the trained weights."""
+    output, out = workers
+    assert "resume and export exact" in output
+    assert (out / "exported" / "config.json").is_file()
 
 
 @pytest.mark.parametrize("name, parameters", [("goom-ssm-350m", 353.7e6), ("goom-ssm-1.3b", 1311.2e6)])

@@ -1,5 +1,6 @@
 """Run by tests/test_distributed.py in each of two processes (``torchrun --nproc_per_node 2``,
-gloo, CPU): a tiny language model trained with FSDP2 (torch's ``fully_shard``, one shard
+gloo, CPU), one launch for both checks: sequence parallelism (the checks of
+tests/sequence_parallel_worker.py), then a tiny language model trained with FSDP2 (torch's ``fully_shard``, one shard
 unit per ``GoomSSMBlock`` and the root, as accelerate's FSDP2 plugin wraps it) against the same
 model trained in one process; a sharded checkpoint (torch.distributed.checkpoint) that resumes
 exactly; and accelerate's sharded model checkpoint layout converted by
@@ -7,7 +8,7 @@ exactly; and accelerate's sharded model checkpoint layout converted by
 falls back to plain multi-process data parallelism), so accelerate's ``Accelerator`` is not
 used here. Exits non-zero (an assertion's traceback) on any difference.
 
-Usage: fsdp2_worker.py OUTPUT_DIR
+Usage: distributed_worker.py OUTPUT_DIR
 """
 
 import sys
@@ -60,10 +61,8 @@ def full_state(model) -> dict:
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
 
 
-def main(out: Path):
-    from accelerate import PartialState
-
-    state = PartialState(cpu=True)  # the gloo process group (accelerate's checkpoint writer below needs its state)
+def check_fsdp2(state, out: Path):
+    """FSDP2 against one process, resume and export (``state``: accelerate's ``PartialState``)."""
     rank, size = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh("cpu", (size,))
     rows = slice(rank * BATCH // size, (rank + 1) * BATCH // size)
@@ -121,6 +120,21 @@ def main(out: Path):
         assert all(torch.equal(weights[name], trained[name]) for name in weights), "the exported weights differ"
         print("fsdp2: losses and parameters equal the single-process run; resume and export exact")
     state.wait_for_everyone()
+
+
+def main(out: Path):
+    from accelerate import PartialState
+
+    from sequence_parallel_worker import check_language_model, check_layers
+
+    state = PartialState(cpu=True)  # the gloo process group (accelerate's checkpoint writer needs its state)
+    group = dist.new_group(list(range(dist.get_world_size())))
+    check_layers(group)
+    check_language_model(group, padded=True)
+    check_language_model(group, padded=False)
+    if dist.get_rank() == 0:
+        print("sequence parallel: logits, loss and gradients equal the single-process run", flush=True)
+    check_fsdp2(state, out)
     state.destroy_process_group()
 
 
