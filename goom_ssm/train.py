@@ -339,7 +339,7 @@ def _set_up(args: argparse.Namespace) -> Run:
     """The accelerator (processes, mixed precision, gradient accumulation, trackers), after
     refusing to mix a new run into an old one (or clearing the old one with ``--overwrite``)."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
     output_dir = Path(args.output_dir)
     if args.deterministic:
@@ -369,11 +369,16 @@ def _set_up(args: argparse.Namespace) -> Run:
             raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size x processes "
                              f"= {args.micro_batch_size} x {num_processes}")
         accumulation = args.batch_size // per_step
+    fsdp_plugin = _fsdp_plugin()
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=_fsdp_plugin(), log_with=report_to or None, project_dir=str(output_dir),
+        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin, log_with=report_to or None, project_dir=str(output_dir),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
+    if fsdp_plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(f"accelerate runs FSDP on GPUs only; here ({accelerator.distributed_type.value}) this FSDP "
+                         f"configuration would train without sharding: on CPU, launch without it (accelerate launch "
+                         f"--multi_gpu --num_processes N ... --cpu) for data parallelism")
     set_seed(args.seed)
     sequence_group = _sequence_group(args, num_processes)
 

@@ -306,12 +306,12 @@ def test_sequence_parallel_training_equals_one_process(tmp_path, cache_dir):
         torch.testing.assert_close(pa[name], pb[name], msg=lambda m: f"{name}: {m}")
 
 
-def test_fsdp_configuration_gathers_parameters_in_float32(monkeypatch):
+def test_fsdp_configuration_gathers_parameters_in_float32(monkeypatch, tmp_path, cache_dir):
     """Under accelerate's FSDP2 configuration (its environment, as accelerate launch sets it from
     examples/accelerate/fsdp2.yaml) the plugin keeps the configuration's settings, and gathers
     parameters and reduces gradients in float32 (A and the GOOM states stay float32; autocast
     runs the projections in half precision), also after accelerate applies --mixed-precision.
-    (FSDP itself runs on GPUs only: accelerate falls back to data parallelism on CPU.)"""
+    accelerate runs FSDP on GPUs only: on CPU the trainer refuses the configuration."""
     assert train_mod._fsdp_plugin() is None
     for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
                        "FSDP_TRANSFORMER_CLS_TO_WRAP": "GoomSSMBlock", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}.items():
@@ -322,3 +322,6 @@ def test_fsdp_configuration_gathers_parameters_in_float32(monkeypatch):
     assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["GoomSSMBlock"]
     assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
     assert policy.param_dtype == torch.float32 and policy.reduce_dtype == torch.float32
+    if not torch.cuda.is_available():  # where accelerate would fall back to training unsharded, the trainer refuses
+        with pytest.raises(ValueError, match="FSDP on GPUs only"):
+            train_mod.train(args_for(tmp_path / "run", cache_dir, "--max-steps", "4"))
