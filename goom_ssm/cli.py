@@ -190,6 +190,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="'gpt2' (default), 'bytes' (UTF-8 bytes, vocabulary 257) or a Hugging Face tokenizer")
     data.add_argument("--block-size", type=int, default=1024, help="tokens per training sequence (default: 1024)")
     data.add_argument("--streaming", action="store_true", help="read and tokenize the data lazily (large corpora)")
+    data.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                      help="pack documents apart: each block's position_ids restart at every document, where each "
+                           "layer's state restarts (default: where the median document is shorter than a block)")
     data.add_argument("--shuffle-buffer", type=int, default=10_000,
                       help="documents in the shuffle buffer with --streaming (0: keep the order)")
     data.add_argument("--no-shuffle", action="store_true", help="train on the blocks in corpus order")

@@ -14,7 +14,12 @@ Pipeline (:func:`build_datasets` runs all of it)::
 Each block is one training sequence: ``{"input_ids": LongTensor[block_size],
 "labels": LongTensor[block_size]}`` with ``labels == input_ids`` (the model shifts the
 labels inside: position ``t`` predicts ``labels[t + 1]``). A DataLoader stacks them into
-``[batch, block_size]``. Blocks never overlap and cover the stream exactly:
+``[batch, block_size]``. Packed with document boundaries (``pack_documents``, the default
+where documents are shorter than a block: :func:`documents_are_short`), a block also holds
+``position_ids`` that restart at 0 at each document's first token (the model then restarts
+every layer's state there, as if each document were alone), and those tokens' labels are
+-100 (nothing before them in the block is theirs to predict from), as transformers'
+``DataCollatorWithFlattening`` does. Blocks never overlap and cover the stream exactly:
 block ``i`` is ``stream[i * block_size:(i + 1) * block_size]``, where ``stream`` is the
 concatenation of ``ids(doc_0) + [eos] + ids(doc_1) + [eos] + ...``. Streaming and
 non-streaming give the same blocks in the same order (without shuffling).
@@ -281,9 +286,20 @@ def tokenize_dataset(dataset, tokenizer, *, text_column: str = "text", num_proc:
 # --------------------------------------------------------------------------- packing
 
 
-def _block(tokens: np.ndarray) -> dict:
+def _block(tokens: np.ndarray, eos_token_id: Optional[int] = None) -> dict:
+    """One training sequence of ``tokens``; with ``eos_token_id``, documents apart: ``position_ids``
+    counting from 0 at the block's start and after every EOS, and label -100 at each such start."""
     ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
-    return {"input_ids": ids, "labels": ids.clone()}
+    block = {"input_ids": ids, "labels": ids.clone()}
+    if eos_token_id is not None:
+        starts = torch.zeros_like(ids, dtype=torch.bool)
+        starts[0] = True
+        starts[1:] = ids[:-1] == eos_token_id
+        index = torch.arange(len(ids))
+        last_start = torch.cummax(torch.where(starts, index, 0), dim=0).values
+        block["position_ids"] = index - last_start
+        block["labels"][1:][starts[1:]] = -100
+    return block
 
 
 class PackedBlocks(torch.utils.data.Dataset):
@@ -292,12 +308,14 @@ class PackedBlocks(torch.utils.data.Dataset):
     The ``input_ids`` column is read as the flat int arrays of its (memory-mapped) Arrow
     chunks; block ``i`` is ``stream[i * block_size:(i + 1) * block_size]``, which may span
     documents and chunks. ``len(self) == n_tokens // block_size`` (the tail is dropped).
-    Item: ``{"input_ids": LongTensor[block_size], "labels": LongTensor[block_size]}``.
+    Item: ``{"input_ids": LongTensor[block_size], "labels": LongTensor[block_size]}``, and
+    with ``eos_token_id`` (documents apart) ``position_ids`` (see the module docstring).
     """
 
-    def __init__(self, tokenized, block_size: int):
+    def __init__(self, tokenized, block_size: int, eos_token_id: Optional[int] = None):
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
+        self.eos_token_id = eos_token_id
         if getattr(tokenized, "_indices", None) is not None:
             tokenized = tokenized.flatten_indices()
         column = tokenized.data.column("input_ids")
@@ -322,7 +340,7 @@ class PackedBlocks(torch.utils.data.Dataset):
             parts.append(part)
             start += len(part)
             k += 1
-        return _block(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        return _block(parts[0] if len(parts) == 1 else np.concatenate(parts), self.eos_token_id)
 
 
 class PackedStream(torch.utils.data.IterableDataset):
@@ -330,10 +348,10 @@ class PackedStream(torch.utils.data.IterableDataset):
     dataset (a ``datasets.IterableDataset`` with an ``input_ids`` column, or any iterable of
     ``{"input_ids": [...]}`` rows). ``set_epoch`` is passed on (it reseeds ``shuffle``)."""
 
-    def __init__(self, tokenized, block_size: int):
+    def __init__(self, tokenized, block_size: int, eos_token_id: Optional[int] = None):
         if block_size < 2:
             raise ValueError(f"block_size must be at least 2, got {block_size}")
-        self.tokenized, self.block_size = tokenized, block_size
+        self.tokenized, self.block_size, self.eos_token_id = tokenized, block_size, eos_token_id
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.tokenized, "set_epoch"):
@@ -345,23 +363,48 @@ class PackedStream(torch.utils.data.IterableDataset):
             buffer = np.concatenate([buffer, np.asarray(row["input_ids"], dtype=np.int64)])
             n = len(buffer) // self.block_size
             for i in range(n):
-                yield _block(buffer[i * self.block_size:(i + 1) * self.block_size])
+                yield _block(buffer[i * self.block_size:(i + 1) * self.block_size], self.eos_token_id)
             buffer = buffer[n * self.block_size:]
 
 
-def pack(tokenized, block_size: int):
-    """:class:`PackedStream` for an iterable dataset, :class:`PackedBlocks` otherwise."""
+def pack(tokenized, block_size: int, eos_token_id: Optional[int] = None):
+    """:class:`PackedStream` for an iterable dataset, :class:`PackedBlocks` otherwise (documents
+    apart with ``eos_token_id``)."""
     datasets = require("datasets", "data", "reading training data")
 
     if isinstance(tokenized, datasets.IterableDataset):
-        return PackedStream(tokenized, block_size)
-    return PackedBlocks(tokenized, block_size)
+        return PackedStream(tokenized, block_size, eos_token_id)
+    return PackedBlocks(tokenized, block_size, eos_token_id)
+
+
+DOCUMENTS_SAMPLED = 1000  # documents of a streaming source that documents_are_short reads
+
+
+def documents_are_short(tokenized, block_size: int) -> bool:
+    """Whether the median tokenized document (EOS included) is shorter than ``block_size``: the
+    case where packing documents apart (``pack_documents``) is the default. A streaming
+    dataset is judged by its first :data:`DOCUMENTS_SAMPLED` documents."""
+    datasets = require("datasets", "data", "reading training data")
+
+    if isinstance(tokenized, datasets.IterableDataset):
+        lengths = [len(row["input_ids"]) for row in tokenized.take(DOCUMENTS_SAMPLED)]
+    else:
+        import pyarrow.compute as pc
+
+        column = tokenized.flatten_indices() if getattr(tokenized, "_indices", None) is not None else tokenized
+        lengths = pc.list_value_length(column.data.column("input_ids")).to_numpy(zero_copy_only=False)
+    return len(lengths) > 0 and float(np.median(lengths)) < block_size
 
 
 def build_datasets(source, tokenizer, block_size: int, *, streaming: bool = False, validation_fraction: float = 0.0,
                    validation_source=None, text_column: str = "text", num_proc: Optional[int] = None,
-                   shuffle_buffer: int = 0, seed: int = 0, eos_token_id: Optional[int] = None, **load_kwargs):
+                   shuffle_buffer: int = 0, seed: int = 0, eos_token_id: Optional[int] = None,
+                   pack_documents: Optional[bool] = None, **load_kwargs):
     """Load, split, tokenize and pack: returns ``(train_blocks, validation_blocks or None)``.
+
+    ``pack_documents``: blocks hold ``position_ids`` that keep documents apart (see the module
+    docstring); None (default) does so where :func:`documents_are_short`. The blocks'
+    ``eos_token_id`` says which was chosen (None: documents not apart).
 
     ``validation_fraction`` holds out the last documents of ``source`` (see
     :func:`split_documents`); ``validation_source`` is a separate source instead.
@@ -378,7 +421,11 @@ def build_datasets(source, tokenizer, block_size: int, *, streaming: bool = Fals
     if streaming and shuffle_buffer:
         docs = docs.shuffle(seed=seed, buffer_size=shuffle_buffer)
 
-    def blocks(d):
-        return pack(tokenize_dataset(d, tok, text_column=text_column, num_proc=num_proc), block_size)
-
-    return blocks(docs), (blocks(val_docs) if val_docs is not None else None)
+    train = tokenize_dataset(docs, tok, text_column=text_column, num_proc=num_proc)
+    if pack_documents is None:
+        pack_documents = documents_are_short(train, block_size)
+    eos = tok.eos_token_id if pack_documents else None
+    validation = None
+    if val_docs is not None:
+        validation = pack(tokenize_dataset(val_docs, tok, text_column=text_column, num_proc=num_proc), block_size, eos)
+    return pack(train, block_size, eos), validation

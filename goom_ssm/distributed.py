@@ -7,12 +7,13 @@ plus ``c A^k``, ``k`` the real (unpadded) steps of the segment up to and includi
 Each layer therefore
 
 1. scans its own segment from the zero state, with the layer's scan (chunked on CPU,
-   Triton on CUDA), padding as identity steps;
+   Triton on CUDA), padding as identity steps, restarting at packed documents' starts;
 2. all-gathers, over the group, the state entering the sequence (rank 0's) and every
    segment's end state from zero (a log-scale and a normalised row per head), with the
-   number of real steps of each segment;
+   number of real steps of each segment and whether a document starts in it;
 3. folds the ends of the segments before its own into the state entering its segment
-   (``c <- c A^k + end``), and adds ``c A^k`` to its states from zero: the carry.
+   (``c <- c A^k + end``, or ``c <- end`` past a segment where a document starts), and adds
+   ``c A^k`` to its states from zero up to its first document start: the carry.
 
 The gather is differentiable (:func:`all_gather`, torch's functional collective, whose
 backward is a reduce-scatter), so the backward pass sends each segment's end-state
@@ -85,8 +86,14 @@ def _advance(state: ScaledRows, powers: ScaledRows, steps: torch.Tensor) -> Scal
     return ScaledRows(state.log_scale + powers.log_scale[steps][:, None, None], state.rows @ powers.rows[steps])
 
 
+def _dropped(state: ScaledRows, drop: torch.Tensor, zero: ScaledRows) -> ScaledRows:
+    """``state`` with the zero state where ``drop`` (bool, broadcast against the leading dims)."""
+    drop = drop[..., None, None]
+    return ScaledRows(torch.where(drop, zero.log_scale.flatten()[0], state.log_scale), torch.where(drop, 0.0, state.rows))
+
+
 def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows], mask: Optional[torch.Tensor],
-                             chunk_plan: Optional[list] = None) -> ScaledRows:
+                             chunk_plan: Optional[list] = None, starts: Optional[torch.Tensor] = None) -> ScaledRows:
     """The states of this process's segment of sequences split over ``ssm.sequence_group``
     (see the module docstring), what :meth:`GoomSSM._scan` gives for a whole sequence.
 
@@ -96,6 +103,8 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
         state: the state entering the whole sequence (used from rank 0; None: ``init_states``).
         mask: ``[batch, T]`` bool (True = real token) of this segment, or None.
         chunk_plan: the chunked scan's plan for ``T`` steps, if computed already.
+        starts: ``[batch, T]`` bool, the first tokens of packed documents in this segment (their
+            inputs already hold ``init_states A``, :func:`~goom_ssm.scan.reset_inputs`), or None.
 
     Returns ``ScaledRows`` (log-scale ``[batch, T, n, 1]``, rows ``[batch, T, n, d]``) in the
     layer's state dtype.
@@ -107,13 +116,15 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
     start = ssm.initial_state(batch) if state is None else initial_rows(state, batch, dtype)
     zero = zero_state(batch, n, d, dtype, Bu.device)
     if mask is None:
-        local = ssm._scan(Bu, zero, chunk_plan)
+        local = ssm._scan(Bu, zero, chunk_plan, starts)
         steps = torch.full((batch,), seq_len, device=Bu.device)
         seen = None  # real steps up to each position: t + 1
     else:
-        local = ssm._masked_scan(Bu, zero, mask, chunk_plan)
+        local = ssm._masked_scan(Bu, zero, mask, chunk_plan, starts)
         seen = mask.long().cumsum(dim=1)  # [batch, T]
         steps = seen[:, -1]
+    # Past a document's start, no state from before the segment reaches the states.
+    restarted = torch.zeros(batch, seq_len, dtype=torch.bool, device=Bu.device) if starts is None else starts.cumsum(1) > 0
 
     # One gather: [start; end] rows with their log-scales appended (constants, as everywhere).
     # Every process sends its entering state, though only rank 0's is used: so every process's
@@ -121,13 +132,14 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
     sent = torch.stack([torch.cat([start.rows, start.log_scale.detach()], dim=-1),
                         torch.cat([local.rows[:, -1], local.log_scale[:, -1].detach()], dim=-1)])
     gathered = all_gather(sent, group).view(size, 2, batch, n, d + 1)
-    all_steps = all_gather(steps, group).view(size, batch)
+    all_steps, all_cut = all_gather(torch.stack([steps, restarted[:, -1].long()]), group).view(size, 2, batch).unbind(1)
 
     A_scale, A_rows = normalize_rows(ssm.A.to(dtype), dims=(-2, -1))
     powers = scaled_powers(ScaledRows(A_scale, A_rows), seq_len)  # A^0 .. A^T: [T + 1], [T + 1, d, d]
     entering = ScaledRows(gathered[0, 0, ..., d:], gathered[0, 0, ..., :d])  # the state entering rank 0's segment
     for k in range(rank):
-        entering = add_scaled(*_advance(entering, powers, all_steps[k]), gathered[k, 1, ..., d:], gathered[k, 1, ..., :d])
+        carried = _dropped(_advance(entering, powers, all_steps[k]), all_cut[k].bool(), zero)
+        entering = add_scaled(*carried, gathered[k, 1, ..., d:], gathered[k, 1, ..., :d])
 
     # The carry c A^k for k = 0 .. T, then at each position the k of its real steps.
     carry_scale = entering.log_scale[:, None] + powers.log_scale[None, :, None, None]  # [batch, T + 1, n, 1]
@@ -138,26 +150,28 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
         index = seen[:, :, None, None]
         carry_scale = carry_scale.gather(1, index.expand(-1, -1, n, 1))
         carry_rows = carry_rows.gather(1, index.expand(-1, -1, n, d))
-    return add_scaled(carry_scale, carry_rows, local.log_scale, local.rows)
+    carry = _dropped(ScaledRows(carry_scale, carry_rows), restarted, zero)
+    return add_scaled(*carry, local.log_scale, local.rows)
 
 
 def split_batch(input_ids: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup,
-                attention_mask: Optional[torch.Tensor] = None, ignore_index: int = -100) -> dict:
+                attention_mask: Optional[torch.Tensor] = None, position_ids: Optional[torch.Tensor] = None,
+                ignore_index: int = -100) -> dict:
     """This process's part of the micro-batches of ``group`` for a causal language model.
 
     The group's processes gather their micro-batches (``input_ids``, ``labels`` and, if
-    given, ``attention_mask``, ``[batch, seq_len]`` on each, ``seq_len`` a multiple of the
+    given, ``attention_mask`` and ``position_ids`` (packed documents), ``[batch, seq_len]`` on each, ``seq_len`` a multiple of the
     group's size) into one of ``size * batch`` sequences, and each takes its segment of
     ``seq_len / size`` tokens of all of them. Labels are shifted before the split (position
     ``t`` predicts ``labels[t + 1]``, across segment boundaries).
 
-    Returns the model's keyword arguments: the segment's ``input_ids``, ``labels`` and
-    ``attention_mask``, ``shift_labels`` (its shifted labels, ``ignore_index`` after each
+    Returns the model's keyword arguments: the segment's ``input_ids``, ``labels``,
+    ``attention_mask`` and ``position_ids``, ``shift_labels`` (its shifted labels, ``ignore_index`` after each
     sequence's last token) and ``num_items_in_batch`` (labels other than ``ignore_index`` in
     the group's whole batch), so that the loss is this segment's share of the group's mean.
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    parts = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+    parts = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask, "position_ids": position_ids}
     for name, tensor in parts.items():
         if tensor is not None and (tensor.ndim != 2 or tensor.shape != input_ids.shape):
             raise ValueError(f"{name} must have the shape [batch, seq_len] of input_ids {tuple(input_ids.shape)}, "
@@ -174,11 +188,12 @@ def split_batch(input_ids: torch.Tensor, labels: torch.Tensor, group: dist.Proce
 
 
 def sequence_parallel_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, group: dist.ProcessGroup,
-                           attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                           attention_mask: Optional[torch.Tensor] = None,
+                           position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The loss of this process in a sequence-parallel step of a causal language model
     whose layers are split over ``group`` (:func:`set_sequence_group`): its segment's share
     of the group's mean loss (:func:`split_batch`) times the group's size. Averaged over
     all processes, as DDP and FSDP average gradients, these give the gradients and the mean
     loss of the group's whole sequences, averaged over the data-parallel groups."""
-    loss = model(**split_batch(input_ids, labels, group, attention_mask), use_cache=False).loss
+    loss = model(**split_batch(input_ids, labels, group, attention_mask, position_ids), use_cache=False).loss
     return loss * dist.get_world_size(group)

@@ -12,7 +12,7 @@ and 30 backward (many of them views), none with autograd's bookkeeping, which sh
 step (timings: ``benchmarks/results/design_notes.md``).
 
 ``GoomSSMBlock`` uses it when it trains in eager mode with the Triton scan from the layer's
-own initial state, without a padding mask, with float32 (or float64) parameters, under
+own initial state (packed documents too), without a padding mask, with float32 (or float64) parameters, under
 autocast or not, and plain submodules without hooks; everything else, including
 ``torch.compile`` (whose own fusion sees the operations), takes the module path, which the
 tests hold it equal to.
@@ -21,21 +21,25 @@ tests hold it equal to.
 import torch
 import torch.nn.functional as F
 
-from .triton_scan import default_steps_per_program, scan_backward, scan_forward
+from .scan import reset_inputs
+from .triton_scan import default_steps_per_program, kernel_resets, scan_backward, scan_forward
 
 
 class FusedBlock(torch.autograd.Function):
-    """``apply(x, norm_weight, norm_bias, eps, init_states, A, B, C, D, out_weight, state_output_scale, compute_dtype)``
-    -> ``(out [batch, seq_len, d_emb], final log-scale [batch, n, 1], final rows [batch, n, d])``.
+    """``apply(x, norm_weight, norm_bias, eps, init_states, A, B, C, D, out_weight, state_output_scale, compute_dtype,
+    starts)`` -> ``(out [batch, seq_len, d_emb], final log-scale [batch, n, 1], final rows [batch, n, d])``.
 
     ``x [batch, seq_len, d_emb]`` and every parameter in one dtype (float32 or float64; the
     states are computed in it); ``compute_dtype``: the dtype of the matrix products (autocast's,
-    or the parameters'). The final log-scale is a constant, as everywhere in this package.
+    or the parameters'); ``starts [batch, seq_len]`` (bool) or None: the first token of each
+    packed document, as in :meth:`goom_ssm.layers.GoomSSM.forward` (the scan's input there is
+    :func:`~goom_ssm.scan.reset_inputs`'s, in the states' dtype). The final log-scale is a constant, as everywhere
+    in this package.
     """
 
     @staticmethod
     def forward(ctx, x, norm_weight, norm_bias, eps, init_states, A, B, C, D, out_weight, state_output_scale,
-                compute_dtype):
+                compute_dtype, starts):
         batch, seq_len, d_emb = x.shape
         n, d = init_states.shape
         h, mean, rstd = torch.native_layer_norm(x, (d_emb,), norm_weight, norm_bias, eps)
@@ -43,17 +47,20 @@ class FusedBlock(torch.autograd.Function):
         B_c, D_c, out_weight_c = B.to(compute_dtype), D.to(compute_dtype), out_weight.to(compute_dtype)
         C_c = (state_output_scale * C).to(compute_dtype)
         Bu = h.mm(B_c).view(batch, seq_len, n, d)
+        if starts is not None:
+            Bu = reset_inputs(Bu, starts, init_states, A)
+        resets = kernel_resets(starts, Bu)
         shared = A.new_empty(0)  # no log-scales: init_states are plain rows shared by the batch
         chunk_len = default_steps_per_program(seq_len)
-        log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len)
+        log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len, resets)
         rows_c = rows.view(batch * seq_len, n * d).to(compute_dtype)
         y = rows_c.mm(C_c) + h.mm(D_c)
         glu = F.glu(y, dim=-1)
         out = x + glu.mm(out_weight_c.t()).view(batch, seq_len, d_emb)
 
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
-                              init_states, log_scale, rows, rows_c, y, glu)
-        ctx.state_output_scale, ctx.chunk_len = state_output_scale, chunk_len
+                              init_states, log_scale, rows, rows_c, y, glu, resets)
+        ctx.state_output_scale, ctx.chunk_len, ctx.Bu_dtype = state_output_scale, chunk_len, Bu.dtype
         final_log_scale = log_scale[:, -1]
         ctx.mark_non_differentiable(final_log_scale)
         ctx.set_materialize_grads(False)
@@ -62,7 +69,7 @@ class FusedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _, grad_final_rows):
         (x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared, init_states, log_scale,
-         rows, rows_c, y, glu) = ctx.saved_tensors
+         rows, rows_c, y, glu, resets) = ctx.saved_tensors
         batch, seq_len, d_emb = x.shape
         if grad_out is None:  # only the final state was used
             grad_out = torch.zeros_like(x)
@@ -77,11 +84,15 @@ class FusedBlock(torch.autograd.Function):
             grad_rows[:, -1] += grad_final_rows
         grad_D = h.t().mm(grad_y).to(x.dtype)
         grad_Bu, grad_A, grad_init = scan_backward(grad_rows, A, shared, init_states, log_scale, rows, ctx.chunk_len,
-                                                   h.dtype)
-        grad_Bu = grad_Bu.view(batch * seq_len, -1)
+                                                   ctx.Bu_dtype, resets)
+        if resets.numel():  # reset_inputs added init_states A at the starts
+            grad_starts = (grad_Bu * resets[:, :, None, None]).sum(dim=(0, 1))  # [n, d]
+            grad_init = grad_init + grad_starts.mm(A.t())
+            grad_A = grad_A + init_states.t().mm(grad_starts)
+        grad_Bu = grad_Bu.to(h.dtype).view(batch * seq_len, -1)
         grad_B = h.t().mm(grad_Bu).to(x.dtype)
         grad_h = grad_y.mm(D_c.t()).to(x.dtype) + grad_Bu.mm(B_c.t()).to(x.dtype)
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
             grad_h.view(x.shape), x, (d_emb,), mean, rstd, norm_weight, norm_bias, [True, True, True])
         return (grad_x + grad_out, grad_norm_weight, grad_norm_bias, None, grad_init, grad_A, grad_B, grad_C, grad_D,
-                grad_out_weight, None, None)
+                grad_out_weight, None, None, None)

@@ -40,8 +40,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .constants import SCAN_IMPLEMENTATIONS, STATE_OUTPUT_LOG_SCALE
 from .distributed import sequence_parallel_states
 from .fused_block import FusedBlock
-from .scan import (ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, is_dynamic_length, scan_step,
-                   split_plan, stepwise_scan)
+from .scan import (ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, is_dynamic_length, reset_inputs,
+                   scan_step, split_plan, stepwise_scan)
 from .triton_common import HAS_TRITON, compute_dtype
 from .triton_decode import decode_step
 from .triton_scan import triton_scan
@@ -111,13 +111,16 @@ class GoomSSM(nn.Module):
         return initial_rows(self.init_states, batch_size, self.state_dtype)
 
     def forward(self, u: torch.Tensor, state: Optional[ScaledRows] = None, mask: Optional[torch.Tensor] = None,
-                chunk_plan: Optional[list] = None):
+                chunk_plan: Optional[list] = None, starts: Optional[torch.Tensor] = None):
         """``u [batch, seq_len, d_inp]`` -> ``(y [batch, seq_len, d_out], final state)``.
 
         ``state`` continues from a carried state (as returned by an earlier call) instead of
         ``init_states``. ``mask [batch, seq_len]`` (bool, True = real token) makes every
         masked position an identity step: the state is carried through unchanged and the
-        masked input is not written into it. ``chunk_plan``: this layer's
+        masked input is not written into it. ``starts [batch, seq_len]`` (bool, real tokens
+        only) marks the first token of each packed document: the state restarts there from
+        ``init_states``, as if the document were alone (see
+        :func:`~goom_ssm.scan.reset_inputs`). ``chunk_plan``: this layer's
         :func:`~goom_ssm.scan.chunk_plan` for ``seq_len`` steps, if computed already (used by
         the chunked scan only; see :func:`shared_chunk_plans`).
 
@@ -131,19 +134,22 @@ class GoomSSM(nn.Module):
         batch, seq_len, _ = u.shape
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
+            if starts is not None:
+                Bu = reset_inputs(Bu, starts, self.init_states, self.A.to(self.state_dtype))
             if self.sequence_group is not None:
-                states = sequence_parallel_states(self, Bu, state, mask, chunk_plan)
+                states = sequence_parallel_states(self, Bu, state, mask, chunk_plan, starts)
             elif is_dynamic_length(seq_len):
                 state = self.initial_state(batch) if state is None else state
-                states = stepwise_scan(Bu.to(self.state_dtype), self.A.to(self.state_dtype), state, mask=mask)
+                states = stepwise_scan(Bu.to(self.state_dtype), self.A.to(self.state_dtype), state, resets=starts,
+                                       mask=mask)
             elif mask is None:
-                states = self._scan(Bu, state, chunk_plan)
+                states = self._scan(Bu, state, chunk_plan, starts)
             else:
                 state = self.initial_state(batch) if state is None else state
                 if seq_len > 1:
-                    states = self._masked_scan(Bu, state, mask, chunk_plan)
+                    states = self._masked_scan(Bu, state, mask, chunk_plan, starts)
                 else:  # one token: a padded position keeps the state
-                    states = self._scan(Bu, state)
+                    states = self._scan(Bu, state, resets=starts)
                     keep = mask[:, :, None, None]
                     states = ScaledRows(torch.where(keep, states.log_scale, state.log_scale[:, None]),
                                         torch.where(keep, states.rows, state.rows[:, None]))
@@ -151,22 +157,23 @@ class GoomSSM(nn.Module):
         y = states.rows.flatten(-2).to(self.C.dtype) @ (STATE_OUTPUT_SCALE * self.C) + u @ self.D
         return y, ScaledRows(states.log_scale[:, -1], states.rows[:, -1])
 
-    def _scan(self, Bu: torch.Tensor, state: Optional[ScaledRows], chunk_plan: Optional[list] = None) -> ScaledRows:
+    def _scan(self, Bu: torch.Tensor, state: Optional[ScaledRows], chunk_plan: Optional[list] = None,
+              resets: Optional[torch.Tensor] = None) -> ScaledRows:
         """States after every step of ``Bu [batch, seq_len, n, d]`` (any float dtype) from
-        ``state`` (None: ``init_states``), with the configured implementation; float32 (or
-        float64) results."""
+        ``state`` (None: ``init_states``), with the configured implementation, dropping the
+        state before the steps flagged in ``resets [batch, seq_len]``; float32 (or float64) results."""
         implementation = self.resolved_scan(Bu)
         A = self.A.to(self.state_dtype)
         if implementation == "triton":  # takes init_states as they are (fewer operations per call)
-            return triton_scan(Bu, A, self.init_states if state is None else state)
+            return triton_scan(Bu, A, self.init_states if state is None else state, resets=resets)
         state = self.initial_state(Bu.shape[0]) if state is None else state
         Bu = Bu.to(self.state_dtype)
         if Bu.shape[1] == 1:  # decoding: one step, fewer operations than a scan
-            new = scan_step(Bu[:, 0], A, state)
+            new = scan_step(Bu[:, 0], A, state, resets=None if resets is None else resets[:, 0])
             return ScaledRows(new.log_scale[:, None], new.rows[:, None])
         if implementation == "chunked":
-            return chunked_scan(Bu, A, state, chunk_size=self.chunk_size, plan=chunk_plan)
-        return goom_prefix_scan(Bu, A, state)
+            return chunked_scan(Bu, A, state, resets=resets, chunk_size=self.chunk_size, plan=chunk_plan)
+        return goom_prefix_scan(Bu, A, state, resets=resets)
 
     def resolved_scan(self, u: torch.Tensor) -> str:
         """The scan implementation that runs for inputs ``u`` ("auto" resolved)."""
@@ -175,12 +182,13 @@ class GoomSSM(nn.Module):
         return self.scan_implementation
 
     def _masked_scan(self, Bu: torch.Tensor, state: ScaledRows, mask: torch.Tensor,
-                     chunk_plan: Optional[list] = None) -> ScaledRows:
-        """Scan only the real tokens (moved to the front of each row, in order), then give
-        every position the state after the last real token at or before it."""
+                     chunk_plan: Optional[list] = None, resets: Optional[torch.Tensor] = None) -> ScaledRows:
+        """Scan only the real tokens (moved to the front of each row, in order, with their
+        ``resets``), then give every position the state after the last real token at or before it."""
         n, d = self.n_hid, self.d_hid
         order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)  # [batch, seq_len]
-        packed = self._scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), state, chunk_plan)
+        resets = None if resets is None else resets.gather(1, order)
+        packed = self._scan(Bu.gather(1, order[..., None, None].expand_as(Bu)), state, chunk_plan, resets)
         # Index 0 holds the state before any real token; index k the state after k real tokens.
         log_scale = torch.cat([state.log_scale[:, None], packed.log_scale], dim=1)
         rows = torch.cat([state.rows[:, None], packed.rows], dim=1)
@@ -210,12 +218,13 @@ class GoomSSMBlock(GradientCheckpointingLayer):
         self.out_proj = nn.Linear(d_emb, d_emb, bias=False)
 
     def forward(self, hidden_states: torch.Tensor, state: Optional[ScaledRows] = None,
-                mask: Optional[torch.Tensor] = None, chunk_plan: Optional[list] = None):
+                mask: Optional[torch.Tensor] = None, chunk_plan: Optional[list] = None,
+                starts: Optional[torch.Tensor] = None):
         """``hidden_states [batch, seq_len, d_emb]`` -> (same shape, final SSM state).
-        ``state``, ``mask`` and ``chunk_plan`` as in :meth:`GoomSSM.forward`."""
+        ``state``, ``mask``, ``chunk_plan`` and ``starts`` as in :meth:`GoomSSM.forward`."""
         if state is None and mask is None and self._trains_fused(hidden_states):
-            return self._forward_fused(hidden_states)
-        return self._forward_modules(hidden_states, state, mask, chunk_plan)
+            return self._forward_fused(hidden_states, starts)
+        return self._forward_modules(hidden_states, state, mask, chunk_plan, starts)
 
     def fused_decode_step(self, hidden_states: torch.Tensor, state: ScaledRows, mask: Optional[torch.Tensor] = None):
         """One token through this layer's fused Triton kernels (:func:`~goom_ssm.triton_decode.decode_step`),
@@ -227,17 +236,17 @@ class GoomSSMBlock(GradientCheckpointingLayer):
                            norm_eps=self.norm.eps, A=ssm.A, B=ssm.B, C=ssm.C, D=ssm.D,
                            out_weight=self.out_proj.weight, mask=mask, out_state=state)
 
-    def _forward_modules(self, hidden_states, state=None, mask=None, chunk_plan=None):
+    def _forward_modules(self, hidden_states, state=None, mask=None, chunk_plan=None, starts=None):
         """The layer as its submodules' calls (one autograd node per operation)."""
-        y, state = self.ssm(self.norm(hidden_states), state, mask, chunk_plan)
+        y, state = self.ssm(self.norm(hidden_states), state, mask, chunk_plan, starts)
         return hidden_states + self.out_proj(F.glu(y, dim=-1)), state
 
-    def _forward_fused(self, hidden_states):
+    def _forward_fused(self, hidden_states, starts=None):
         """The same as one :class:`~goom_ssm.fused_block.FusedBlock` node (from ``init_states``, no mask)."""
         ssm = self.ssm
         out, log_scale, rows = FusedBlock.apply(
             hidden_states, self.norm.weight, self.norm.bias, self.norm.eps, ssm.init_states, ssm.A, ssm.B, ssm.C, ssm.D,
-            self.out_proj.weight, STATE_OUTPUT_SCALE, compute_dtype(ssm.B))
+            self.out_proj.weight, STATE_OUTPUT_SCALE, compute_dtype(ssm.B), starts)
         return out, ScaledRows(log_scale, rows)
 
     def _trains_fused(self, hidden_states: torch.Tensor) -> bool:

@@ -7,14 +7,15 @@ float64. The tests hold every scan to it, states and gradients. It is slow (a Py
 over the sequence) and not used by the package.
 """
 
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
-from .scan import ScaledRows, initial_rows
+from .scan import ScaledRows, drop_states, initial_rows
 
 
-def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor]) -> ScaledRows:
+def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
+               resets: Optional[torch.Tensor] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, one step at a time, in float64.
 
     Args:
@@ -22,6 +23,8 @@ def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torc
         A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
         initial: the state before the first step: ``ScaledRows`` (log-scale ``[batch, n, 1]``,
             rows ``[batch, n, d]``), or a plain ``[n, d]`` tensor of rows shared by every sequence.
+        resets: ``[batch, seq_len]`` bool, or None: the steps before which the state is dropped
+            (``x_t = u_t``).
 
     Returns:
         ``ScaledRows`` in float64, whatever the inputs' dtype: log-scales ``[batch, seq_len, n, 1]``
@@ -38,6 +41,8 @@ def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torc
     tiny = torch.finfo(torch.float64).tiny  # an all-zero row keeps zeros, as in every scan
     all_log_scales, all_rows = [], []
     for t in range(seq_len):
+        if resets is not None:
+            log_scale, rows = drop_states(ScaledRows(log_scale, rows), resets[:, t, None, None])
         common = torch.clamp(log_scale, min=0.0)
         x = torch.exp(log_scale - common) * (rows @ A) + torch.exp(-common) * u[:, t]
         peak = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=tiny)

@@ -23,6 +23,11 @@ holds the CUDA one):
 - :func:`stepwise_scan`, for ``torch.export`` with a dynamic length (and ONNX): the decoding
   step (:func:`scan_step`) in a loop, one graph for every length.
 
+Every scan also takes ``resets [batch, seq_len]`` (bool, keyword): at a step whose flag is
+set, the state before it is dropped, ``x_t = u_t``, so that no earlier step reaches this
+one or any later one (packed documents: :class:`goom_ssm.layers.GoomSSM` flags each
+document's first token and adds its initial state's contribution to that token's input).
+
 All scale constants (maxima, log-scales) are detached, as in the original, so gradients
 are those of the exact recurrence.
 """
@@ -31,6 +36,7 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from .constants import NO_STATE_LOG_SCALE
 from .gooms import GOOM_FLOAT_DTYPE, goom_exp, goom_log, log_matmul_exp
 
 
@@ -66,12 +72,35 @@ def add_scaled(scale_a: torch.Tensor, a: torch.Tensor, scale_b: torch.Tensor, b:
     return ScaledRows(common + peak_scale, rows)
 
 
-def scan_step(u: torch.Tensor, A: torch.Tensor, state: ScaledRows) -> ScaledRows:
+def drop_states(state: ScaledRows, drop: torch.Tensor) -> ScaledRows:
+    """``state`` (log_scale ``[..., n, 1]``, rows ``[..., n, d]``) with the rows where ``drop``
+    (bool, broadcastable to the log-scale's shape, e.g. ``resets[:, None, None]`` for one flag
+    per sequence) is set replaced by no state: zero rows at
+    :data:`~goom_ssm.constants.NO_STATE_LOG_SCALE`, which any input outweighs."""
+    return ScaledRows(state.log_scale.masked_fill(drop, NO_STATE_LOG_SCALE), state.rows.masked_fill(drop, 0.0))
+
+
+def scan_step(u: torch.Tensor, A: torch.Tensor, state: ScaledRows, *,
+              resets: Optional[torch.Tensor] = None) -> ScaledRows:
     """One step ``x = x_prev A + u`` (what :func:`chunked_scan` gives for one token, with
-    fewer operations): u ``[batch, n, d]``, state as in ``chunked_scan``'s ``initial``."""
+    fewer operations): u ``[batch, n, d]``, state as in ``chunked_scan``'s ``initial``;
+    ``resets [batch]``: the sequences whose state is dropped first (``x = u``)."""
+    if resets is not None:
+        state = drop_states(state, resets[:, None, None])
     A_scale, A_rows = normalize_rows(A, dims=(-2, -1))
     u_scale, u_rows = normalize_rows(u)
     return add_scaled(state.log_scale + A_scale, state.rows @ A_rows, u_scale, u_rows)
+
+
+def reset_inputs(Bu: torch.Tensor, starts: torch.Tensor, init_states: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """The scan inputs of packed documents: ``Bu [batch, seq_len, n, d]`` (any float dtype) in
+    ``A``'s dtype, plus ``init_states A`` at each document's first token (``starts [batch,
+    seq_len]``, bool). With the scans' ``resets=starts`` (the state before a start dropped),
+    the state after a start is ``init_states A + (u B)``: the first step of the document alone.
+    Computed in ``A``'s dtype whether autocast is on or not."""
+    with torch.autocast(device_type=Bu.device.type, enabled=False):
+        Bu = Bu.to(A.dtype)
+        return torch.where(starts[:, :, None, None], Bu + init_states.to(A.dtype) @ A, Bu)
 
 
 def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
@@ -168,7 +197,8 @@ def default_chunk_size(device: torch.device) -> int:
 
 
 def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-                 chunk_size: Optional[int] = None, plan: Optional[list] = None) -> ScaledRows:
+                 resets: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
+                 plan: Optional[list] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, in scaled form.
 
     Args (those of every scan, with this meaning):
@@ -176,6 +206,8 @@ def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, to
         A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
         initial: state before the first step: ``ScaledRows`` (log_scale ``[batch, n, 1]``, rows
             ``[batch, n, d]``), or a plain ``[n, d]`` tensor of rows shared by every sequence.
+        resets: ``[batch, seq_len]`` bool, or None: the steps before which the state is
+            dropped (``x_t = u_t``).
 
     Options of this scan:
         chunk_size: steps per dense chunk product (default: :func:`default_chunk_size` for
@@ -190,11 +222,17 @@ def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, to
     """
     if plan is None:
         plan = chunk_plan(A, u.shape[1], chunk_size)
-    return _scan(u.to(A.dtype), plan, initial_rows(initial, u.shape[0], A.dtype))
+    return _scan(u.to(A.dtype), plan, initial_rows(initial, u.shape[0], A.dtype), resets)
 
 
-def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
-    """Recursive step of :func:`chunked_scan`: ``plan[0]`` is this level's :class:`ChunkLevel`."""
+def _scan(u: torch.Tensor, plan: list, initial: ScaledRows, resets: Optional[torch.Tensor] = None) -> ScaledRows:
+    """Recursive step of :func:`chunked_scan`: ``plan[0]`` is this level's :class:`ChunkLevel`.
+
+    With ``resets``, the recurrence is ``x_t = g_t x_{t-1} A + u_t`` with ``g_t = 0`` at a
+    reset, else 1: within a chunk, step by step (:func:`_within_chunks_with_resets`); the
+    chunk ends obey the same kind of recurrence with ``A^L``, a chunk that holds a reset
+    dropping the state that enters it; and the entering state reaches a step only if no reset
+    lies between the chunk's start and it."""
     batch, seq_len, n, d = u.shape
     level = plan[0]
     L = level.within_log_scale.shape[-1]
@@ -206,22 +244,31 @@ def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
     u = torch.nn.functional.pad(u, (0, 0, 0, 0, 0, K * L - seq_len))
     u = u.view(batch, K, L, n, d).transpose(2, 3)  # [batch, K, n, L, d]
 
-    # Within a chunk: h_t = sum_{s<=t} u_s A^(t-s), held as exp(m_t) * h_t (one product).
+    # Within a chunk: h_t = sum_{s<=t} u_s A^(t-s), held as exp(m_t) * h_t (one product; with
+    # resets, the sum from the chunk's last reset at or before t).
     m = level.within_log_scale
-    h = (u.reshape(batch, K, n, L * d) @ level.within).view(batch, K, n, L, d)
+    if resets is None:
+        h = (u.reshape(batch, K, n, L * d) @ level.within).view(batch, K, n, L, d)
+    else:
+        resets = torch.nn.functional.pad(resets, (0, K * L - seq_len)).view(batch, K, L)
+        h = _within_chunks_with_resets(u, level, resets)
 
     # States entering each chunk: the initial state, then the chunk-end states, which obey
     # the same recurrence with A^L and inputs h_{L-1} (in units of exp(m_{L-1})).
     if K == 1:
         start_scale, start_rows = s0[:, None], initial.rows[:, None]
     else:
-        ends = _scan(h[:, : K - 1, :, L - 1], plan[1:], ScaledRows(s0 - m[L - 1], initial.rows))
+        chunk_resets = None if resets is None else resets[:, : K - 1].any(dim=-1)
+        ends = _scan(h[:, : K - 1, :, L - 1], plan[1:], ScaledRows(s0 - m[L - 1], initial.rows), chunk_resets)
         start_scale = torch.cat([s0[:, None], ends.log_scale + m[L - 1]], dim=1)  # [batch, K, n, 1]
         start_rows = torch.cat([initial.rows[:, None], ends.rows], dim=1)  # [batch, K, n, d]
 
     # x_t = x_start A^(t+1) + exp(m_t) h_t
     carried = (start_rows.reshape(batch, K * n, d) @ level.carry).view(batch, K, n, L, d)
     carried_scale = start_scale[..., None] + level.carry_log_scale[:, None]  # [batch, K, n, L, 1]
+    if resets is not None:  # the entering state reaches the steps before the chunk's first reset
+        kept = (resets.cumsum(dim=-1) == 0)[:, :, None, :, None]  # [batch, K, 1, L, 1]
+        carried, carried_scale = carried * kept, torch.where(kept, carried_scale, m[:, None])
     log_scale, rows = add_scaled(carried_scale, carried, m[:, None], h)
     log_scale = log_scale + in_scale[..., None]  # [batch, K, n, L, 1]
 
@@ -229,6 +276,27 @@ def _scan(u: torch.Tensor, plan: list, initial: ScaledRows) -> ScaledRows:
         return t.transpose(2, 3).reshape(batch, K * L, n, t.shape[-1])[:, :seq_len]
 
     return ScaledRows(to_time_major(log_scale), to_time_major(rows))
+
+
+def _within_chunks_with_resets(u: torch.Tensor, level: ChunkLevel, resets: torch.Tensor) -> torch.Tensor:
+    """``h_t = sum_{s<=t} u_s A^(t-s)`` within each chunk, the sum starting at the chunk's last
+    reset at or before ``t``, in units of ``exp(m_t)`` (``m = level.within_log_scale``), as
+    :func:`_scan`'s one product gives it without resets: ``h_t = g_t h_{t-1} A + u_t`` step by
+    step from no state, every chunk at once, in scaled form (each term of ``h_t`` is at most
+    ``exp(m_t)`` times a row of peak 1, so the plain values never overflow).
+
+    ``u [batch, K, n, L, d]`` (rows of peak at most 1), ``resets [batch, K, L]`` ->
+    ``[batch, K, n, L, d]``."""
+    batch, K, n, L, d = u.shape
+    A_rows, A_scale = level.carry[..., :d], level.carry_log_scale[0]  # A normalised, and its log-scale
+    state = ScaledRows(u.new_full((batch, K, n, 1), NO_STATE_LOG_SCALE), u.new_zeros(batch, K, n, d))
+    h = []
+    for t in range(L):
+        state = drop_states(state, resets[:, :, t, None, None])
+        u_scale, u_rows = normalize_rows(u[:, :, :, t])
+        state = add_scaled(state.log_scale + A_scale, state.rows @ A_rows, u_scale, u_rows)
+        h.append(state.rows * (state.log_scale - level.within_log_scale[t]).exp())
+    return torch.stack(h, dim=3)
 
 
 def is_dynamic_length(seq_len) -> bool:
@@ -241,20 +309,20 @@ def is_dynamic_length(seq_len) -> bool:
 
 
 def stepwise_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-                  mask: Optional[torch.Tensor] = None) -> ScaledRows:
+                  resets: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> ScaledRows:
     """Same arguments and outputs as :func:`chunked_scan`, computed one step after another
     (:func:`scan_step`, the decoding step) in PyTorch's ``scan`` higher-order op, which
     ``torch.export`` keeps as one loop (ONNX ``Scan``) for any length: the chunked scan's
     structure (chunk sizes, levels) depends on the length, so no one graph holds it for all.
 
     ``mask [batch, seq_len]`` (bool, True = real token), if given, makes every masked position
-    an identity step: the state is carried through unchanged.
+    an identity step: the state is carried through unchanged (its reset flag unread).
     """
     from torch._higher_order_ops import scan
 
     def step(state: tuple, inputs: tuple):  # tuples: the op takes no NamedTuple
-        u_t, keep_t = inputs
-        new = scan_step(u_t, A, ScaledRows(*state))
+        u_t, keep_t, reset_t = inputs  # [batch * n, d], [batch * n, 1], [batch * n, 1]
+        new = scan_step(u_t, A, drop_states(ScaledRows(*state), reset_t))
         new = tuple(torch.where(keep_t, after, before) for after, before in zip(new, state))
         return new, tuple(t.clone() for t in new)  # its outputs may not alias one another
 
@@ -263,21 +331,29 @@ def stepwise_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, t
     batch, seq_len, n, _ = u.shape
     u, initial = u.to(A.dtype), initial_rows(initial, batch, A.dtype)
     keep = u.new_ones(batch, seq_len, dtype=torch.bool) if mask is None else mask
-    inputs = (u.movedim(1, 0).flatten(1, 2), keep.T[:, :, None, None].expand(-1, -1, n, 1).flatten(1, 2))
+    resets = u.new_zeros(batch, seq_len, dtype=torch.bool) if resets is None else resets
+
+    def per_row(flags):  # [batch, seq_len] -> [seq_len, batch * n, 1]
+        return flags.T[:, :, None, None].expand(-1, -1, n, 1).flatten(1, 2)
+
+    inputs = (u.movedim(1, 0).flatten(1, 2), per_row(keep), per_row(resets))
     initial = tuple(t.flatten(0, 1).contiguous() for t in initial)  # the op keeps the carry's strides: none expanded
     _, outputs = scan(step, initial, inputs)
     log_scale, rows = (t.unflatten(1, (batch, n)).movedim(0, 1) for t in outputs)
     return ScaledRows(log_scale, rows)
 
 
-def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor]) -> ScaledRows:
+def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
+                     resets: Optional[torch.Tensor] = None) -> ScaledRows:
     """The original design: same arguments and outputs as :func:`chunked_scan`, computed with
     a Sklansky parallel prefix scan of complex log-matmul-exps (float32 GOOMs), the same
     combination tree as the original, so that its backward rules act on the same numbers.
 
     Each element is ``log [[A], [u_t]]`` (``[d + n, d]``); two elements combine as
     ``[[A1, 0], [B1, I]] @ [[A2], [B2]]``; the scanned element ``t`` then maps the initial
-    state to ``x_t = [x_0, I] @ [[A^t], [sum_s u_s A^(t-s)]]``.
+    state to ``x_t = [x_0, I] @ [[A^t], [sum_s u_s A^(t-s)]]``. A reset's element is
+    ``log [[0], [u_t]]`` (``0`` is GOOM's ``LOG_ZERO``): every combination through it zeroes
+    what came before, the original paper's selective resetting of interim states.
     """
     batch, seq_len, n, d = u.shape
     dtype = A.dtype
@@ -289,7 +365,10 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows
         padded = torch.cat([earlier, log_0s_atop_I.expand(*earlier.shape[:-2], d + n, n)], dim=-1)
         return log_matmul_exp(padded, later)
 
-    elements = goom_log(torch.cat([A.expand(batch, seq_len, d, d), u], dim=-2))  # [batch, T, d + n, d]
+    transitions = A.expand(batch, seq_len, d, d)
+    if resets is not None:
+        transitions = transitions.masked_fill(resets[:, :, None, None], 0.0)
+    elements = goom_log(torch.cat([transitions, u], dim=-2))  # [batch, T, d + n, d]
     # Sklansky scan, as the original: pad to a power of two (padding comes after every kept
     # position, so it never reaches a kept result); at each level, the second half of every
     # block of 2 * half elements combines with the last element of the first half.

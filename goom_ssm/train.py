@@ -49,7 +49,7 @@ LOG_FILE = "train_log.jsonl"
 TRACKER_PROJECT = "goom-ssm"  # accelerate's trackers log under OUTPUT_DIR/goom-ssm
 # Settings that must not change when a run is resumed (they define the data order and schedule).
 RESUME_INVARIANTS = ("seed", "block_size", "micro_batch_size", "num_processes", "gradient_accumulation_steps",
-                     "max_steps", "streaming")
+                     "max_steps", "streaming", "documents_apart")
 
 
 # --------------------------------------------------------------------------- pieces
@@ -158,13 +158,16 @@ def one_cycle_start(args, total_steps: int) -> tuple[float, int]:
     return initial_lr, min(args.warmup_steps, total_steps // 2)
 
 
-def build_optimizer_and_schedule(model, args, total_steps: int):
-    """AdamW over the model's two parameter groups and the one-cycle LR/beta1 schedule."""
+def build_optimizer_and_schedule(model, args, total_steps: int, param_groups: Optional[list[dict]] = None):
+    """AdamW over ``param_groups`` (default: the model's two groups, ``get_param_groups``)
+    and the one-cycle LR/beta1 schedule."""
     initial_lr, warmup = one_cycle_start(args, total_steps)
     if warmup < 2:
         raise ValueError(f"the one-cycle schedule needs at least 2 warm-up steps and as many after; "
                          f"got --warmup-steps {args.warmup_steps} and {total_steps} steps in all")
-    optimizer = torch.optim.AdamW(model.get_param_groups(weight_decay=args.weight_decay), lr=args.lr,
+    if param_groups is None:
+        param_groups = model.get_param_groups(weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr,
                                   betas=(args.max_momentum, args.beta2), eps=args.adam_eps)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=warmup / total_steps,
@@ -253,8 +256,10 @@ def micro_batch_loss(model, batch: dict, sequence_group=None) -> torch.Tensor:
     if sequence_group is not None:
         from .distributed import sequence_parallel_loss
 
-        return sequence_parallel_loss(model, batch["input_ids"], batch["labels"], sequence_group)
-    return model(input_ids=batch["input_ids"], labels=batch["labels"], use_cache=False).loss
+        return sequence_parallel_loss(model, batch["input_ids"], batch["labels"], sequence_group,
+                                      position_ids=batch.get("position_ids"))
+    return model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                 use_cache=False).loss
 
 
 @torch.no_grad()
@@ -288,6 +293,7 @@ class Run:
     checkpoints: list[Path]  # complete checkpoints in the output folder at the start
     sequence_group: object = None  # with --sequence-parallel: this process's group (torch.distributed)
     tokenizer: object = None
+    documents_apart: bool = False  # blocks carry position_ids that restart at each document
     train_loader: object = None
     sampler: Optional[EpochSampler] = None
     val_loader: object = None
@@ -448,8 +454,15 @@ def _load_data(run: Run) -> None:
             args.data if len(args.data) > 1 else args.data[0], run.tokenizer, args.block_size,
             streaming=args.streaming, validation_fraction=args.validation_split,
             validation_source=args.validation_data, text_column=args.text_column, num_proc=args.num_proc,
-            seed=args.seed, shuffle_buffer=0 if args.no_shuffle else args.shuffle_buffer, **load_kwargs,
+            seed=args.seed, shuffle_buffer=0 if args.no_shuffle else args.shuffle_buffer, pack_documents=args.pack,
+            **load_kwargs,
         )
+    run.documents_apart = train_data.eos_token_id is not None
+    if run.is_main:
+        how = "given" if args.pack is not None else "documents shorter than a block" if run.documents_apart else \
+            "documents longer than a block"
+        print(f"documents {'packed apart (each starts afresh)' if run.documents_apart else 'run together'} in "
+              f"blocks of {args.block_size} tokens ({how})", file=sys.stderr)
     loader_kwargs = dict(batch_size=args.micro_batch_size, drop_last=True, num_workers=args.num_workers)
     if args.streaming:
         run.train_loader = torch.utils.data.DataLoader(train_data, **loader_kwargs)
@@ -490,7 +503,8 @@ def _build_model_and_optimizer(run: Run) -> None:
 
     settings = {"seed": args.seed, "block_size": args.block_size, "micro_batch_size": args.micro_batch_size,
                 "num_processes": run.num_processes, "gradient_accumulation_steps": run.accumulation,
-                "max_steps": run.max_steps, "streaming": args.streaming, "tokenizer": run.tokenizer.name}
+                "max_steps": run.max_steps, "streaming": args.streaming, "tokenizer": run.tokenizer.name,
+                "documents_apart": run.documents_apart}
     run.state = TrainState(settings)
     accelerator.register_for_checkpointing(run.state)
     if args.resume is not None:
@@ -696,6 +710,8 @@ def write_training_card(folder: Path, model, args: argparse.Namespace, state: Tr
         "| | |", "|---|---|",
         f"| data | {', '.join(str(d) for d in args.data)} |",
         f"| tokenizer | {args.tokenizer} |",
+        "| documents | " + ("packed apart: each starts from the initial state" if settings.get("documents_apart")
+                            else "run together across blocks") + " |",
         f"| optimizer steps | {state.step} |",
         f"| tokens seen | {state.tokens:,} |",
         f"| global batch | {micro * accumulation * settings['num_processes']} sequences of {settings['block_size']} "

@@ -161,6 +161,49 @@ def _state_mask(attention_mask: Optional[torch.Tensor], batch: int, seq_len: int
     return None if bool(mask.all()) else mask
 
 
+def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: int, mask: Optional[torch.Tensor],
+                     carried: bool) -> Optional[torch.Tensor]:
+    """Where packed documents start, from ``position_ids [batch, seq_len]`` (or ``[1, seq_len]``
+    for every sequence) that count ``0, 1, 2, ...`` within each document, as transformers'
+    ``DataCollatorWithFlattening`` gives them: bool ``[batch, seq_len]``, True at each real token
+    whose position is 0 and before which the sequence holds a state that is not the initial one
+    (an earlier real token, or a ``carried`` cache); None where there is no such token. Without
+    ``position_ids``, None. The value checks (non-negative; +1 from one real token to the
+    next, or 0) wait for the ids, so compiled and exported graphs skip them."""
+    if position_ids is None:
+        return None
+    if not isinstance(position_ids, torch.Tensor):
+        raise TypeError(f"position_ids must be an integer tensor [batch, seq_len], got {type(position_ids).__name__}")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise TypeError("position_ids must be an integer tensor [batch, seq_len] (0 at each packed document's first "
+                        f"token), got dtype {position_ids.dtype}")
+    if position_ids.ndim != 2 or position_ids.shape[1] != seq_len or position_ids.shape[0] not in (1, batch):
+        raise ValueError(f"position_ids must have shape [batch={batch}, seq_len={seq_len}] (or [1, {seq_len}]), "
+                         f"got {tuple(position_ids.shape)}")
+    position_ids = position_ids.expand(batch, seq_len)
+    real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask
+    seen = real.cumsum(dim=1) - real.long()  # real tokens before each position
+    starts = (position_ids == 0) & real & ((seen > 0) if not carried else True)
+    if torch.compiler.is_compiling():
+        return starts
+    # Compare each real token with the real token before it (the padding between is skipped).
+    last_real = torch.cummax(torch.where(real, torch.arange(seq_len, device=real.device), -1), dim=1).values[:, :-1]
+    previous = position_ids.gather(1, last_real.clamp(min=0))  # the id of the last real token before t
+    follows = real[:, 1:] & (last_real >= 0)
+    wrong = follows & (position_ids[:, 1:] != 0) & (position_ids[:, 1:] != previous + 1)
+    negative, miscounted, any_start = torch.stack([(position_ids < 0).any(), wrong.any(), starts.any()]).tolist()
+    if negative:
+        raise ValueError("position_ids must be non-negative (0 at each packed document's first token)")
+    if miscounted:
+        row, column = wrong.nonzero()[0].tolist()
+        raise ValueError(
+            f"position_ids must count up by 1 within a packed document and restart at 0 at the next one (as "
+            f"transformers' DataCollatorWithFlattening gives them); sequence {row} has {position_ids[row, column + 1]} "
+            f"at position {column + 1} after {previous[row, column]}"
+        )
+    return starts if any_start else None
+
+
 class GoomSSMModel(GoomSSMPreTrainedModel):
     """Embedding, residual GOOM-SSM layers and final LayerNorm; outputs hidden states."""
 
@@ -186,14 +229,17 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         self.embeddings = new_embeddings
 
     def run_layers(self, hidden_states: torch.Tensor, states: Optional[list], mask: Optional[torch.Tensor],
-                   output_hidden_states: bool = False, call_layer=None):
+                   output_hidden_states: bool = False, call_layer=None, starts: Optional[torch.Tensor] = None):
         """Every residual layer then the final LayerNorm, without input checks (no host syncs).
 
         Args:
             hidden_states: ``[batch, seq_len, hidden_size]`` embeddings.
             states: per layer, the ``ScaledRows`` state to continue from (or ``None``), or ``None``.
             mask: ``[batch, seq_len]`` bool padding mask, or ``None``.
-            call_layer: ``call_layer(layer, hidden_states, state, mask)`` runs one layer (default: a call).
+            call_layer: ``call_layer(layer, hidden_states, state, mask)`` runs one layer (default: a call;
+                not with ``starts``).
+            starts: ``[batch, seq_len]`` bool, the first token of each packed document (see
+                :func:`_document_starts`), or ``None``.
 
         Returns:
             normalised hidden states, the per-layer states after the last token, and (if asked)
@@ -210,7 +256,7 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
             if call_layer is not None:
                 hidden_states, state = call_layer(layer, hidden_states, state, mask)
             else:
-                hidden_states, state = layer(hidden_states, state, mask, None if plans is None else plans[i])
+                hidden_states, state = layer(hidden_states, state, mask, None if plans is None else plans[i], starts)
             new_states.append(state)
             if output_hidden_states and i < len(self.layers) - 1:
                 all_hidden_states += (hidden_states,)
@@ -229,6 +275,7 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
         past_key_values: Optional[GoomSSMCache] = None,
+        position_ids: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Union[tuple, BaseModelOutputWithPast]:
         """
@@ -240,6 +287,11 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
                 the same argument under transformers' name before 5.24.
             use_cache: return the cache after these tokens (default ``config.use_cache`` in eval mode).
             output_hidden_states: also return the embeddings and every layer's output.
+            position_ids: ``[batch, seq_len]`` (or ``[1, seq_len]``) for packed documents (padding-free
+                training): each document's positions count from 0, as transformers'
+                ``DataCollatorWithFlattening`` gives them, and every layer's state restarts from its
+                initial state at each 0, as if the document were alone (a 0 after a cache's tokens
+                starts afresh too). A model without position embeddings reads nothing else from them.
 
         Returns the last hidden states ``[batch, seq_len, hidden_size]``, the cache under
         :data:`CACHE_NAME` (transformers' name for it in the installed release) and the hidden states.
@@ -266,11 +318,16 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
                 raise TypeError(f"{CACHE_NAME} must be a GoomSSMCache, got {type(cache).__name__}")
             cache.check_compatible(self.config, batch)
         mask = _state_mask(attention_mask, batch, seq_len, cache.get_seq_length() if cache is not None else 0)
+        # A segment of a sequence split over processes (goom_ssm.distributed) follows a carried state too.
+        carried = (cache is not None and cache.get_seq_length() > 0) or any(
+            layer.ssm.sequence_group is not None for layer in self.layers)
+        starts = _document_starts(position_ids, batch, seq_len, mask, carried)
         if cache is None and use_cache:
             cache = GoomSSMCache(self.config, batch)
 
         states = cache.states if cache is not None else None
-        hidden_states, states, all_hidden_states = self.run_layers(inputs_embeds, states, mask, output_hidden_states)
+        hidden_states, states, all_hidden_states = self.run_layers(inputs_embeds, states, mask, output_hidden_states,
+                                                                   starts=starts)
         if cache is not None:
             cache.advance(states, seq_len)
 
@@ -351,6 +408,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         return_dict: Optional[bool] = None,
         logits_to_keep: Union[int, torch.Tensor] = 0,
         past_key_values: Optional[GoomSSMCache] = None,
+        position_ids: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Union[tuple, CausalLMOutputWithPast]:
         """
@@ -358,6 +416,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             labels: ``[batch, seq_len]`` target ids; the loss is the mean cross-entropy of the
                 logits at position ``t`` against ``labels[:, t + 1]`` (shifted inside), ignoring -100.
             logits_to_keep: if a positive int, compute logits only for the last that many positions.
+            position_ids: packed documents, see :meth:`GoomSSMModel.forward`.
             kwargs: only the loss's options (``num_items_in_batch``, as the ``Trainer`` passes it,
                 ``ignore_index``, ``shift_labels``); any other keyword is refused.
             Other arguments: see :meth:`GoomSSMModel.forward`.
@@ -368,7 +427,8 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         _refuse_unknown_kwargs(type(self).__name__, kwargs, _LOSS_KWARGS)
         cache = _cache_argument(cache, past_key_values)
         return_dict = self.config.return_dict if return_dict is None else return_dict
-        decoder = self._cuda_graph_decoder(input_ids, cache, labels, output_hidden_states)
+        decoder = None if position_ids is not None else self._cuda_graph_decoder(input_ids, cache, labels,
+                                                                                  output_hidden_states)
         if decoder is not None:
             logits = self._decode_with_cuda_graph(decoder, input_ids, attention_mask, cache)
             if not return_dict:
@@ -377,6 +437,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
             cache=cache, use_cache=use_cache, output_hidden_states=output_hidden_states, return_dict=True,
+            position_ids=position_ids,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -616,11 +677,13 @@ class GoomSSMForTokenClassification(GoomSSMPreTrainedModel):
         labels: Optional[torch.LongTensor] = None,
         output_hidden_states: Optional[bool] = None,
         return_dict: Optional[bool] = None,
+        position_ids: Optional[torch.LongTensor] = None,
         **kwargs,
     ) -> Union[tuple, TokenClassifierOutput]:
         """
         Args:
-            input_ids, inputs_embeds, attention_mask, output_hidden_states: see :meth:`GoomSSMModel.forward`.
+            input_ids, inputs_embeds, attention_mask, output_hidden_states, position_ids (packed
+                documents): see :meth:`GoomSSMModel.forward`.
             labels: ``[batch, seq_len]`` class ids; the loss is the mean cross-entropy over the
                 positions whose label is not -100 (label padded positions -100).
             kwargs: only the loss's options (``num_items_in_batch``, as the ``Trainer`` passes it,
@@ -633,7 +696,7 @@ class GoomSSMForTokenClassification(GoomSSMPreTrainedModel):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.backbone(
             input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, use_cache=False,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            output_hidden_states=output_hidden_states, return_dict=True, position_ids=position_ids,
         )
         logits = _at_least_float32(self.classifier(self.dropout(outputs.last_hidden_state)))
 

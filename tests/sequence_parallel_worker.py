@@ -37,7 +37,22 @@ def model_and_batch(dtype):
     mask[1, :15] = 0  # left padding past the first segment: that process's rows see no real token
     mask[2, [3, 4, 12, 20, 23]] = 0  # gaps in both segments, one at a segment's start
     mask[3, 12:] = 0  # right padding: the whole second segment
-    return model, input_ids, mask
+    return model, input_ids, mask, packed_positions(mask)
+
+
+def packed_positions(mask):
+    """position_ids of packed documents: counting over the real tokens, 0 at each document's first;
+    row 0 has documents starting at 5 and 14, row 2 one at 13, its second segment's first real token."""
+    starts = {0: (5, 14), 2: (13,)}
+    position_ids = torch.zeros_like(mask)
+    for row in range(mask.shape[0]):
+        count = 0
+        for t in range(mask.shape[1]):
+            if mask[row, t]:
+                count = 0 if t in starts.get(row, ()) else count
+                position_ids[row, t] = count
+                count += 1
+    return position_ids
 
 
 def gradients(model):
@@ -54,22 +69,25 @@ def layers_run(dtype, group, split: bool):
     """The backbone's hidden states and gradients of a fixed linear function of them: the whole
     sequences in one process, or (``split``) this process's segment, gradients summed over the group."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    model, input_ids, mask = model_and_batch(dtype)
+    model, input_ids, mask, position_ids = model_and_batch(dtype)
     weights = torch.randn(BATCH, SEQ_LEN, CONFIG["hidden_size"], generator=torch.Generator().manual_seed(1),
                           dtype=torch.float64).to(DEVICE, dtype)
     segment = slice(rank * SEQ_LEN // size, (rank + 1) * SEQ_LEN // size) if split else slice(None)
     with sequence_parallel(model.backbone, group) if split else nullcontext():
-        hidden = model.backbone(input_ids=input_ids[:, segment], attention_mask=mask[:, segment]).last_hidden_state
+        hidden = model.backbone(input_ids=input_ids[:, segment], attention_mask=mask[:, segment],
+                                position_ids=position_ids[:, segment]).last_hidden_state
         (hidden * weights[:, segment]).sum().backward()
     grads = gradients(model.backbone)
     return hidden.detach(), summed_over(group, grads) if split else grads
 
 
 def check_layers(group):
-    """Hidden states (every state and the carry) and every gradient, with padding in both segments.
-    float64: equal to the whole run's to float64 rounding. float32: as close to the float64 whole
-    run as the float32 whole run is (within a factor 2, as different operations round differently,
-    plus the rounding of the largest value)."""
+    """Hidden states (every state and the carry) and every gradient, with padding in both segments
+    and packed documents (one starting at a segment's first real token).
+    float64: equal to the whole run's to float64 rounding. float32: each tensor's error against the
+    float64 whole run (relative to its largest value) at most twice the largest such error of the
+    float32 whole run over all the tensors, its rounding level (the split rounds in other operations:
+    a tensor's errors differ, the level does not)."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
     segment = slice(rank * SEQ_LEN // size, (rank + 1) * SEQ_LEN // size)
     hidden, grads = layers_run(torch.float64, group, split=False)
@@ -78,18 +96,16 @@ def check_layers(group):
     for name, grad in split_grads.items():
         torch.testing.assert_close(grad, grads[name], **FLOAT64, msg=lambda m: f"gradient of {name}: {m}")
 
-    def error(value, truth):
-        return (value.double() - truth).abs().max().item()
+    def error(value, truth):  # largest error relative to the largest value
+        return ((value.double() - truth).abs().max() / truth.abs().max()).item()
 
     hidden32, grads32 = layers_run(torch.float32, group, split=False)
     split_hidden32, split_grads32 = layers_run(torch.float32, group, split=True)
-    def bound(value32, truth):  # twice the whole float32 run's error, at least the rounding of the largest value
-        return 2 * error(value32, truth) + torch.finfo(torch.float32).eps * truth.abs().max().item()
-
-    assert error(split_hidden32, hidden[:, segment]) <= bound(hidden32[:, segment], hidden[:, segment])
-    for name, truth in grads.items():
-        split_error, limit = error(split_grads32[name], truth), bound(grads32[name], truth)
-        assert split_error <= limit, f"float32 gradient of {name}: error {split_error:.3g}, bound {limit:.3g}"
+    pairs = {"hidden states": (hidden32[:, segment], split_hidden32, hidden[:, segment])}
+    pairs.update({f"gradient of {name}": (grads32[name], split_grads32[name], truth) for name, truth in grads.items()})
+    rounding = max(error(whole, truth) for whole, _, truth in pairs.values())  # the whole float32 run's worst
+    for what, (_, split, truth) in pairs.items():
+        assert error(split, truth) <= 2 * rounding, f"float32 {what}: error {error(split, truth):.3g}, bound {2 * rounding:.3g}"
 
 
 def check_language_model(group, padded: bool):
@@ -97,12 +113,12 @@ def check_language_model(group, padded: bool):
     across the segment boundary and loss. The model computes logits and loss in float32 (a float64
     model's too), so these agree to float32 rounding; padded: labels -100 at padding, the loss
     of each process its share of the mean; else the training loss, whose average over the
-    processes (as DDP and FSDP average gradients) is the whole batch's."""
+    processes (as DDP and FSDP average gradients) is the whole batch's. Padded: packed documents too."""
     rank, size = dist.get_rank(group), dist.get_world_size(group)
-    model, input_ids, mask = model_and_batch(torch.float64)
-    mask = mask if padded else None
+    model, input_ids, mask, position_ids = model_and_batch(torch.float64)
+    mask, position_ids = (mask, position_ids) if padded else (None, None)
     labels = input_ids if mask is None else input_ids.masked_fill(mask == 0, -100)
-    out = model(input_ids=input_ids, attention_mask=mask, labels=labels, use_cache=False)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, labels=labels, use_cache=False)
     out.loss.backward()
     expected = gradients(model)
 
@@ -112,7 +128,8 @@ def check_language_model(group, padded: bool):
     with sequence_parallel(model, group):
         local_mask = None if mask is None else mask[rows]
         if padded:
-            local = model(**split_batch(input_ids[rows], labels[rows], group, attention_mask=local_mask), use_cache=False)
+            local = model(**split_batch(input_ids[rows], labels[rows], group, attention_mask=local_mask,
+                                        position_ids=position_ids[rows]), use_cache=False)
             torch.testing.assert_close(local.logits.detach(), out.logits.detach()[:, segment], **FLOAT32)
             loss, scale = local.loss, 1
         else:

@@ -129,3 +129,30 @@ def test_the_padded_head_equals_the_linear_head(autocast):
     for ours, theirs, want in zip(padded, plain, exact):
         error = lambda t: ((t.double() - want).norm() / want.norm()).item()  # noqa: E731
         assert error(ours) <= 1.5 * error(theirs) + 1e-7
+
+
+@pytest.mark.parametrize("training", [True, False])  # the fused training layer, and the Triton module path
+def test_packed_documents_equal_documents_alone_in_float32(training):
+    """A packed row of 1,023 tokens (documents of 1 to 700 tokens, crossing the kernels'
+    chunk boundaries) against each document alone: hidden states and every parameter's
+    gradient, in float32, as close to the float64 result as the documents alone are."""
+    lengths = [300, 1, 17, 700, 5]
+    model = make_model().train(training)
+    ids = torch.randint(0, 500, (1, sum(lengths)), device="cuda")
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
+    weights = torch.randn(1, sum(lengths), 64, device="cuda", dtype=torch.float64)
+
+    def run(dtype, packed):
+        model.to(dtype).zero_grad()
+        if packed:
+            hidden = model.backbone(ids, position_ids=position_ids).last_hidden_state
+        else:
+            hidden = torch.cat([model.backbone(doc).last_hidden_state for doc in ids.split(lengths, dim=1)], dim=1)
+        (hidden * weights.to(dtype)).sum().backward()
+        return [hidden.detach().double()] + [p.grad.double() for p in model.parameters()]
+
+    exact = run(torch.float64, packed=False)
+    alone, packed = run(torch.float32, packed=False), run(torch.float32, packed=True)
+    error = lambda t, want: ((t - want).norm() / want.norm()).item()  # noqa: E731
+    for name, a, p, want in zip(["hidden"] + [n for n, _ in model.named_parameters()], alone, packed, exact):
+        assert error(p, want) <= 2 * error(a, want) + 1e-7, name

@@ -130,3 +130,39 @@ def test_packed_stream_from_plain_rows():
     flat = [i for r in rows for i in r["input_ids"]]
     assert blocks == [flat[i:i + 4] for i in range(0, 24, 4)]
     assert np.array(blocks).shape == (6, 4)
+
+
+def test_blocks_can_keep_documents_apart(cache_dir):
+    """With the EOS id, each block's position_ids restart at 0 after every EOS (and at the
+    block's start), and each document start after the first token has label -100."""
+    docs = data.load_text_dataset(TEXT, cache_dir=cache_dir)
+    tok = data.ByteTokenizer()
+    tokenized = data.tokenize_dataset(docs, tok, num_proc=1)
+    apart, together = data.PackedBlocks(tokenized, 500, tok.eos_token_id), data.PackedBlocks(tokenized, 500)
+    assert "position_ids" not in together[0]
+    starts_seen = 0
+    for block, plain in zip(apart, together):
+        ids, positions, labels = block["input_ids"], block["position_ids"], block["labels"]
+        assert torch.equal(ids, plain["input_ids"])
+        for t in range(len(ids)):
+            start = t == 0 or ids[t - 1] == tok.eos_token_id
+            assert positions[t] == (0 if start else positions[t - 1] + 1)
+            assert labels[t] == (-100 if start and t > 0 else ids[t])
+            starts_seen += start and t > 0
+    assert starts_seen >= 10
+    streamed = data.PackedStream(tokenized.to_iterable_dataset(), 500, tok.eos_token_id)
+    for a, b in zip(streamed, apart):
+        assert all(torch.equal(a[k], b[k]) for k in ("input_ids", "labels", "position_ids"))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_documents_are_kept_apart_by_default_where_they_are_shorter_than_a_block(cache_dir, streaming):
+    kwargs = dict(cache_dir=cache_dir) if not streaming else dict(streaming=True)
+    # The fixture's paragraphs are 338 bytes long (the median).
+    for block_size, apart in ((1000, True), (64, False)):
+        train, _ = data.build_datasets(TEXT, "bytes", block_size, num_proc=1, **kwargs)
+        assert (train.eos_token_id is not None) == apart
+    for choice in (True, False):
+        train, validation = data.build_datasets(TEXT, "bytes", 64, num_proc=1, pack_documents=choice,
+                                                validation_source=TEXT, **kwargs)
+        assert (train.eos_token_id is not None) == choice and (validation.eos_token_id is not None) == choice

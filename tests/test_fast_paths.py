@@ -135,7 +135,7 @@ def test_the_model_deep_copies_and_pickles_after_generation(device):
     assert torch.equal(generate(model, ids)[0], expected)
 
 
-@pytest.mark.parametrize("name", ["position_ids", "output_attentions", "foo"])
+@pytest.mark.parametrize("name", ["seq_idx", "cu_seq_lens_q", "output_attentions", "foo"])
 def test_forward_refuses_keywords_it_does_not_understand(name):
     model = make_model()
     with pytest.raises(TypeError, match=name):

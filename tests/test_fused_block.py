@@ -4,6 +4,8 @@ Both run the same operations in the same dtypes and order, so outputs, final sta
 every gradient are equal to the bit, in float64, float32 and under bf16 autocast. Without
 a GPU the Triton scan runs in Triton's interpreter (see conftest)."""
 
+import functools
+
 import pytest
 import torch
 
@@ -24,14 +26,22 @@ def outputs_and_gradients(block, forward, x, weights, final_weight):
 
 
 @pytest.mark.parametrize("dtype, autocast", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
-@pytest.mark.parametrize("seq_len", [1, 40, 100])
-def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len):
+@pytest.mark.parametrize("seq_len, packed", [(1, False), (40, False), (100, False), (40, True)])
+def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len, packed):
+    """Also for packed documents (``starts``: one-token documents, and starts on and next to
+    the kernels' chunk boundaries)."""
     torch.manual_seed(seq_len)
     block = GoomSSMBlock(d_emb=32, n_hid=3, d_hid=8, scan_implementation="triton").to(TRITON_DEVICE, dtype)
     x = torch.randn(2, seq_len, 32, dtype=dtype, device=TRITON_DEVICE)
     weights = torch.randn_like(x)
+    starts = None
+    if packed:
+        starts = torch.zeros(2, seq_len, dtype=torch.bool, device=TRITON_DEVICE)
+        starts[0, [3, 4, 5, 16, 31, 32]] = True
+        starts[1, [1, 15, 39]] = True
     results = []
-    for forward in (block._forward_fused, block._forward_modules):
+    for forward in (functools.partial(block._forward_fused, starts=starts),
+                    functools.partial(block._forward_modules, starts=starts)):
         with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16, enabled=autocast):
             results.append(outputs_and_gradients(block, forward, x, weights, final_weight=0.3))
     names = ["out", "final log-scale", "final rows", "x.grad"] + [f"{name}.grad" for name, _ in block.named_parameters()]
@@ -58,6 +68,7 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
         assert not fused(block, x)  # inference: the module path costs no autograd nodes
     assert not fused(block, x, mask=torch.ones(2, 5, dtype=torch.bool, device=TRITON_DEVICE))
     assert not fused(block, x, state=block.ssm.initial_state(2))
+    assert fused(block, x, starts=torch.tensor([[0, 0, 1, 0, 0]] * 2, dtype=torch.bool, device=TRITON_DEVICE))
     handle = block.ssm.register_forward_hook(lambda *args: None)
     assert not fused(block, x)  # a hook must see its module called
     handle.remove()

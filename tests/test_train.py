@@ -120,6 +120,27 @@ def test_loss_decreases_and_final_model_is_saved(tmp_path, cache_dir):
         train_mod.train(args_for(out, cache_dir, "--max-steps", "30"))
 
 
+@pytest.mark.parametrize("pack", [None, "--pack", "--no-pack"])
+def test_documents_are_trained_apart_where_they_are_shorter_than_a_block(tmp_path, cache_dir, capfd, monkeypatch, pack):
+    """Blocks of 512 bytes hold several of the fixture's paragraphs: by default (or with
+    --pack) every forward gets position_ids that restart at each paragraph; --no-pack runs
+    them together. The choice is printed and written into the card."""
+    from goom_ssm.modeling import modeling_goom_ssm
+
+    seen = []
+    document_starts = modeling_goom_ssm._document_starts
+    monkeypatch.setattr(modeling_goom_ssm, "_document_starts",
+                        lambda position_ids, *a: seen.append(position_ids is not None) or document_starts(position_ids, *a))
+    argv = ["--block-size", "512", "--batch-size", "2", "--micro-batch-size", "2", "--max-steps", "4", "--warmup-steps", "2"]
+    out = tmp_path / "run"
+    train_mod.train(args_for(out, cache_dir, *argv, *([pack] if pack else [])))
+    apart = pack != "--no-pack"
+    assert seen and all(s == apart for s in seen)
+    assert ("packed apart" if apart else "run together") in capfd.readouterr().err
+    card = (out / "final" / "README.md").read_text()
+    assert ("| documents | packed apart" if apart else "| documents | run together") in card
+
+
 def test_overwrite_starts_afresh_deleting_only_what_a_run_writes(tmp_path, cache_dir):
     out = tmp_path / "run"
     train_mod.train(args_for(out, cache_dir, "--max-steps", "6", "--save-every", "3"))
