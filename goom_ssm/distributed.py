@@ -89,7 +89,8 @@ def _advance(state: ScaledRows, powers: ScaledRows, steps: torch.Tensor) -> Scal
 def _dropped(state: ScaledRows, drop: torch.Tensor, zero: ScaledRows) -> ScaledRows:
     """``state`` with the zero state where ``drop`` (bool, broadcast against the leading dims)."""
     drop = drop[..., None, None]
-    return ScaledRows(torch.where(drop, zero.log_scale.flatten()[0], state.log_scale), torch.where(drop, 0.0, state.rows))
+    zero_scale = zero.log_scale.flatten()[0]
+    return ScaledRows(torch.where(drop, zero_scale, state.log_scale), torch.where(drop, 0.0, state.rows))
 
 
 def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows], mask: Optional[torch.Tensor],
@@ -124,7 +125,10 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
         seen = mask.long().cumsum(dim=1)  # [batch, T]
         steps = seen[:, -1]
     # Past a document's start, no state from before the segment reaches the states.
-    restarted = torch.zeros(batch, seq_len, dtype=torch.bool, device=Bu.device) if starts is None else starts.cumsum(1) > 0
+    if starts is None:
+        restarted = torch.zeros(batch, seq_len, dtype=torch.bool, device=Bu.device)
+    else:
+        restarted = starts.cumsum(dim=1) > 0
 
     # One gather: [start; end] rows with their log-scales appended (constants, as everywhere).
     # Every process sends its entering state, though only rank 0's is used: so every process's
@@ -160,14 +164,15 @@ def split_batch(input_ids: torch.Tensor, labels: torch.Tensor, group: dist.Proce
     """This process's part of the micro-batches of ``group`` for a causal language model.
 
     The group's processes gather their micro-batches (``input_ids``, ``labels`` and, if
-    given, ``attention_mask`` and ``position_ids`` (packed documents), ``[batch, seq_len]`` on each, ``seq_len`` a multiple of the
-    group's size) into one of ``size * batch`` sequences, and each takes its segment of
-    ``seq_len / size`` tokens of all of them. Labels are shifted before the split (position
-    ``t`` predicts ``labels[t + 1]``, across segment boundaries).
+    given, ``attention_mask`` and the packed documents' ``position_ids``, ``[batch, seq_len]``
+    on each, ``seq_len`` a multiple of the group's size) into one of ``size * batch``
+    sequences, and each takes its segment of ``seq_len / size`` tokens of all of them. Labels
+    are shifted before the split (position ``t`` predicts ``labels[t + 1]``, across segment
+    boundaries).
 
     Returns the model's keyword arguments: the segment's ``input_ids``, ``labels``,
-    ``attention_mask`` and ``position_ids``, ``shift_labels`` (its shifted labels, ``ignore_index`` after each
-    sequence's last token) and ``num_items_in_batch`` (labels other than ``ignore_index`` in
+    ``attention_mask`` and ``position_ids``, ``shift_labels`` (its shifted labels,
+    ``ignore_index`` after each sequence's last token) and ``num_items_in_batch`` (labels other than ``ignore_index`` in
     the group's whole batch), so that the loss is this segment's share of the group's mean.
     """
     rank, size = dist.get_rank(group), dist.get_world_size(group)

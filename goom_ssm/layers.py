@@ -74,7 +74,7 @@ class GoomSSM(nn.Module):
         self.d_inp, self.d_out, self.n_hid, self.d_hid = d_inp, d_out, n_hid, d_hid
         self.scan_implementation, self.chunk_size = scan_implementation, chunk_size
         self.init_state_range, self.transition_init_gain = init_state_range, transition_init_gain
-        self.sequence_group = None  # a process group whose processes hold segments of the sequences (see goom_ssm.distributed)
+        self.sequence_group = None  # processes holding segments of the sequences (see goom_ssm.distributed)
         self.init_states = nn.Parameter(torch.empty(n_hid, d_hid))
         self.A = nn.Parameter(torch.empty(d_hid, d_hid))
         self.B = nn.Parameter(torch.empty(d_inp, n_hid * d_hid))

@@ -377,7 +377,8 @@ def _set_up(args: argparse.Namespace) -> Run:
         accumulation = args.batch_size // per_step
     fsdp_plugin = _fsdp_plugin()
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin, log_with=report_to or None, project_dir=str(output_dir),
+        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin, log_with=report_to or None,
+        project_dir=str(output_dir),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
@@ -436,7 +437,8 @@ def _sequence_group(args, num_processes: int):
     if num_processes % size:
         raise ValueError(f"--sequence-parallel {size} does not divide the {num_processes} processes")
     if args.block_size % size:
-        raise ValueError(f"--block-size {args.block_size} does not split into {size} equal segments (--sequence-parallel)")
+        raise ValueError(f"--block-size {args.block_size} does not split into {size} equal segments "
+                         f"(--sequence-parallel)")
     group, _ = torch.distributed.new_subgroups(group_size=size)
     return group
 

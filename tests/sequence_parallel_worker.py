@@ -18,7 +18,8 @@ from goom_ssm.distributed import sequence_parallel, sequence_parallel_loss, spli
 from goom_ssm.modeling import GoomSSMConfig, GoomSSMForCausalLM
 
 # 2 layers, 2 heads of 4 features; segments of 12 tokens in chunks of 4 (two levels of the chunked scan).
-DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if sys.argv[1:] == ["cuda"] else torch.device("cpu")
+CUDA = sys.argv[1:] == ["cuda"]
+DEVICE = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if CUDA else torch.device("cpu")
 CONFIG = dict(vocab_size=37, hidden_size=16, num_hidden_layers=2, num_state_heads=2, state_size=4,
               scan_chunk_size=4, scan_implementation="triton" if DEVICE.type == "cuda" else "chunked")
 BATCH, SEQ_LEN = 4, 24
@@ -105,7 +106,7 @@ def check_layers(group):
     pairs.update({f"gradient of {name}": (grads32[name], split_grads32[name], truth) for name, truth in grads.items()})
     rounding = max(error(whole, truth) for whole, _, truth in pairs.values())  # the whole float32 run's worst
     for what, (_, split, truth) in pairs.items():
-        assert error(split, truth) <= 2 * rounding, f"float32 {what}: error {error(split, truth):.3g}, bound {2 * rounding:.3g}"
+        assert error(split, truth) <= 2 * rounding, f"float32 {what}: {error(split, truth):.3g} > 2 x {rounding:.3g}"
 
 
 def check_language_model(group, padded: bool):
@@ -136,7 +137,8 @@ def check_language_model(group, padded: bool):
             loss, scale = sequence_parallel_loss(model, input_ids[rows], labels[rows], group), size
         loss.backward()
     tol = FLOAT32
-    torch.testing.assert_close(summed_over(group, {"loss": loss.detach().clone()})["loss"] / scale, out.loss.detach(), **tol)
+    loss = summed_over(group, {"loss": loss.detach().clone()})["loss"]
+    torch.testing.assert_close(loss / scale, out.loss.detach(), **tol)
     for name, grad in summed_over(group, gradients(model)).items():
         torch.testing.assert_close(grad / scale, expected[name], **tol, msg=lambda m: f"gradient of {name}: {m}")
 
