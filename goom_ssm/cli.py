@@ -147,6 +147,13 @@ def _export_original(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _export_checkpoint(args: argparse.Namespace) -> None:
+    from .train import export_checkpoint
+
+    out = export_checkpoint(args.checkpoint, args.out_dir, overwrite=args.overwrite)
+    print(f"wrote {out} (load it with AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+
+
 def _push(args: argparse.Namespace) -> None:
     from .hub import push_folder
 
@@ -239,6 +246,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     run.add_argument("--eval-batches", type=int, default=50, help="micro-batches per evaluation")
     run.add_argument("--report-to", default="tensorboard", help="accelerate trackers, comma-separated, or 'none'")
     run.add_argument("--cpu", action="store_true", help="train on the CPU even if a GPU is available")
+    run.add_argument("--sequence-parallel", type=int, default=1, metavar="N",
+                     help="split each sequence over N processes (consecutive ranks; they gather their micro-batches "
+                          "and each takes 1/N of every sequence; --block-size a multiple of N)")
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--deterministic", action="store_true", help="torch.use_deterministic_algorithms(True)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -270,6 +280,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("out_file", help="checkpoint file to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing out_file")
     export.set_defaults(run=_export_original)
+
+    export_ckpt = commands.add_parser("export-checkpoint",
+                                      help="write a training checkpoint (data parallel or FSDP-sharded) as a model folder")
+    export_ckpt.add_argument("checkpoint", help="a checkpoint-N folder written by goom-ssm train")
+    export_ckpt.add_argument("out_dir", help="folder to write (save_pretrained; must be empty or absent unless --overwrite)")
+    export_ckpt.add_argument("--overwrite", action="store_true", help="replace a non-empty out_dir")
+    export_ckpt.set_defaults(run=_export_checkpoint)
 
     push = commands.add_parser("push", help="upload a model folder to the Hugging Face Hub, with self-contained remote code")
     push.add_argument("model_dir", help="folder with config.json, model.safetensors, generation_config.json (tokenizer, README)")

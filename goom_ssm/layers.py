@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .constants import SCAN_IMPLEMENTATIONS, STATE_OUTPUT_LOG_SCALE
+from .distributed import sequence_parallel_states
 from .fused_block import FusedBlock
 from .scan import (ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, is_dynamic_length, reset_inputs,
                    scan_step, split_plan, stepwise_scan)
@@ -73,6 +74,7 @@ class GoomSSM(nn.Module):
         self.d_inp, self.d_out, self.n_hid, self.d_hid = d_inp, d_out, n_hid, d_hid
         self.scan_implementation, self.chunk_size = scan_implementation, chunk_size
         self.init_state_range, self.transition_init_gain = init_state_range, transition_init_gain
+        self.sequence_group = None  # processes holding segments of the sequences (see goom_ssm.distributed)
         self.init_states = nn.Parameter(torch.empty(n_hid, d_hid))
         self.A = nn.Parameter(torch.empty(d_hid, d_hid))
         self.B = nn.Parameter(torch.empty(d_inp, n_hid * d_hid))
@@ -124,13 +126,19 @@ class GoomSSM(nn.Module):
 
         Traced by ``torch.export`` with a dynamic ``seq_len``, every implementation runs
         :func:`~goom_ssm.scan.stepwise_scan`: one graph (a loop) for every length.
+
+        With ``sequence_group`` set (:func:`goom_ssm.distributed.set_sequence_group`), ``u`` is
+        this process's segment of sequences split over that group's processes, ``state`` the
+        state entering the whole sequences, and the final state the end of this segment.
         """
         batch, seq_len, _ = u.shape
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
             if starts is not None:
                 Bu = reset_inputs(Bu, starts, self.init_states, self.A.to(self.state_dtype))
-            if is_dynamic_length(seq_len):
+            if self.sequence_group is not None:
+                states = sequence_parallel_states(self, Bu, state, mask, chunk_plan, starts)
+            elif is_dynamic_length(seq_len):
                 state = self.initial_state(batch) if state is None else state
                 states = stepwise_scan(Bu.to(self.state_dtype), self.A.to(self.state_dtype), state, resets=starts,
                                        mask=mask)
@@ -244,10 +252,12 @@ class GoomSSMBlock(GradientCheckpointingLayer):
     def _trains_fused(self, hidden_states: torch.Tensor) -> bool:
         """Whether this call can run as one :class:`~goom_ssm.fused_block.FusedBlock` node: a
         training step in eager mode with the Triton scan, float32 or float64 throughout, and
-        plain submodules (:func:`is_plain`, which the fused node would otherwise bypass)."""
+        plain submodules (:func:`is_plain`, which the fused node would otherwise bypass); not
+        with sequence parallelism (the module path runs its segment scan and carry)."""
         params = list(self.parameters())
         return (
             torch.is_grad_enabled() and not torch.compiler.is_compiling() and is_plain(self)
+            and self.ssm.sequence_group is None
             and self.norm.elementwise_affine and self.norm.bias is not None and self.out_proj.bias is None
             and self.ssm.resolved_scan(hidden_states) == "triton"
             and hidden_states.dtype in (torch.float32, torch.float64)

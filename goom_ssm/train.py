@@ -43,6 +43,7 @@ from .constants import GPT2_VOCAB_SIZE
 from .folders import move_into_place
 
 CHECKPOINT_PREFIX = "checkpoint-"
+CHECKPOINT_TOKENIZER_DIR = "tokenizer"  # the tokenizer's files in a checkpoint
 FINAL_DIR = "final"
 LOG_FILE = "train_log.jsonl"
 TRACKER_PROJECT = "goom-ssm"  # accelerate's trackers log under OUTPUT_DIR/goom-ssm
@@ -189,9 +190,11 @@ def _without_tied_weights(models, weights, output_dir) -> None:
                 del state[target]
 
 
-def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int]) -> Path:
-    """``save_state`` (tied weights stored once) into a temporary folder, then rename it to
-    ``checkpoint-{step}``."""
+def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[int], model_config=None,
+                       tokenizer=None) -> Path:
+    """``save_state`` (tied weights stored once) into a temporary folder, with the model's
+    ``config.json`` and the tokenizer's files in ``tokenizer/`` (so that :func:`export_checkpoint`
+    converts it on its own), then rename it to ``checkpoint-{step}``."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".tmp-{CHECKPOINT_PREFIX}{step}"
     if accelerator.is_main_process and tmp.exists():
@@ -204,6 +207,11 @@ def _atomic_save_state(accelerator, output_dir: Path, step: int, keep: Optional[
         handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if model_config is not None:
+            model_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            (tmp / CHECKPOINT_TOKENIZER_DIR).mkdir()
+            tokenizer.save_pretrained(tmp / CHECKPOINT_TOKENIZER_DIR)
         move_into_place(tmp, final)  # an older run's checkpoint of this step is replaced only now
         if keep:
             for old in list_checkpoints(output_dir)[:-keep]:
@@ -240,16 +248,30 @@ def _tracker_config(args) -> dict:
             if k != "run"}
 
 
+def micro_batch_loss(model, batch: dict, sequence_group=None) -> torch.Tensor:
+    """The loss of one micro-batch on this process: the model's mean loss, or with sequence
+    parallelism (``sequence_group``) this process's scaled share of its group's
+    (:func:`goom_ssm.distributed.sequence_parallel_loss`); averaged over the processes, either
+    gives the mean loss of the processes' micro-batches."""
+    if sequence_group is not None:
+        from .distributed import sequence_parallel_loss
+
+        return sequence_parallel_loss(model, batch["input_ids"], batch["labels"], sequence_group,
+                                      position_ids=batch.get("position_ids"))
+    return model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
+                 use_cache=False).loss
+
+
 @torch.no_grad()
-def evaluate(model, loader, accelerator, max_batches: int) -> float:
-    """Mean loss over up to ``max_batches`` micro-batches of each process, averaged over processes."""
+def evaluate(model, loader, accelerator, max_batches: int, sequence_group=None) -> float:
+    """Mean loss over up to ``max_batches`` micro-batches of each process, averaged over processes
+    (``sequence_group``: see :func:`micro_batch_loss`)."""
     model.eval()
     total, count = torch.zeros((), device=accelerator.device), 0
     for i, batch in enumerate(loader):
         if i >= max_batches:
             break
-        total += model(input_ids=batch["input_ids"], labels=batch["labels"], position_ids=batch.get("position_ids"),
-                       use_cache=False).loss.float()
+        total += micro_batch_loss(model, batch, sequence_group).float()
         count += 1
     model.train()
     mean = accelerator.reduce(total / max(count, 1), reduction="mean")
@@ -269,6 +291,7 @@ class Run:
     num_processes: int
     accumulation: int  # micro-batches per optimizer step and process
     checkpoints: list[Path]  # complete checkpoints in the output folder at the start
+    sequence_group: object = None  # with --sequence-parallel: this process's group (torch.distributed)
     tokenizer: object = None
     documents_apart: bool = False  # blocks carry position_ids that restart at each document
     train_loader: object = None
@@ -290,8 +313,12 @@ class Run:
         return self.accelerator.is_main_process
 
     def save_checkpoint(self) -> None:
-        _atomic_save_state(self.accelerator, self.output_dir, self.state.step, self.args.keep_checkpoints)
+        _atomic_save_state(self.accelerator, self.output_dir, self.state.step, self.args.keep_checkpoints,
+                           self.accelerator.unwrap_model(self.model).config, self.tokenizer)
         self.last_saved = self.state.step
+
+    def evaluate(self) -> float:
+        return evaluate(self.model, self.val_loader, self.accelerator, self.args.eval_batches, self.sequence_group)
 
     def log(self, values: dict) -> None:
         if self.report_to:
@@ -318,7 +345,7 @@ def _set_up(args: argparse.Namespace) -> Run:
     """The accelerator (processes, mixed precision, gradient accumulation, trackers), after
     refusing to mix a new run into an old one (or clearing the old one with ``--overwrite``)."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import GradientAccumulationPlugin, set_seed
+    from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
 
     output_dir = Path(args.output_dir)
     if args.deterministic:
@@ -348,12 +375,19 @@ def _set_up(args: argparse.Namespace) -> Run:
             raise ValueError(f"--batch-size {args.batch_size} is not a multiple of --micro-batch-size x processes "
                              f"= {args.micro_batch_size} x {num_processes}")
         accumulation = args.batch_size // per_step
+    fsdp_plugin = _fsdp_plugin()
     accelerator = Accelerator(
-        cpu=cpu, mixed_precision=mixed_precision, log_with=report_to or None, project_dir=str(output_dir),
+        cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin, log_with=report_to or None,
+        project_dir=str(output_dir),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
     )
+    if fsdp_plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
+        raise ValueError(f"accelerate runs FSDP on GPUs only; here ({accelerator.distributed_type.value}) this FSDP "
+                         f"configuration would train without sharding: on CPU, launch without it (accelerate launch "
+                         f"--multi_gpu --num_processes N ... --cpu) for data parallelism")
     set_seed(args.seed)
+    sequence_group = _sequence_group(args, num_processes)
 
     if args.overwrite and args.resume is not None:
         raise ValueError("--overwrite (start afresh) and --resume (continue) exclude each other")
@@ -368,7 +402,45 @@ def _set_up(args: argparse.Namespace) -> Run:
         accelerator.wait_for_everyone()
         checkpoints = []
     return Run(args=args, accelerator=accelerator, report_to=report_to, num_processes=num_processes,
-               accumulation=accumulation, checkpoints=checkpoints)
+               accumulation=accumulation, checkpoints=checkpoints, sequence_group=sequence_group)
+
+
+def _fsdp_plugin():
+    """Under an accelerate FSDP configuration (``accelerate launch --config_file
+    examples/accelerate/fsdp2.yaml``), its plugin with the parameters gathered and the
+    gradients reduced in float32: with ``--mixed-precision`` bf16 or fp16, autocast runs the
+    projections in half precision as without FSDP, and the transition matrix ``A`` and the
+    GOOM states stay float32 (accelerate's default policy would gather every parameter in
+    half precision). The rest of the plugin (version, wrapping, state dict type) is the
+    configuration's. None without FSDP."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()
+    if plugin.fsdp_version == 2:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
+    return plugin
+
+
+def _sequence_group(args, num_processes: int):
+    """With ``--sequence-parallel N`` (N > 1), this process's group of N consecutive ranks
+    (``torch.distributed.new_subgroups``), which split each sequence of their micro-batches
+    between them; else None."""
+    size = args.sequence_parallel
+    if size < 1:
+        raise ValueError(f"--sequence-parallel must be at least 1, got {size}")
+    if size == 1:
+        return None
+    if num_processes % size:
+        raise ValueError(f"--sequence-parallel {size} does not divide the {num_processes} processes")
+    if args.block_size % size:
+        raise ValueError(f"--block-size {args.block_size} does not split into {size} equal segments "
+                         f"(--sequence-parallel)")
+    group, _ = torch.distributed.new_subgroups(group_size=size)
+    return group
 
 
 def _load_data(run: Run) -> None:
@@ -421,6 +493,10 @@ def _build_model_and_optimizer(run: Run) -> None:
     restored from a checkpoint with ``--resume``."""
     args, accelerator = run.args, run.accelerator
     model = build_model(args, run.tokenizer)
+    if run.sequence_group is not None:
+        from .distributed import set_sequence_group
+
+        set_sequence_group(model, run.sequence_group)
     optimizer, scheduler = build_optimizer_and_schedule(model, args, run.max_steps)
     run.model, run.optimizer, run.train_loader, run.scheduler = accelerator.prepare(
         model, optimizer, run.train_loader, scheduler)
@@ -476,8 +552,7 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
                   if state.batches_in_epoch else run.train_loader)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = model(input_ids=batch["input_ids"], labels=batch["labels"],
-                             position_ids=batch.get("position_ids"), use_cache=False).loss
+                loss = micro_batch_loss(model, batch, run.sequence_group)
                 accelerator.backward(loss)
                 step_loss += loss.detach().float()
                 grad_norm = None
@@ -512,7 +587,7 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
             if state.step % args.log_every == 0 or state.step == stop_at:
                 run.log({f"train/{k}": v for k, v in record.items() if k != "step"})
             if run.val_loader is not None and args.eval_every and state.step % args.eval_every == 0:
-                eval_loss = evaluate(model, run.val_loader, accelerator, args.eval_batches)
+                eval_loss = run.evaluate()
                 run.log({"eval/loss": eval_loss})
             if args.save_every and state.step % args.save_every == 0:
                 run.save_checkpoint()
@@ -542,7 +617,7 @@ def _finish(run: Run, tokens_per_second: float, eval_loss: Optional[float]) -> t
     final_dir = None
     if state.step >= run.max_steps:
         if run.val_loader is not None:
-            eval_loss = evaluate(run.model, run.val_loader, accelerator, run.args.eval_batches)
+            eval_loss = run.evaluate()
             run.log({"eval/loss": eval_loss})
         final_dir = run.output_dir / FINAL_DIR
         tmp = run.output_dir / f".tmp-{FINAL_DIR}"
@@ -564,6 +639,62 @@ def _finish(run: Run, tokens_per_second: float, eval_loss: Optional[float]) -> t
         print(message + (f"; wrote {final_dir}" if final_dir else f"; stopped at step {state.step}"), file=sys.stderr)
     accelerator.end_training()
     return final_dir, eval_loss
+
+
+def export_checkpoint(checkpoint, out_dir, overwrite: bool = False) -> Path:
+    """A ``save_pretrained`` folder (config, weights, tokenizer files) from a training
+    checkpoint: a data-parallel one (``model.safetensors``) or an FSDP one with sharded state
+    dicts (``pytorch_model_fsdp_0/``, torch.distributed.checkpoint files, read in this one
+    process with torch's ``dcp_to_torch_save``). ``out_dir`` must be absent or empty unless
+    ``overwrite``; it is written whole or not at all."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from . import modeling  # noqa: F401  (registers the model with the Auto classes)
+
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a checkpoint of goom-ssm train (it has no config.json)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace it")
+    sharded = checkpoint / "pytorch_model_fsdp_0"
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        if sharded.is_dir():
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(checkpoint))
+            _load_sharded_weights(model, sharded, tmp / "merged.pt")
+        elif (checkpoint / "model.safetensors").is_file():
+            model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        else:
+            raise FileNotFoundError(f"{checkpoint} holds no model weights (model.safetensors or pytorch_model_fsdp_0/)")
+        model.save_pretrained(tmp)
+        if (checkpoint / CHECKPOINT_TOKENIZER_DIR).is_dir():
+            for path in (checkpoint / CHECKPOINT_TOKENIZER_DIR).iterdir():
+                shutil.copy(path, tmp / path.name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return move_into_place(tmp, out_dir)
+
+
+def _load_sharded_weights(model, folder: Path, scratch: Path) -> None:
+    """Load into ``model`` the weights that accelerate's FSDP ``save_state`` wrote to ``folder``
+    (torch.distributed.checkpoint files of ``{"model": state dict}``), through the single file
+    ``scratch`` (deleted after). Every parameter must be there (the tied head may be left out)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(folder, scratch)
+    try:
+        state = torch.load(scratch, weights_only=True)["model"]
+    finally:
+        scratch.unlink()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = set(missing) - set(model.all_tied_weights_keys)
+    if missing or unexpected:
+        raise ValueError(f"{folder} does not hold this model's weights (missing {sorted(missing)}, "
+                         f"unexpected {sorted(unexpected)})")
+    model.tie_weights()
 
 
 def write_training_card(folder: Path, model, args: argparse.Namespace, state: TrainState, mixed_precision: str,

@@ -317,7 +317,9 @@ class GoomSSMModel(GoomSSMPreTrainedModel):
                 raise TypeError(f"{CACHE_NAME} must be a GoomSSMCache, got {type(cache).__name__}")
             cache.check_compatible(self.config, batch)
         mask = _state_mask(attention_mask, batch, seq_len, cache.get_seq_length() if cache is not None else 0)
-        carried = cache is not None and cache.get_seq_length() > 0
+        # A segment of a sequence split over processes (goom_ssm.distributed) follows a carried state too.
+        carried = (cache is not None and cache.get_seq_length() > 0) or (position_ids is not None and any(
+            m.sequence_group is not None for m in self.modules() if isinstance(m, GoomSSM)))
         starts = _document_starts(position_ids, batch, seq_len, mask, carried)
         if cache is None and use_cache:
             cache = GoomSSMCache(self.config, batch)

@@ -182,8 +182,17 @@ def test_checkpoints_are_written_atomically(tmp_path, cache_dir, monkeypatch):
     assert [p.name for p in train_mod.list_checkpoints(out)] == ["checkpoint-4", "checkpoint-6"]
     for ckpt in train_mod.list_checkpoints(out):
         names = {p.name for p in ckpt.iterdir()}
-        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl"} <= names
+        assert {"model.safetensors", "optimizer.bin", "scheduler.bin", "custom_checkpoint_0.pkl", "config.json"} <= names
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+    # a checkpoint converts on its own to a save_pretrained folder: the last one is the final model
+    exported = train_mod.export_checkpoint(out / "checkpoint-6", tmp_path / "exported")
+    weights = final_state(out)
+    from safetensors.torch import load_file
+
+    assert load_file(str(exported / "model.safetensors")).keys() == weights.keys()
+    assert all(torch.equal(load_file(str(exported / "model.safetensors"))[k], v) for k, v in weights.items())
+    with pytest.raises(FileExistsError, match="not empty"):
+        train_mod.export_checkpoint(out / "checkpoint-6", tmp_path / "exported")
 
     # A save that dies half-way leaves no folder named checkpoint-*.
     real_save_state = Accelerator.save_state
@@ -288,3 +297,52 @@ def test_multiprocess_launch_writes_the_final_model(tmp_path, cache_dir):
                                                                                      "random_states_1.pkl"}
     log = log_of(out)
     assert len(log) == 6 and log[-1]["tokens"] == 6 * 8 * 64
+
+
+def test_sequence_parallel_training_equals_one_process(tmp_path, cache_dir):
+    """``--sequence-parallel 2``: two CPU processes (gloo) split every sequence of their gathered
+    micro-batches of 2 (each a 32-token half of 4 sequences of 64); one process trains on the same
+    micro-batches of 4 whole. Losses and final parameters agree to float32 rounding. About 20 s."""
+    out = tmp_path / "sp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_DATASETS_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--main_process_port", str(free_port())]
+    common = ["--data", str(TEXT), "--tokenizer", "bytes", "--block-size", "64", *TINY, "--batch-size", "8",
+              "--max-steps", "4", "--warmup-steps", "2", "--lr", "3e-3", "--save-every", "0", "--num-proc", "1",
+              "--cache-dir", cache_dir, "--no-progress", "--report-to", "none", "--deterministic"]
+    cmd = [*launcher, "-m", "goom_ssm", "train", *common, "--micro-batch-size", "2", "--output-dir", str(out), "--cpu",
+           "--sequence-parallel", "2"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=90)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    train_mod.train(parse_args(["train", *common, "--micro-batch-size", "4", "--output-dir", str(tmp_path / "one")]))
+
+    split, whole = log_of(out), log_of(tmp_path / "one")
+    assert [r["tokens"] for r in split] == [r["tokens"] for r in whole]
+    for a, b in zip(split, whole):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    pa, pb = final_state(out), final_state(tmp_path / "one")
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        torch.testing.assert_close(pa[name], pb[name], msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp_configuration_gathers_parameters_in_float32(monkeypatch, tmp_path, cache_dir):
+    """Under accelerate's FSDP2 configuration (its environment, as accelerate launch sets it from
+    examples/accelerate/fsdp2.yaml) the plugin keeps the configuration's settings, and gathers
+    parameters and reduces gradients in float32 (A and the GOOM states stay float32; autocast
+    runs the projections in half precision), also after accelerate applies --mixed-precision.
+    accelerate runs FSDP on GPUs only: on CPU the trainer refuses the configuration."""
+    assert train_mod._fsdp_plugin() is None
+    for key, value in {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+                       "FSDP_TRANSFORMER_CLS_TO_WRAP": "GoomSSMBlock", "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT"}.items():
+        monkeypatch.setenv(key, value)
+    plugin = train_mod._fsdp_plugin()
+    plugin.set_mixed_precision("bf16")  # what accelerate's state does with --mixed-precision bf16
+    policy = plugin.mixed_precision_policy
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["GoomSSMBlock"]
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT"
+    assert policy.param_dtype == torch.float32 and policy.reduce_dtype == torch.float32
+    if not torch.cuda.is_available():  # where accelerate would fall back to training unsharded, the trainer refuses
+        with pytest.raises(ValueError, match="FSDP on GPUs only"):
+            train_mod.train(args_for(tmp_path / "run", cache_dir, "--max-steps", "4"))
