@@ -14,7 +14,7 @@ from .modeling import GoomSSMConfig
 
 __version__ = "0.1.0"
 
-SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "goom-ssm-shakespeare-14m"
+SHIPPED_MODEL_DIR = Path(__file__).resolve().parent / "pretrained" / "goom-ssm-english-15m"
 """The model folder shipped with the package (14M parameters, trained on Shakespeare, with its
 GPT-2 tokenizer files): ``AutoModelForCausalLM.from_pretrained(goom_ssm.SHIPPED_MODEL_DIR)``."""
 
