@@ -16,7 +16,9 @@ design); ``<chunk>``: scan_chunk_size, which only the chunked scan reads), ``gla
 ``gdn[:compile]`` (fla's GLA and Gated DeltaNet at GPT-2's width and depth, head tied to the
 embedding as GPT-2's: ~124M and ~131M parameters; need the ``fla`` package and CUDA: their rows
 are skipped, with the reason, elsewhere); ``compile``: training through
-``torch.compile(model, fullgraph=True)``. ``--tiny`` builds every model at a tiny size (the
+``torch.compile(model, fullgraph=True)``; ``graph`` (train section, CUDA): the whole step
+captured as one CUDA graph (:class:`goom_ssm.graphed_step.GraphedTrainingStep`, AdamW with
+``capturable=True``; the other rows use the fused AdamW). ``--tiny`` builds every model at a tiny size (the
 CPU test of this script).
 
 Sections:
@@ -130,18 +132,28 @@ def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
     """(tokens/s, parameters, peak GiB) of training steps, or (None, None, None) out of memory."""
     cleanup(device)
     model = build(name, device, tiny, positions=seq_len).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
+    graphed = "graph" in name.split(":")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4,
+                                  **({"capturable": True} if graphed else {"fused": device == "cuda"}))
     # GPT-2's loss in transformers logs (a graph break), so only GOOM-SSM is compiled whole.
     compiled = torch.compile(model, fullgraph=name.startswith("goom")) if "compile" in name.split(":") else None
     step_model = model if compiled is None else compiled
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
 
-    def step():
-        with torch.autocast(device, dtype=dtype):
-            loss = step_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    if graphed:
+        from goom_ssm.graphed_step import GraphedTrainingStep
+
+        graphed_step = GraphedTrainingStep(model, optimizer, autocast_dtype=dtype)
+
+        def step():
+            graphed_step(ids, ids)
+    else:
+        def step():
+            with torch.autocast(device, dtype=dtype):
+                loss = step_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
 
     try:
         seconds = time_it(step, warmup=2, steps=steps, device=device)

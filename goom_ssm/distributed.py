@@ -104,8 +104,8 @@ def sequence_parallel_states(ssm, Bu: torch.Tensor, state: Optional[ScaledRows],
         state: the state entering the whole sequence (used from rank 0; None: ``init_states``).
         mask: ``[batch, T]`` bool (True = real token) of this segment, or None.
         chunk_plan: the chunked scan's plan for ``T`` steps, if computed already.
-        starts: ``[batch, T]`` bool, the first tokens of packed documents in this segment (their
-            inputs already hold ``init_states A``, :func:`~goom_ssm.scan.reset_inputs`), or None.
+        starts: ``[batch, T]`` bool, the first tokens of packed documents in this segment (the
+            state restarts from ``init_states`` there), or None.
 
     Returns ``ScaledRows`` (log-scale ``[batch, T, n, 1]``, rows ``[batch, T, n, d]``) in the
     layer's state dtype.

@@ -21,8 +21,7 @@ tests hold it equal to.
 import torch
 import torch.nn.functional as F
 
-from .scan import reset_inputs
-from .triton_scan import default_steps_per_program, kernel_resets, scan_backward, scan_forward
+from .triton_scan import default_steps_per_program, kernel_resets, kernel_restart, scan_backward, scan_forward
 
 
 class FusedBlock(torch.autograd.Function):
@@ -32,8 +31,8 @@ class FusedBlock(torch.autograd.Function):
     ``x [batch, seq_len, d_emb]`` and every parameter in one dtype (float32 or float64; the
     states are computed in it); ``compute_dtype``: the dtype of the matrix products (autocast's,
     or the parameters'); ``starts [batch, seq_len]`` (bool) or None: the first token of each
-    packed document, as in :meth:`goom_ssm.layers.GoomSSM.forward` (the scan's input there is
-    :func:`~goom_ssm.scan.reset_inputs`'s, in the states' dtype). The final log-scale is a constant, as everywhere
+    packed document, where the state restarts from ``init_states``, as in
+    :meth:`goom_ssm.layers.GoomSSM.forward`. The final log-scale is a constant, as everywhere
     in this package.
     """
 
@@ -47,19 +46,17 @@ class FusedBlock(torch.autograd.Function):
         B_c, D_c, out_weight_c = B.to(compute_dtype), D.to(compute_dtype), out_weight.to(compute_dtype)
         C_c = (state_output_scale * C).to(compute_dtype)
         Bu = h.mm(B_c).view(batch, seq_len, n, d)
-        if starts is not None:
-            Bu = reset_inputs(Bu, starts, init_states, A)
-        resets = kernel_resets(starts, Bu)
+        resets, restart = kernel_resets(starts, Bu), kernel_restart(None if starts is None else init_states, A)
         shared = A.new_empty(0)  # no log-scales: init_states are plain rows shared by the batch
         chunk_len = default_steps_per_program(seq_len)
-        log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len, resets)
+        log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len, resets, restart)
         rows_c = rows.view(batch * seq_len, n * d).to(compute_dtype)
         y = rows_c.mm(C_c) + h.mm(D_c)
         glu = F.glu(y, dim=-1)
         out = x + glu.mm(out_weight_c.t()).view(batch, seq_len, d_emb)
 
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
-                              init_states, log_scale, rows, rows_c, y, glu, resets)
+                              init_states, log_scale, rows, rows_c, y, glu, resets, restart)
         ctx.state_output_scale, ctx.chunk_len, ctx.Bu_dtype = state_output_scale, chunk_len, Bu.dtype
         final_log_scale = log_scale[:, -1]
         ctx.mark_non_differentiable(final_log_scale)
@@ -69,7 +66,7 @@ class FusedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _, grad_final_rows):
         (x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared, init_states, log_scale,
-         rows, rows_c, y, glu, resets) = ctx.saved_tensors
+         rows, rows_c, y, glu, resets, restart) = ctx.saved_tensors
         batch, seq_len, d_emb = x.shape
         if grad_out is None:  # only the final state was used
             grad_out = torch.zeros_like(x)
@@ -83,12 +80,10 @@ class FusedBlock(torch.autograd.Function):
         if grad_final_rows is not None:
             grad_rows[:, -1] += grad_final_rows
         grad_D = h.t().mm(grad_y).to(x.dtype)
-        grad_Bu, grad_A, grad_init = scan_backward(grad_rows, A, shared, init_states, log_scale, rows, ctx.chunk_len,
-                                                   ctx.Bu_dtype, resets)
-        if resets.numel():  # reset_inputs added init_states A at the starts
-            grad_starts = (grad_Bu * resets[:, :, None, None]).sum(dim=(0, 1))  # [n, d]
-            grad_init = grad_init + grad_starts.mm(A.t())
-            grad_A = grad_A + init_states.t().mm(grad_starts)
+        grad_Bu, grad_A, grad_init, grad_restart = scan_backward(grad_rows, A, shared, init_states, log_scale, rows,
+                                                                 ctx.chunk_len, ctx.Bu_dtype, resets, restart)
+        if grad_restart.numel():  # init_states are the restart rows too
+            grad_init = grad_init + grad_restart
         grad_Bu = grad_Bu.to(h.dtype).view(batch * seq_len, -1)
         grad_B = h.t().mm(grad_Bu).to(x.dtype)
         grad_h = grad_y.mm(D_c.t()).to(x.dtype) + grad_Bu.mm(B_c.t()).to(x.dtype)

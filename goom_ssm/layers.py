@@ -40,7 +40,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from .constants import SCAN_IMPLEMENTATIONS, STATE_OUTPUT_LOG_SCALE
 from .distributed import sequence_parallel_states
 from .fused_block import FusedBlock
-from .scan import (ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, is_dynamic_length, reset_inputs,
+from .scan import (ScaledRows, chunk_plan, chunked_scan, goom_prefix_scan, initial_rows, is_dynamic_length,
                    scan_step, split_plan, stepwise_scan)
 from .triton_common import HAS_TRITON, compute_dtype
 from .triton_decode import decode_step
@@ -119,8 +119,8 @@ class GoomSSM(nn.Module):
         masked position an identity step: the state is carried through unchanged and the
         masked input is not written into it. ``starts [batch, seq_len]`` (bool, real tokens
         only) marks the first token of each packed document: the state restarts there from
-        ``init_states``, as if the document were alone (see
-        :func:`~goom_ssm.scan.reset_inputs`). ``chunk_plan``: this layer's
+        ``init_states``, as if the document were alone (every scan's ``resets`` and
+        ``reset_state``). ``chunk_plan``: this layer's
         :func:`~goom_ssm.scan.chunk_plan` for ``seq_len`` steps, if computed already (used by
         the chunked scan only; see :func:`shared_chunk_plans`).
 
@@ -134,14 +134,12 @@ class GoomSSM(nn.Module):
         batch, seq_len, _ = u.shape
         Bu = (u @ self.B).view(batch, seq_len, self.n_hid, self.d_hid)
         with torch.autocast(device_type=u.device.type, enabled=False):
-            if starts is not None:
-                Bu = reset_inputs(Bu, starts, self.init_states, self.A.to(self.state_dtype))
             if self.sequence_group is not None:
                 states = sequence_parallel_states(self, Bu, state, mask, chunk_plan, starts)
             elif is_dynamic_length(seq_len):
                 state = self.initial_state(batch) if state is None else state
-                states = stepwise_scan(Bu.to(self.state_dtype), self.A.to(self.state_dtype), state, resets=starts,
-                                       mask=mask)
+                states = stepwise_scan(Bu, self.A.to(self.state_dtype), state, resets=starts,
+                                       reset_state=None if starts is None else self.init_states, mask=mask)
             elif mask is None:
                 states = self._scan(Bu, state, chunk_plan, starts)
             else:
@@ -160,20 +158,22 @@ class GoomSSM(nn.Module):
     def _scan(self, Bu: torch.Tensor, state: Optional[ScaledRows], chunk_plan: Optional[list] = None,
               resets: Optional[torch.Tensor] = None) -> ScaledRows:
         """States after every step of ``Bu [batch, seq_len, n, d]`` (any float dtype) from
-        ``state`` (None: ``init_states``), with the configured implementation, dropping the
-        state before the steps flagged in ``resets [batch, seq_len]``; float32 (or float64) results."""
+        ``state`` (None: ``init_states``), with the configured implementation, restarting from
+        ``init_states`` at the steps flagged in ``resets [batch, seq_len]``; float32 (or float64) results."""
         implementation = self.resolved_scan(Bu)
         A = self.A.to(self.state_dtype)
+        restart = None if resets is None else self.init_states
         if implementation == "triton":  # takes init_states as they are (fewer operations per call)
-            return triton_scan(Bu, A, self.init_states if state is None else state, resets=resets)
+            return triton_scan(Bu, A, self.init_states if state is None else state, resets=resets, reset_state=restart)
         state = self.initial_state(Bu.shape[0]) if state is None else state
         Bu = Bu.to(self.state_dtype)
         if Bu.shape[1] == 1:  # decoding: one step, fewer operations than a scan
-            new = scan_step(Bu[:, 0], A, state, resets=None if resets is None else resets[:, 0])
+            new = scan_step(Bu[:, 0], A, state, resets=None if resets is None else resets[:, 0], reset_state=restart)
             return ScaledRows(new.log_scale[:, None], new.rows[:, None])
         if implementation == "chunked":
-            return chunked_scan(Bu, A, state, resets=resets, chunk_size=self.chunk_size, plan=chunk_plan)
-        return goom_prefix_scan(Bu, A, state, resets=resets)
+            return chunked_scan(Bu, A, state, resets=resets, reset_state=restart, chunk_size=self.chunk_size,
+                                plan=chunk_plan)
+        return goom_prefix_scan(Bu, A, state, resets=resets, reset_state=restart)
 
     def resolved_scan(self, u: torch.Tensor) -> str:
         """The scan implementation that runs for inputs ``u`` ("auto" resolved)."""

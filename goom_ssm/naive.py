@@ -15,7 +15,7 @@ from .scan import ScaledRows, drop_states, initial_rows
 
 
 def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-               resets: Optional[torch.Tensor] = None) -> ScaledRows:
+               resets: Optional[torch.Tensor] = None, reset_state: Optional[torch.Tensor] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, one step at a time, in float64.
 
     Args:
@@ -23,13 +23,15 @@ def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torc
         A: ``[d, d]`` transition matrix (row-vector convention), shared by all rows and steps.
         initial: the state before the first step: ``ScaledRows`` (log-scale ``[batch, n, 1]``,
             rows ``[batch, n, d]``), or a plain ``[n, d]`` tensor of rows shared by every sequence.
-        resets: ``[batch, seq_len]`` bool, or None: the steps before which the state is dropped
-            (``x_t = u_t``).
+        resets: ``[batch, seq_len]`` bool, or None: the steps before which the state is
+            replaced by ``reset_state``.
+        reset_state: ``[n, d]`` plain rows the state restarts from at a reset (``x_t =
+            reset_state A + u_t``), or None: no state (``x_t = u_t``).
 
     Returns:
         ``ScaledRows`` in float64, whatever the inputs' dtype: log-scales ``[batch, seq_len, n, 1]``
         and rows ``[batch, seq_len, n, d]`` whose largest magnitude is 1. Differentiable in
-        ``u``, ``A`` and the initial rows; the log-scales are constants (detached), as in every scan.
+        ``u``, ``A``, the initial rows and ``reset_state``; the log-scales are constants (detached), as in every scan.
 
     Each step sums the carried state and the input in units of ``exp(max(s, 0))``, ``s`` the
     state's log-scale, then rescales the row by its largest magnitude. (So a carried state
@@ -39,10 +41,16 @@ def naive_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torc
     log_scale, rows = initial_rows(initial, batch, torch.float64)
     log_scale, u, A = log_scale.detach(), u.double(), A.double()
     tiny = torch.finfo(torch.float64).tiny  # an all-zero row keeps zeros, as in every scan
+    if resets is not None and reset_state is not None:
+        restart = initial_rows(reset_state, batch, torch.float64)
     all_log_scales, all_rows = [], []
     for t in range(seq_len):
-        if resets is not None:
+        if resets is not None and reset_state is None:
             log_scale, rows = drop_states(ScaledRows(log_scale, rows), resets[:, t, None, None])
+        elif resets is not None:
+            flags = resets[:, t, None, None]
+            log_scale = torch.where(flags, restart.log_scale.detach(), log_scale)
+            rows = torch.where(flags, restart.rows, rows)
         common = torch.clamp(log_scale, min=0.0)
         x = torch.exp(log_scale - common) * (rows @ A) + torch.exp(-common) * u[:, t]
         peak = x.detach().abs().amax(dim=-1, keepdim=True).clamp(min=tiny)

@@ -24,9 +24,10 @@ holds the CUDA one):
   step (:func:`scan_step`) in a loop, one graph for every length.
 
 Every scan also takes ``resets [batch, seq_len]`` (bool, keyword): at a step whose flag is
-set, the state before it is dropped, ``x_t = u_t``, so that no earlier step reaches this
-one or any later one (packed documents: :class:`goom_ssm.layers.GoomSSM` flags each
-document's first token and adds its initial state's contribution to that token's input).
+set, the state before it is replaced by ``reset_state`` (``[n, d]`` plain rows, keyword;
+None: no state, ``x_t = u_t``), so that no earlier step reaches this one or any later one
+(packed documents: :class:`goom_ssm.layers.GoomSSM` flags each document's first token and
+restarts from its initial state there).
 
 All scale constants (maxima, log-scales) are detached, as in the original, so gradients
 are those of the exact recurrence.
@@ -81,26 +82,32 @@ def drop_states(state: ScaledRows, drop: torch.Tensor) -> ScaledRows:
 
 
 def scan_step(u: torch.Tensor, A: torch.Tensor, state: ScaledRows, *,
-              resets: Optional[torch.Tensor] = None) -> ScaledRows:
+              resets: Optional[torch.Tensor] = None, reset_state: Optional[torch.Tensor] = None) -> ScaledRows:
     """One step ``x = x_prev A + u`` (what :func:`chunked_scan` gives for one token, with
     fewer operations): u ``[batch, n, d]``, state as in ``chunked_scan``'s ``initial``;
-    ``resets [batch]``: the sequences whose state is dropped first (``x = u``)."""
+    ``resets [batch]``: the sequences whose state is replaced by ``reset_state [n, d]`` first
+    (no state where it is None: ``x = u``)."""
     if resets is not None:
+        u = restart_inputs(u, A, resets, reset_state)
         state = drop_states(state, resets[:, None, None])
     A_scale, A_rows = normalize_rows(A, dims=(-2, -1))
     u_scale, u_rows = normalize_rows(u)
     return add_scaled(state.log_scale + A_scale, state.rows @ A_rows, u_scale, u_rows)
 
 
-def reset_inputs(Bu: torch.Tensor, starts: torch.Tensor, init_states: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """The scan inputs of packed documents: ``Bu [batch, seq_len, n, d]`` (any float dtype) in
-    ``A``'s dtype, plus ``init_states A`` at each document's first token (``starts [batch,
-    seq_len]``, bool). With the scans' ``resets=starts`` (the state before a start dropped),
-    the state after a start is ``init_states A + (u B)``: the first step of the document alone.
+def restart_inputs(u: torch.Tensor, A: torch.Tensor, resets: Optional[torch.Tensor],
+                   reset_state: Optional[torch.Tensor]) -> torch.Tensor:
+    """How the pure-PyTorch scans take ``reset_state``: the inputs ``u [batch, seq_len, n, d]``
+    (any float dtype; or one step, ``[batch, n, d]`` with ``resets [batch]``) in ``A``'s dtype,
+    with ``reset_state A`` (``reset_state [n, d]``) added at every step flagged in ``resets``.
+    With the state before such a step dropped, ``x_t = reset_state A + u_t``: the recurrence
+    restarts from ``reset_state``. ``u`` unchanged but for the dtype where either is None.
     Computed in ``A``'s dtype whether autocast is on or not."""
-    with torch.autocast(device_type=Bu.device.type, enabled=False):
-        Bu = Bu.to(A.dtype)
-        return torch.where(starts[:, :, None, None], Bu + init_states.to(A.dtype) @ A, Bu)
+    u = u.to(A.dtype)
+    if resets is None or reset_state is None:
+        return u
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        return torch.where(resets[..., None, None], u + reset_state.to(A.dtype) @ A, u)
 
 
 def scaled_powers(base: ScaledRows, n: int) -> ScaledRows:
@@ -197,8 +204,8 @@ def default_chunk_size(device: torch.device) -> int:
 
 
 def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-                 resets: Optional[torch.Tensor] = None, chunk_size: Optional[int] = None,
-                 plan: Optional[list] = None) -> ScaledRows:
+                 resets: Optional[torch.Tensor] = None, reset_state: Optional[torch.Tensor] = None,
+                 chunk_size: Optional[int] = None, plan: Optional[list] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t``, in scaled form.
 
     Args (those of every scan, with this meaning):
@@ -207,7 +214,9 @@ def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, to
         initial: state before the first step: ``ScaledRows`` (log_scale ``[batch, n, 1]``, rows
             ``[batch, n, d]``), or a plain ``[n, d]`` tensor of rows shared by every sequence.
         resets: ``[batch, seq_len]`` bool, or None: the steps before which the state is
-            dropped (``x_t = u_t``).
+            replaced by ``reset_state``.
+        reset_state: ``[n, d]`` plain rows shared by every sequence, the state a reset
+            restarts from (``x_t = reset_state A + u_t``), or None: no state (``x_t = u_t``).
 
     Options of this scan:
         chunk_size: steps per dense chunk product (default: :func:`default_chunk_size` for
@@ -217,12 +226,12 @@ def chunked_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, to
 
     Returns:
         ``ScaledRows`` in ``A``'s dtype, log_scale ``[batch, seq_len, n, 1]`` and rows
-        ``[batch, seq_len, n, d]``. Differentiable in ``u``, ``A`` and the initial rows; the
-        log-scales are constants.
+        ``[batch, seq_len, n, d]``. Differentiable in ``u``, ``A``, the initial rows and
+        ``reset_state``; the log-scales are constants.
     """
     if plan is None:
         plan = chunk_plan(A, u.shape[1], chunk_size)
-    return _scan(u.to(A.dtype), plan, initial_rows(initial, u.shape[0], A.dtype), resets)
+    return _scan(restart_inputs(u, A, resets, reset_state), plan, initial_rows(initial, u.shape[0], A.dtype), resets)
 
 
 def _scan(u: torch.Tensor, plan: list, initial: ScaledRows, resets: Optional[torch.Tensor] = None) -> ScaledRows:
@@ -309,7 +318,8 @@ def is_dynamic_length(seq_len) -> bool:
 
 
 def stepwise_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-                  resets: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None) -> ScaledRows:
+                  resets: Optional[torch.Tensor] = None, reset_state: Optional[torch.Tensor] = None,
+                  mask: Optional[torch.Tensor] = None) -> ScaledRows:
     """Same arguments and outputs as :func:`chunked_scan`, computed one step after another
     (:func:`scan_step`, the decoding step) in PyTorch's ``scan`` higher-order op, which
     ``torch.export`` keeps as one loop (ONNX ``Scan``) for any length: the chunked scan's
@@ -329,7 +339,7 @@ def stepwise_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, t
     # The loop runs on [batch * n, d] rows: ONNX's exporter fails on a loop body whose
     # product reshapes by a dynamic batch size.
     batch, seq_len, n, _ = u.shape
-    u, initial = u.to(A.dtype), initial_rows(initial, batch, A.dtype)
+    u, initial = restart_inputs(u, A, resets, reset_state), initial_rows(initial, batch, A.dtype)
     keep = u.new_ones(batch, seq_len, dtype=torch.bool) if mask is None else mask
     resets = u.new_zeros(batch, seq_len, dtype=torch.bool) if resets is None else resets
 
@@ -344,7 +354,7 @@ def stepwise_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, t
 
 
 def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-                     resets: Optional[torch.Tensor] = None) -> ScaledRows:
+                     resets: Optional[torch.Tensor] = None, reset_state: Optional[torch.Tensor] = None) -> ScaledRows:
     """The original design: same arguments and outputs as :func:`chunked_scan`, computed with
     a Sklansky parallel prefix scan of complex log-matmul-exps (float32 GOOMs), the same
     combination tree as the original, so that its backward rules act on the same numbers.
@@ -353,11 +363,13 @@ def goom_prefix_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows
     ``[[A1, 0], [B1, I]] @ [[A2], [B2]]``; the scanned element ``t`` then maps the initial
     state to ``x_t = [x_0, I] @ [[A^t], [sum_s u_s A^(t-s)]]``. A reset's element is
     ``log [[0], [u_t]]`` (``0`` is GOOM's ``LOG_ZERO``): every combination through it zeroes
-    what came before, the original paper's selective resetting of interim states.
+    what came before, the original paper's selective resetting of interim states (with
+    ``reset_state``, ``u_t`` there holds ``reset_state A``: :func:`restart_inputs`).
     """
     batch, seq_len, n, d = u.shape
     dtype = A.dtype
     initial = initial_rows(initial, batch, dtype)
+    u = restart_inputs(u, A, resets, reset_state)
     u, A = u.to(GOOM_FLOAT_DTYPE), A.to(GOOM_FLOAT_DTYPE)
     log_0s_atop_I = goom_log(torch.cat([u.new_zeros(d, n), torch.eye(n, dtype=u.dtype, device=u.device)]))
 

@@ -158,17 +158,18 @@ def one_cycle_start(args, total_steps: int) -> tuple[float, int]:
     return initial_lr, min(args.warmup_steps, total_steps // 2)
 
 
-def build_optimizer_and_schedule(model, args, total_steps: int, param_groups: Optional[list[dict]] = None):
-    """AdamW over ``param_groups`` (default: the model's two groups, ``get_param_groups``)
-    and the one-cycle LR/beta1 schedule."""
+def build_optimizer_and_schedule(model, args, total_steps: int, param_groups: Optional[list[dict]] = None,
+                                 capturable: bool = False):
+    """AdamW over ``param_groups`` (default: the model's two groups, ``get_param_groups``;
+    ``capturable`` for a CUDA-graph step) and the one-cycle LR/beta1 schedule."""
     initial_lr, warmup = one_cycle_start(args, total_steps)
     if warmup < 2:
         raise ValueError(f"the one-cycle schedule needs at least 2 warm-up steps and as many after; "
                          f"got --warmup-steps {args.warmup_steps} and {total_steps} steps in all")
     if param_groups is None:
         param_groups = model.get_param_groups(weight_decay=args.weight_decay)
-    optimizer = torch.optim.AdamW(param_groups, lr=args.lr,
-                                  betas=(args.max_momentum, args.beta2), eps=args.adam_eps)
+    optimizer = torch.optim.AdamW(param_groups, lr=args.lr, betas=(args.max_momentum, args.beta2), eps=args.adam_eps,
+                                  capturable=capturable)
     scheduler = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, max_lr=args.lr, total_steps=total_steps, pct_start=warmup / total_steps,
         div_factor=args.lr / initial_lr, final_div_factor=initial_lr / args.final_lr,
@@ -303,6 +304,7 @@ class Run:
     scheduler: object = None
     state: Optional[TrainState] = None
     last_saved: int = 0  # step of the newest checkpoint
+    graphed_step: object = None  # with --cuda-graph: the captured step (goom_ssm.graphed_step)
 
     @property
     def output_dir(self) -> Path:
@@ -345,7 +347,7 @@ def _set_up(args: argparse.Namespace) -> Run:
     """The accelerator (processes, mixed precision, gradient accumulation, trackers), after
     refusing to mix a new run into an old one (or clearing the old one with ``--overwrite``)."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedType, GradientAccumulationPlugin, set_seed
+    from accelerate.utils import AutocastKwargs, DistributedType, GradientAccumulationPlugin, set_seed
 
     output_dir = Path(args.output_dir)
     if args.deterministic:
@@ -354,7 +356,8 @@ def _set_up(args: argparse.Namespace) -> Run:
     mixed_precision = args.mixed_precision
     if mixed_precision == "auto":
         launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")  # set by accelerate launch / config
-        mixed_precision = launcher or ("fp16" if torch.cuda.is_available() else "no")
+        default = "bf16" if args.cuda_graph else "fp16"  # a captured step takes no gradient scaler
+        mixed_precision = launcher or (default if torch.cuda.is_available() else "no")
     report_to = [] if args.report_to in ("none", "") else args.report_to.split(",")
     if "tensorboard" in report_to:
         from accelerate.utils import is_tensorboard_available
@@ -376,11 +379,15 @@ def _set_up(args: argparse.Namespace) -> Run:
                              f"= {args.micro_batch_size} x {num_processes}")
         accumulation = args.batch_size // per_step
     fsdp_plugin = _fsdp_plugin()
+    if args.cuda_graph:
+        _check_cuda_graph(args, cpu, num_processes, accumulation, mixed_precision, fsdp_plugin)
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin, log_with=report_to or None,
         project_dir=str(output_dir),
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=accumulation, sync_with_dataloader=False),
         step_scheduler_with_optimizer=False, dynamo_backend="inductor" if args.compile else None,
+        # A captured step's casts are recorded in the graph, none cached outside it.
+        kwargs_handlers=[AutocastKwargs(cache_enabled=False)] if args.cuda_graph else None,
     )
     if fsdp_plugin is not None and accelerator.distributed_type != DistributedType.FSDP:
         raise ValueError(f"accelerate runs FSDP on GPUs only; here ({accelerator.distributed_type.value}) this FSDP "
@@ -403,6 +410,25 @@ def _set_up(args: argparse.Namespace) -> Run:
         checkpoints = []
     return Run(args=args, accelerator=accelerator, report_to=report_to, num_processes=num_processes,
                accumulation=accumulation, checkpoints=checkpoints, sequence_group=sequence_group)
+
+
+def _check_cuda_graph(args, cpu: bool, num_processes: int, accumulation: int, mixed_precision: str,
+                      fsdp_plugin) -> None:
+    """Refuse ``--cuda-graph`` where a captured step cannot run: see :mod:`goom_ssm.graphed_step`."""
+    problems = []
+    if cpu or not torch.cuda.is_available():
+        problems.append("it needs CUDA")
+    if num_processes != 1 or fsdp_plugin is not None or args.sequence_parallel > 1:
+        problems.append(f"it runs one process (here {num_processes}, without FSDP or --sequence-parallel)")
+    if accumulation != 1:
+        problems.append(f"it makes one optimizer step per micro-batch (here {accumulation} micro-batches a step: "
+                        f"--batch-size equal to --micro-batch-size)")
+    if mixed_precision == "fp16":
+        problems.append("it takes no gradient scaler: --mixed-precision bf16 or no, not fp16")
+    if args.compile:
+        problems.append("it and --compile exclude each other")
+    if problems:
+        raise ValueError("--cuda-graph: " + "; ".join(problems))
 
 
 def _fsdp_plugin():
@@ -497,9 +523,13 @@ def _build_model_and_optimizer(run: Run) -> None:
         from .distributed import set_sequence_group
 
         set_sequence_group(model, run.sequence_group)
-    optimizer, scheduler = build_optimizer_and_schedule(model, args, run.max_steps)
+    optimizer, scheduler = build_optimizer_and_schedule(model, args, run.max_steps, capturable=args.cuda_graph)
     run.model, run.optimizer, run.train_loader, run.scheduler = accelerator.prepare(
         model, optimizer, run.train_loader, scheduler)
+    if args.cuda_graph:  # captured at the first batch, after a resumed state is loaded
+        from .graphed_step import GraphedTrainingStep
+
+        run.graphed_step = GraphedTrainingStep(run.model, run.optimizer.optimizer, max_grad_norm=args.max_grad_norm)
     if run.val_loader is not None:
         run.val_loader = accelerator.prepare(run.val_loader)
 
@@ -552,18 +582,23 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
                   if state.batches_in_epoch else run.train_loader)
         for batch in loader:
             with accelerator.accumulate(model):
-                loss = micro_batch_loss(model, batch, run.sequence_group)
-                accelerator.backward(loss)
-                step_loss += loss.detach().float()
-                grad_norm = None
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
+                if run.graphed_step is not None:  # one micro-batch a step: sync_gradients is always set
+                    loss, grad_norm = run.graphed_step(batch["input_ids"], batch["labels"], batch.get("position_ids"))
+                    step_loss += loss
+                else:
+                    loss = micro_batch_loss(model, batch, run.sequence_group)
+                    accelerator.backward(loss)
+                    step_loss += loss.detach().float()
+                    grad_norm = None
+                    if accelerator.sync_gradients and args.max_grad_norm > 0:
+                        grad_norm = accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                    optimizer.step()
                 if accelerator.sync_gradients:
                     lr, beta1 = optimizer.param_groups[0]["lr"], optimizer.param_groups[0]["betas"][0]
                     if state.step + 1 < run.max_steps:  # the schedule has max_steps values, the last one is in use
                         scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+                if run.graphed_step is None:
+                    optimizer.zero_grad(set_to_none=True)
             state.batches_in_epoch += 1
             state.tokens += tokens_per_micro
             if not accelerator.sync_gradients:

@@ -101,27 +101,38 @@ if HAS_TRITON:
         return tl.load(scale_ptr + index, mask=ok, other=0.0).to(tl.float64)
 
     @triton.jit
-    def _is_reset(reset_ptr, b, t, seq_len):
-        """Whether step ``t`` of sequence ``b`` drops the state before it (False past the end)."""
-        return tl.load(reset_ptr + b * seq_len + t, mask=t < seq_len, other=0) != 0
+    def _is_reset(reset_ptr, b, t, seq_len, flag_len, shift, SPAN: tl.constexpr, SPAN_BLOCK: tl.constexpr):
+        """Whether step ``t < seq_len`` of sequence ``b`` drops the state before it (False past
+        the end). The flags ``reset [B, flag_len]``: one per step (``SPAN`` 0), or, for the
+        carry across chunks, ``SPAN`` per step: step ``t`` (chunk ``t``) is flagged when one
+        of the flags ``t * SPAN + shift ...`` (within ``flag_len``) is set (``SPAN_BLOCK``:
+        the power of two at or above ``SPAN``)."""
+        if SPAN == 0:
+            return tl.load(reset_ptr + b * flag_len + t, mask=t < seq_len, other=0) != 0
+        offset = tl.arange(0, SPAN_BLOCK)
+        index = t * SPAN + shift + offset
+        limit = tl.where(t < seq_len, flag_len, 0)
+        flags = tl.load(reset_ptr + b * flag_len + index, mask=(offset < SPAN) & (index < limit), other=0)
+        return tl.max(flags, axis=0) != 0
 
     @triton.jit
-    def _load_resets(reset_ptr, b, t, seq_len, REVERSE: tl.constexpr):
+    def _load_resets(reset_ptr, b, t, seq_len, flag_len, shift, REVERSE: tl.constexpr, SPAN: tl.constexpr,
+                     SPAN_BLOCK: tl.constexpr):
         """The flags step ``t`` reads: whether to drop the state (forward) or adjoint (``REVERSE``:
         when step ``t + 1`` resets) before it, and whether step ``t`` itself resets."""
-        own = _is_reset(reset_ptr, b, t, seq_len)
+        own = _is_reset(reset_ptr, b, t, seq_len, flag_len, shift, SPAN, SPAN_BLOCK)
         if REVERSE:
-            return _is_reset(reset_ptr, b, t + 1, seq_len), own
+            return _is_reset(reset_ptr, b, t + 1, seq_len, flag_len, shift, SPAN, SPAN_BLOCK), own
         return own, own
 
     @triton.jit
     def _recurrence_kernel(
         u_ptr, u_scale_ptr, a_ptr, a_scale_ptr, start_s_ptr, start_v_ptr, carry_s_ptr, carry_v_ptr,
         out_s_ptr, out_v_ptr, fwd_s_ptr, fwd_v_ptr, init_s_ptr, init_v_ptr, grad_a_ptr, grad_init_ptr, reset_ptr,
-        seq_len, n, chunk_len, first_chunk, tiny: tl.constexpr,
+        restart_ptr, grad_restart_ptr, seq_len, n, chunk_len, first_chunk, flag_len, flag_shift, tiny: tl.constexpr,
         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
         STAGE: tl.constexpr, ADJOINT: tl.constexpr, HAS_CARRY: tl.constexpr, SHARED_INIT: tl.constexpr,
-        HAS_RESETS: tl.constexpr,
+        HAS_RESETS: tl.constexpr, HAS_RESTART: tl.constexpr, FLAG_SPAN: tl.constexpr, FLAG_BLOCK: tl.constexpr,
     ):
         """Program (c, b, r): chunk ``first_chunk + c`` of sequence ``b``, state rows
         ``r * BLOCK_R ...``, of one stage (see the module docstring). Contiguous layouts:
@@ -147,11 +158,15 @@ if HAS_TRITON:
         ``grad_a [programs, D, D]`` (``x`` from the forward states ``fwd`` and the initial
         state), and writes ``grad_init = exp(init_s) lambda_0 A^T [B, n, D]``.
 
-        ``HAS_RESETS``: ``reset [B, T]`` (uint8; for the carry, one flag per chunk) marks the
-        steps before which the forward state is dropped. Forward, the state is dropped before
-        a flagged step; in the adjoint, before step ``t`` when step ``t + 1`` is flagged
-        (``x_t`` does not reach it); a flagged step adds no term to ``grad_a``, and a flag at
-        ``t = 0`` makes ``grad_init`` zero."""
+        ``HAS_RESETS``: ``reset [B, flag_len]`` (uint8) marks the steps before which the forward
+        state is dropped (the carry reads them a chunk of ``FLAG_SPAN`` at a time, from
+        ``flag_shift``: see :func:`_is_reset`). Forward, the state is dropped before a flagged
+        step, or with ``HAS_RESTART`` replaced by the plain rows ``restart [n, D]``; in the
+        adjoint, dropped before step ``t`` when step ``t + 1`` is flagged (``x_t`` does not
+        reach it). A flagged step's ``grad_a`` term has ``x_{t-1}`` the restart rows (none
+        without), a flag at ``t = 0`` makes ``grad_init`` zero, and with ``HAS_RESTART`` the
+        adjoint steps write ``grad_restart [C, B, n, D]``: this program's ``sum lambda_t A^T``
+        over its flagged steps."""
         REVERSE: tl.constexpr = ADJOINT
         TRANSPOSE_A: tl.constexpr = ADJOINT and STAGE != "carry"
         NEGATE_U_SCALE: tl.constexpr = ADJOINT and STAGE != "carry"
@@ -192,6 +207,10 @@ if HAS_TRITON:
             init_s = _load_init_scale(init_s_ptr, init, row_ok, SHARED_INIT)
             init_v = tl.load(init_v_ptr + init[:, None] * D + feats[None, :], mask=ok, other=0.0)
             grad_a = tl.zeros([BLOCK_D, BLOCK_D], A.dtype)
+            if HAS_RESTART:
+                grad_restart = tl.zeros([BLOCK_R, BLOCK_D], A.dtype)
+        if HAS_RESTART:  # the rows a flagged step restarts from (plain, shared by the sequences)
+            restart_v = tl.load(restart_ptr + rows[:, None] * D + feats[None, :], mask=ok, other=0.0).to(A.dtype)
 
         n_steps = tl.minimum(chunk_len, seq_len - chunk * chunk_len)
         first_t = chunk * chunk_len + (n_steps - 1 if REVERSE else 0)
@@ -201,7 +220,8 @@ if HAS_TRITON:
         u_next, u_scale_next = _load_input(u_ptr, u_scale_ptr, (b * seq_len + first_t) * n + rows, feats,
                                            row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
         if HAS_RESETS:
-            drop_next, own_next = _load_resets(reset_ptr, b, first_t, seq_len, REVERSE)
+            drop_next, own_next = _load_resets(reset_ptr, b, first_t, seq_len, flag_len, flag_shift, REVERSE, FLAG_SPAN,
+                                                FLAG_BLOCK)
         for i in range(0, n_steps):
             t = first_t + direction * i
             step = (b * seq_len + t) * n + rows
@@ -211,14 +231,19 @@ if HAS_TRITON:
                                                row_ok, ok, A.dtype, D, HAS_U_SCALE, NEGATE_U_SCALE)
             if HAS_RESETS:
                 drop, own_reset = drop_next, own_next
-                drop_next, own_next = _load_resets(reset_ptr, b, t_next, seq_len, REVERSE)
+                drop_next, own_next = _load_resets(reset_ptr, b, t_next, seq_len, flag_len, flag_shift, REVERSE,
+                                                   FLAG_SPAN, FLAG_BLOCK)
             if GRADIENTS:
                 prev = (b * seq_len + tl.maximum(t - 1, 0)) * n + rows
                 x_s = tl.load(fwd_s_ptr + prev, mask=row_ok, other=0.0).to(tl.float64)
                 x_v = tl.load(fwd_v_ptr + prev[:, None] * D + feats[None, :], mask=ok, other=0.0)
             if HAS_RESETS:
-                s = tl.where(drop, _NO_STATE, s)
-                v = tl.where(drop, 0.0, v)
+                if HAS_RESTART and not ADJOINT:
+                    s = tl.where(drop, 0.0, s)
+                    v = tl.where(drop, restart_v, v)
+                else:
+                    s = tl.where(drop, _NO_STATE, s)
+                    v = tl.where(drop, 0.0, v)
             s, v = advance(s, v, u, u_log_scale, A, a_log_scale, tiny)
             if WRITE_STEPS:
                 if GRADIENTS:  # the adjoint's steps are the gradient of u: plain rows in u's dtype
@@ -230,7 +255,11 @@ if HAS_TRITON:
             if GRADIENTS:
                 x_s = tl.where(t == 0, init_s, x_s)
                 x_v = tl.where(t == 0, init_v, x_v)
-                if HAS_RESETS:  # a reset step has no x_{t-1} A term
+                if HAS_RESTART:  # a reset step's x_{t-1} is the restart rows, and they get lambda_t A^T
+                    x_s = tl.where(own_reset, 0.0, x_s)
+                    x_v = tl.where(own_reset, restart_v, x_v)
+                    grad_restart += tl.where(own_reset, plain, 0.0)
+                elif HAS_RESETS:  # a reset step has no x_{t-1} A term
                     x_v = tl.where(own_reset, 0.0, x_v)
                 x_v = x_v * tl.exp((x_s + s).to(x_v.dtype))[:, None]  # both scales at once: finite whenever the term is
                 grad_a += tl.sum(x_v[:, :, None] * v[:, None, :], axis=0)
@@ -247,10 +276,14 @@ if HAS_TRITON:
             w = tl.sum(v[:, :, None] * A[None, :, :], axis=1)
             grad_init = tl.exp((init_s + s + a_log_scale).to(w.dtype))[:, None] * w
             if HAS_RESETS:
-                grad_init = tl.where(_is_reset(reset_ptr, b, 0, seq_len), 0.0, grad_init)
+                grad_init = tl.where(_is_reset(reset_ptr, b, 0, seq_len, flag_len, 0, 0, 1), 0.0, grad_init)
             init_ok = rows < tl.where(chunk == 0, n, 0)
             tl.store(grad_init_ptr + (b * n + rows)[:, None] * D + feats[None, :], grad_init,
                      mask=init_ok[:, None] & (feats < D)[None, :])
+            if HAS_RESTART:
+                w = tl.sum(grad_restart[:, :, None] * A[None, :, :], axis=1) * tl.exp(a_log_scale.to(A.dtype))
+                out = (pid_c * tl.num_programs(1) + b) * n + rows
+                tl.store(grad_restart_ptr + out[:, None] * D + feats[None, :], w, mask=ok)
 
 
 def default_steps_per_program(seq_len: int) -> int:
@@ -266,30 +299,38 @@ class AdjointSteps(NamedTuple):
     grad_u: torch.Tensor  # [B, T, n, d], in u's dtype
     grad_A: torch.Tensor  # [d, d]
     grad_init: torch.Tensor  # [B, n, d], per sequence
+    grad_restart: torch.Tensor  # [n, d], or empty without restart rows
 
 
 def _launch(stage: str, u, A, chunk_len: int, num_chunks: int, out: ScaledRows, *, adjoint: bool = False,
             first_chunk: int = 0, u_log_scale=None, a_log_scale=None, start: Optional[ScaledRows] = None,
             carry: Optional[ScaledRows] = None, forward_states: Optional[ScaledRows] = None,
-            init: Optional[ScaledRows] = None, grad_a=None, grad_init=None, resets=None):
+            init: Optional[ScaledRows] = None, grad_a=None, grad_init=None, resets=None, flag_span: int = 0,
+            flag_shift: int = 0, restart=None, grad_restart=None):
     """Launch ``_recurrence_kernel`` for ``stage`` over ``num_chunks`` chunks (from ``first_chunk``)
     of ``u [B, T, n, d]``, writing into ``out`` (see the kernel for the arguments); a tensor not
-    given, or ``resets`` with no elements, is passed empty. An initial state (``start`` or
-    ``init``) with an empty log-scale holds plain rows ``[n, d]`` shared by every sequence."""
+    given, or ``resets`` or ``restart`` with no elements, is passed empty. An initial state
+    (``start`` or ``init``) with an empty log-scale holds plain rows ``[n, d]`` shared by every
+    sequence. ``flag_span``: 0 for one reset flag per step of ``u``; for the carry, the chunk
+    length (``resets`` are then the steps' flags, read a chunk at a time from ``flag_shift``)."""
     _, seq_len, n, d = u.shape
     empty = u.new_empty(0)
     none = ScaledRows(empty, empty)
     initial = start or init or none
     start, carry, forward_states, init = start or none, carry or none, forward_states or none, init or none
+    resets = empty if resets is None else resets
+    restart = empty if restart is None else restart
     _recurrence_kernel[_grid(u, num_chunks)](
         u, empty if u_log_scale is None else u_log_scale, A, empty if a_log_scale is None else a_log_scale,
         *start, *carry, *out, *forward_states, *init, empty if grad_a is None else grad_a,
-        empty if grad_init is None else grad_init, empty if resets is None else resets,
-        seq_len, n, chunk_len, first_chunk, torch.finfo(A.dtype).tiny,  # constexpr: a float argument would be float32
+        empty if grad_init is None else grad_init, resets, restart, empty if grad_restart is None else grad_restart,
+        seq_len, n, chunk_len, first_chunk, resets.shape[-1] if resets.numel() else seq_len, flag_shift,
+        torch.finfo(A.dtype).tiny,  # constexpr: a float argument would be float32
         D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=_rows_per_program(n), STAGE=stage, ADJOINT=adjoint,
         HAS_CARRY=carry.rows.numel() > 0,
         SHARED_INIT=initial.rows.numel() > 0 and initial.log_scale.numel() == 0,
-        HAS_RESETS=resets is not None and resets.numel() > 0, num_warps=NUM_WARPS,
+        HAS_RESETS=resets.numel() > 0, HAS_RESTART=resets.numel() > 0 and restart.numel() > 0,
+        FLAG_SPAN=flag_span, FLAG_BLOCK=triton.next_power_of_2(max(flag_span, 1)), num_warps=NUM_WARPS,
     )
 
 
@@ -310,74 +351,67 @@ def _empty_states(like, steps: int, dtype) -> ScaledRows:
                       torch.empty(batch, steps, n, d, dtype=dtype, device=like.device))
 
 
-def _chunk_resets(resets: torch.Tensor, chunk_len: int, shift: bool = False) -> torch.Tensor:
-    """One flag per chunk but the last, for the carry stage: whether chunk ``k`` holds a reset
-    (``[B, K - 1]``, uint8), or with ``shift`` (the adjoint) a reset at one of its steps' next
-    steps; empty where ``resets`` is."""
-    if resets.numel() == 0:
-        return resets
-    batch, seq_len = resets.shape
-    num_chunks = triton.cdiv(seq_len, chunk_len)
-    if shift:
-        resets = resets[:, 1:]
-    flags = torch.nn.functional.pad(resets, (0, num_chunks * chunk_len - resets.shape[1]))
-    return flags.view(batch, num_chunks, chunk_len).amax(dim=-1)[:, :-1].contiguous()
-
-
-def _chunk_end_states(u, A, chunk_len: int, resets, adjoint_scales=None) -> ScaledRows:
+def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None) -> ScaledRows:
     """Stage 1: the end state of every chunk but the last in the direction of travel, each
-    from a zero state: ``[B, K - 1, n, 1]`` / ``[B, K - 1, n, d]``. Forward: chunks
-    ``0 .. K-2`` of ``u`` with ``A``. Adjoint (``adjoint_scales``: the forward states'
-    log-scales ``s_t``; the inputs ``u`` are then ``g_t`` at ``-s_t``): chunks ``K-1 .. 1`` in
-    reverse time with ``A^T``."""
+    from a zero state (a reset in it restarting from ``restart``, forward): ``[B, K - 1, n, 1]``
+    / ``[B, K - 1, n, d]``. Forward: chunks ``0 .. K-2`` of ``u`` with ``A``. Adjoint
+    (``adjoint_scales``: the forward states' log-scales ``s_t``; the inputs ``u`` are then
+    ``g_t`` at ``-s_t``): chunks ``K-1 .. 1`` in reverse time with ``A^T``."""
     num_chunks = triton.cdiv(u.shape[1], chunk_len) - 1
     ends = _empty_states(u, num_chunks, A.dtype)
     adjoint = adjoint_scales is not None
     _launch("chunk_ends", u, A, chunk_len, num_chunks, ends, adjoint=adjoint, first_chunk=1 if adjoint else 0,
-            u_log_scale=adjoint_scales, resets=resets)
+            u_log_scale=adjoint_scales, resets=resets, restart=None if adjoint else restart)
     return ends
 
 
-def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, chunk_resets,
+def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len: int,
                          initial: Optional[ScaledRows] = None) -> ScaledRows:
     """Stage 2: the states entering the chunks, ``S_k = S_{k-1} P + E_{k-1}``: the recurrence
     over the ``K - 1`` chunk ends ``E`` (as stage 1 gives them), with ``P = A^L`` from
     ``initial`` (forward: the states entering chunks ``1 .. K-1``), or with ``P = (A^T)^L``
     from zero in reverse time (``initial`` None, the adjoint: entering chunks ``K-2 .. 0``).
-    ``power``: ``P`` as :func:`_power` gives it; ``chunk_resets``: as :func:`_chunk_resets`
-    gives them. Returns ``[B, K - 1, n, 1]`` / ``[..., d]`` in time order."""
+    ``power``: ``P`` as :func:`_power` gives it. A chunk holding a reset (``resets [B, T]``,
+    the steps' flags; in the adjoint, a reset at one of its steps' next steps) drops the
+    state entering it: its end is all there is. Returns ``[B, K - 1, n, 1]`` / ``[..., d]`` in
+    time order."""
     steps = ends.rows.shape[1]
     carry = _empty_states(ends.rows, steps, power.rows.dtype)
-    _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=initial is None, u_log_scale=ends.log_scale,
-            a_log_scale=power.log_scale, start=initial, resets=chunk_resets)
+    adjoint = initial is None
+    _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=adjoint, u_log_scale=ends.log_scale,
+            a_log_scale=power.log_scale, start=initial, resets=resets, flag_span=chunk_len,
+            flag_shift=1 if adjoint else 0)
     return carry
 
 
-def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[ScaledRows], resets) -> ScaledRows:
+def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[ScaledRows], resets,
+                restart) -> ScaledRows:
     """Stage 3: every chunk of ``u`` from the state entering it (``initial`` for the first,
     ``carry`` from stage 2 for the others, None when there is one chunk): the states
     ``[B, T, n, 1]`` / ``[B, T, n, d]``."""
     states = _empty_states(u, u.shape[1], A.dtype)
     _launch("steps", u, A, chunk_len, triton.cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry,
-            resets=resets)
+            resets=resets, restart=restart)
     return states
 
 
 def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, states: ScaledRows,
-                        carry: Optional[ScaledRows], u_dtype: torch.dtype, resets) -> AdjointSteps:
+                        carry: Optional[ScaledRows], u_dtype: torch.dtype, resets, restart) -> AdjointSteps:
     """Stage 3 of the backward pass: every chunk of the adjoint recurrence, inputs ``g_t =
     grad_rows`` at log-scales ``-s_t`` of the forward ``states``, from the adjoint entering it
-    (``carry``; zero for the last chunk): the gradients of ``u`` (in ``u_dtype``), of ``A``
-    and of the initial rows, per sequence."""
+    (``carry``; zero for the last chunk): the gradients of ``u`` (in ``u_dtype``), of ``A``,
+    of the initial rows (per sequence) and of the ``restart`` rows."""
     batch, seq_len, n, d = grad_rows.shape
     num_chunks = triton.cdiv(seq_len, chunk_len)
     grad_u = torch.empty(batch, seq_len, n, d, dtype=u_dtype, device=grad_rows.device)
     grad_a = torch.empty(math.prod(_grid(grad_rows, num_chunks)), d, d, dtype=A.dtype, device=grad_rows.device)
     grad_init = torch.empty(batch, n, d, dtype=A.dtype, device=grad_rows.device)
+    restarts = resets.numel() > 0 and restart.numel() > 0
+    grad_restart = torch.empty(num_chunks * batch if restarts else 0, n, d, dtype=A.dtype, device=grad_rows.device)
     _launch("steps", grad_rows, A, chunk_len, num_chunks, ScaledRows(grad_rows.new_empty(0), grad_u), adjoint=True,
             u_log_scale=states.log_scale, carry=carry, forward_states=states, init=initial, grad_a=grad_a,
-            grad_init=grad_init, resets=resets)
-    return AdjointSteps(grad_u, grad_a.sum(0), grad_init)
+            grad_init=grad_init, resets=resets, restart=restart, grad_restart=grad_restart)
+    return AdjointSteps(grad_u, grad_a.sum(0), grad_init, grad_restart.sum(0) if restarts else grad_restart)
 
 
 def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRows:
@@ -390,37 +424,40 @@ def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRow
     return ScaledRows(log_scale, rows)
 
 
-def _forward(u, A, initial: ScaledRows, chunk_len: int, resets) -> ScaledRows:
-    """The forward stages; ``resets [B, T]`` uint8, or empty for none."""
+def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart) -> ScaledRows:
+    """The forward stages; ``resets [B, T]`` uint8, or empty for none; ``restart [n, d]``: the
+    rows a reset restarts from, or empty for none."""
     carry = None
     if triton.cdiv(u.shape[1], chunk_len) > 1:
-        ends = _chunk_end_states(u, A, chunk_len, resets)
-        carry = _carry_across_chunks(ends, _power(A, chunk_len), _chunk_resets(resets, chunk_len), initial)
-    return _every_step(u, A, chunk_len, initial, carry, resets)
+        ends = _chunk_end_states(u, A, chunk_len, resets, restart)
+        carry = _carry_across_chunks(ends, _power(A, chunk_len), resets, chunk_len, initial)
+    return _every_step(u, A, chunk_len, initial, carry, resets, restart)
 
 
-def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype, resets):
+def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype, resets,
+              restart):
     """The adjoint recurrence with ``A^T``, its inputs ``g_t`` at log-scales ``-s_t`` (``d loss
-    / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as ``initial.rows``)."""
+    / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as
+    ``initial.rows``) and ``grad_restart`` (shaped as ``restart``)."""
     carry = None
     if triton.cdiv(grad_rows.shape[1], chunk_len) > 1:
-        ends = _chunk_end_states(grad_rows, A, chunk_len, resets, adjoint_scales=states.log_scale)
-        carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True),
-                                     _chunk_resets(resets, chunk_len, shift=True))
-    grad_u, grad_A, grad_init = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry, u_dtype, resets)
+        ends = _chunk_end_states(grad_rows, A, chunk_len, resets, restart, adjoint_scales=states.log_scale)
+        carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True), resets, chunk_len)
+    grad_u, grad_A, grad_init, grad_restart = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry,
+                                                                  u_dtype, resets, restart)
     shared_init = initial.log_scale.numel() == 0
-    return grad_u, grad_A, grad_init.sum(0) if shared_init else grad_init
+    return grad_u, grad_A, grad_init.sum(0) if shared_init else grad_init, grad_restart
 
 
 @torch.library.custom_op("goom_ssm::scan", mutates_args=())
 def _scan_op(u: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
-             chunk_len: int, resets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    states = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets)
+             chunk_len: int, resets: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    states = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart)
     return states.log_scale, states.rows
 
 
 @_scan_op.register_fake
-def _(u, A, init_log_scale, init_rows, chunk_len, resets):
+def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
     batch, seq_len, n, d = u.shape
     return (init_rows.new_empty(batch, seq_len, n, 1), init_rows.new_empty(batch, seq_len, n, d))
 
@@ -428,36 +465,40 @@ def _(u, A, init_log_scale, init_rows, chunk_len, resets):
 @torch.library.custom_op("goom_ssm::scan_backward", mutates_args=())
 def _scan_backward_op(grad_rows: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
                       log_scale: torch.Tensor, rows: torch.Tensor, chunk_len: int, u_dtype: torch.dtype,
-                      resets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      resets: torch.Tensor, restart: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
-                     u_dtype, resets)
+                     u_dtype, resets, restart)
 
 
 @_scan_backward_op.register_fake
-def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets):
-    return grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows)
+def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets, restart):
+    return (grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows),
+            torch.empty_like(restart) if resets.numel() else restart.new_empty(0))
 
 
-def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restart) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
-    ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none): log-scales ``[B, T, n, 1]``
-    and rows ``[B, T, n, d]``. Under
-    ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph); in eager mode
-    a direct call: an operator's dispatch costs more host time than its kernels (timings:
-    ``benchmarks/results/design_notes.md``)."""
+    ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
+    rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` and rows ``[B, T,
+    n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph);
+    in eager mode a direct call: an operator's dispatch costs more host time than its kernels
+    (timings: ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
-        return _scan_op(u, A, init_log_scale, init_rows, chunk_len, resets)
-    return tuple(_forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets))
+        return _scan_op(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
+    return tuple(_forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart))
 
 
 def scan_backward(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len: int, u_dtype: torch.dtype,
-                  resets):
+                  resets, restart):
     """The backward launches for :func:`scan_forward`'s outputs ``log_scale, rows`` and the
-    gradient of the rows: ``grad_u`` (in ``u_dtype``), ``grad_A``, ``grad_init_rows``."""
+    gradient of the rows: ``grad_u`` (in ``u_dtype``), ``grad_A``, ``grad_init_rows``,
+    ``grad_restart`` (empty without resets or restart rows)."""
     if torch.compiler.is_compiling():
-        return _scan_backward_op(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets)
+        return _scan_backward_op(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets,
+                                 restart)
     return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
-                     u_dtype, resets)
+                     u_dtype, resets, restart)
 
 
 def kernel_resets(resets: Optional[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
@@ -467,15 +508,23 @@ def kernel_resets(resets: Optional[torch.Tensor], u: torch.Tensor) -> torch.Tens
     return resets.contiguous().view(torch.uint8)
 
 
+def kernel_restart(restart: Optional[torch.Tensor], A: torch.Tensor) -> torch.Tensor:
+    """``restart [n, d]`` (the rows a reset restarts from, or None) as the kernels read them:
+    contiguous, in ``A``'s dtype, empty for none."""
+    if restart is None:
+        return A.new_empty(0)
+    return restart.to(A.dtype).contiguous()
+
+
 class _Scan(torch.autograd.Function):
     """Autograd of :func:`scan_forward` (``torch.compile`` traces this class and keeps the
     operators whole; the operators' own ``register_autograd`` wrapper costs more host time:
     ``benchmarks/results/design_notes.md``)."""
 
     @staticmethod
-    def forward(ctx, u, A, init_log_scale, init_rows, chunk_len, resets):
-        log_scale, rows = scan_forward(u, A, init_log_scale, init_rows, chunk_len, resets)
-        ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows, resets)
+    def forward(ctx, u, A, init_log_scale, init_rows, chunk_len, resets, restart):
+        log_scale, rows = scan_forward(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
+        ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows, resets, restart)
         ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
         ctx.mark_non_differentiable(log_scale)
         ctx.set_materialize_grads(False)
@@ -484,22 +533,25 @@ class _Scan(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_scale, grad_rows):
         if grad_rows is None:  # the log-scales are constants: no gradient reaches the inputs
-            return None, None, None, None, None, None
-        A, init_log_scale, init_rows, log_scale, rows, resets = ctx.saved_tensors
-        grad_u, grad_A, grad_init = scan_backward(grad_rows.contiguous(), A, init_log_scale, init_rows, log_scale, rows,
-                                                  ctx.chunk_len, ctx.u_dtype, resets)
-        return grad_u, grad_A, None, grad_init, None, None
+            return None, None, None, None, None, None, None
+        A, init_log_scale, init_rows, log_scale, rows, resets, restart = ctx.saved_tensors
+        grad_u, grad_A, grad_init, grad_restart = scan_backward(grad_rows.contiguous(), A, init_log_scale, init_rows,
+                                                                log_scale, rows, ctx.chunk_len, ctx.u_dtype, resets,
+                                                                restart)
+        return grad_u, grad_A, None, grad_init, None, None, grad_restart if grad_restart.numel() else None
 
 
 def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, torch.Tensor], *,
-                resets: Optional[torch.Tensor] = None, steps_per_program: Optional[int] = None) -> ScaledRows:
+                resets: Optional[torch.Tensor] = None, reset_state: Optional[torch.Tensor] = None,
+                steps_per_program: Optional[int] = None) -> ScaledRows:
     """States of ``x_t = x_{t-1} A + u_t`` for every ``t`` (Triton kernels; see the module
     docstring). The arguments and result of every scan (:func:`goom_ssm.scan.chunked_scan`):
     ``u [batch, seq_len, n, d]`` in any float dtype (read as is, computed in ``A``'s dtype,
     float32 or float64), ``A [d, d]``, ``initial`` ``[batch, n, 1]`` / ``[batch, n, d]``, or
     a plain ``[n, d]`` tensor of rows shared by every sequence (a layer's own initial state,
     taken with no per-call normalising and broadcasting), ``resets [batch, seq_len]`` (bool) or
-    None. Differentiable in ``u``, ``A`` and the initial rows; the log-scales are constants, as
+    None, ``reset_state [n, d]`` (plain rows a reset restarts from) or None. Differentiable in
+    ``u``, ``A``, the initial rows and ``reset_state``; the log-scales are constants, as
     everywhere in this package.
 
     The option of this scan, ``steps_per_program``: the steps each program runs one after
@@ -511,5 +563,6 @@ def triton_scan(u: torch.Tensor, A: torch.Tensor, initial: Union[ScaledRows, tor
     if isinstance(initial, torch.Tensor):  # shared plain rows: an empty log-scale says so to the kernels
         initial = ScaledRows(A.new_empty(0), initial)
     log_scale, rows = _Scan.apply(u.contiguous(), A.contiguous(), initial.log_scale.to(A.dtype).contiguous(),
-                                  initial.rows.to(A.dtype).contiguous(), chunk_len, kernel_resets(resets, u))
+                                  initial.rows.to(A.dtype).contiguous(), chunk_len, kernel_resets(resets, u),
+                                  kernel_restart(reset_state, A))
     return ScaledRows(log_scale, rows)

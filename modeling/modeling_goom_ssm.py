@@ -168,7 +168,7 @@ def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: 
     whose position is 0 and before which the sequence holds a state that is not the initial one
     (an earlier real token, or a ``carried`` cache); None where there is no such token. Without
     ``position_ids``, None. The value checks (non-negative; +1 from one real token to the
-    next, or 0) wait for the ids, so compiled and exported graphs skip them."""
+    next, or 0) wait for the ids, so compiled, exported and captured (CUDA graph) graphs skip them."""
     if position_ids is None:
         return None
     if not isinstance(position_ids, torch.Tensor):
@@ -183,7 +183,7 @@ def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: 
     real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask
     seen = real.cumsum(dim=1) - real.long()  # real tokens before each position
     starts = (position_ids == 0) & real & ((seen > 0) if not carried else True)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or (starts.is_cuda and torch.cuda.is_current_stream_capturing()):
         return starts
     # Compare each real token with the real token before it (the padding between is skipped).
     last_real = torch.cummax(torch.where(real, torch.arange(seq_len, device=real.device), -1), dim=1).values[:, :-1]

@@ -1,7 +1,7 @@
 """Packed documents: several documents in one row, each computed as if it were alone.
 
-Scans: ``resets`` (the state before a flagged step dropped) against the step-by-step
-definition, states and gradients. Models: ``position_ids`` that restart at 0 per document
+Scans: ``resets`` (the state before a flagged step dropped, or replaced by ``reset_state``)
+against the step-by-step definition, states and gradients. Models: ``position_ids`` that restart at 0 per document
 (transformers' ``DataCollatorWithFlattening``) give every document the hidden states, logits
 and parameter gradients it gets alone, with every scan implementation, with documents of
 one token and documents that cross chunk boundaries. Without a GPU the Triton kernels run in
@@ -37,12 +37,15 @@ def position_ids_of(lengths) -> torch.Tensor:
     return torch.cat([torch.arange(n) for n in lengths])[None]
 
 
-def scan_states_and_gradients(scan, u, A, initial, weights, resets):
-    u, A, init_rows = (t.detach().clone().requires_grad_(True) for t in (u, A, initial.rows))
-    out = scan(u, A, ScaledRows(initial.log_scale, init_rows), resets=resets)
+def scan_states_and_gradients(scan, u, A, initial, weights, resets, reset_state=None):
+    """States and the gradients of ``u``, ``A``, the initial rows and ``reset_state`` (if given)."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (u, A, initial.rows)]
+    restart = None if reset_state is None else reset_state.detach().clone().requires_grad_(True)
+    u, A, init_rows = leaves
+    out = scan(u, A, ScaledRows(initial.log_scale, init_rows), resets=resets, reset_state=restart)
     states = out.rows * out.log_scale.exp()
     (states * weights).sum().backward()
-    return [states, u.grad, A.grad, init_rows.grad]
+    return [states, *(t.grad for t in leaves), *([] if restart is None else [restart.grad])]
 
 
 SCANS = {
@@ -59,36 +62,45 @@ def _triton_scan(*args, **kwargs):
     return triton_scan(*args, steps_per_program=4, **kwargs)
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["no reset state", "reset state"])
 @pytest.mark.parametrize("name", [*SCANS, "triton", "goom_prefix"])
-def test_every_scan_with_resets_equals_the_step_by_step_definition(name):
+def test_every_scan_with_resets_equals_the_step_by_step_definition(name, restart):
     if name == "triton":
         pytest.importorskip("triton")
     lengths = [[3, 4, 1, 1, 7, 10], [12, 1, 13]]  # 26 steps: resets on, before and after chunk boundaries
     u, A, initial = random_scan_case(2, 26, 2, 3, radius=1.2, seed=1)
     resets = resets_of(lengths)
     resets[1, 0] = True  # a reset at the first step drops the initial state too
-    weights = torch.randn(u.shape, dtype=u.dtype, generator=torch.Generator().manual_seed(2))
-    expected = scan_states_and_gradients(naive_scan, u, A, initial, weights, resets)
+    g = torch.Generator().manual_seed(2)
+    weights = torch.randn(u.shape, dtype=u.dtype, generator=g)
+    # Drawn as the case's initial rows are: a state to start from.
+    reset_state = torch.rand(2, 3, dtype=u.dtype, generator=g) * 0.2 - 0.1 if restart else None
+    expected = scan_states_and_gradients(naive_scan, u, A, initial, weights, resets, reset_state)
     if name == "goom_prefix":  # float32 GOOMs: agreement to float32 rounding
-        got = scan_states_and_gradients(goom_prefix_scan, u, A, initial, weights, resets)
+        got = scan_states_and_gradients(goom_prefix_scan, u, A, initial, weights, resets, reset_state)
         bound = 1e-5
     else:
         scan = _triton_scan if name == "triton" else SCANS[name]
         device = TRITON_DEVICE if name == "triton" else "cpu"
         moved = [t.to(device) for t in (u, A, *initial, weights, resets)]
-        got = scan_states_and_gradients(scan, moved[0], moved[1], ScaledRows(*moved[2:4]), moved[4], moved[5])
+        got = scan_states_and_gradients(scan, moved[0], moved[1], ScaledRows(*moved[2:4]), moved[4], moved[5],
+                                        None if reset_state is None else reset_state.to(device))
         bound = 1e-13
-    for what, g, e in zip(["states", "u.grad", "A.grad", "initial.grad"], got, expected):
+    assert len(got) == len(expected) == (5 if restart else 4)
+    for what, g, e in zip(["states", "u.grad", "A.grad", "initial.grad", "reset_state.grad"], got, expected):
         assert relative_error(g, e) < bound, what
 
 
-def test_the_definition_restarts_from_no_state_at_each_reset():
-    """The reference itself: after a reset, the states are those of the rest alone from a zero state."""
+@pytest.mark.parametrize("restart", [False, True], ids=["no reset state", "reset state"])
+def test_the_definition_restarts_at_each_reset(restart):
+    """The reference itself: after a reset, the states are those of the rest alone from a zero
+    state, or from ``reset_state``."""
     u, A, initial = random_scan_case(1, 12, 2, 3, radius=0.9, seed=3)
     resets = torch.zeros(1, 12, dtype=torch.bool)
     resets[0, 5] = True
-    together = naive_scan(u, A, initial, resets=resets)
-    alone = naive_scan(u[:, 5:], A, torch.zeros(2, 3, dtype=u.dtype))
+    reset_state = torch.randn(2, 3, dtype=u.dtype, generator=torch.Generator().manual_seed(4)) if restart else None
+    together = naive_scan(u, A, initial, resets=resets, reset_state=reset_state)
+    alone = naive_scan(u[:, 5:], A, torch.zeros(2, 3, dtype=u.dtype) if reset_state is None else reset_state)
     assert torch.allclose(together.rows[:, 5:], alone.rows, atol=1e-15)
     assert torch.allclose(together.log_scale[:, 5:], alone.log_scale, atol=1e-12)
     head = naive_scan(u[:, :5], A, initial)
