@@ -86,12 +86,21 @@ class GraphedTrainingStep:
                 if tensor is not None and tensor.shape != static.shape:
                     raise ValueError(f"the step was captured for batches of shape {tuple(static.shape)}; got {name} "
                                      f"{tuple(tensor.shape)} (drop the last, shorter batch)")
+        self.check_token_ids(input_ids)
         self._read_hyperparameters()
         for name, tensor in batch.items():
             if tensor is not None:
                 self.batch[name].copy_(tensor, non_blocking=True)
         self.graph.replay()
         return self.loss, self.grad_norm
+
+    def check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Refuse ids outside the vocabulary, as the eager model does (the replayed graph does
+        not check them; the check waits for the previous step, where a training loop waits anyway)."""
+        from .modeling.modeling_goom_ssm import _check_id_range
+
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        _check_id_range(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size=vocab_size)
 
     def _read_hyperparameters(self) -> None:
         for group, hyper, fixed in zip(self.optimizer.param_groups, self.hyper, self.fixed):

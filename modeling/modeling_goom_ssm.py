@@ -96,10 +96,17 @@ def _check_input_ids(input_ids: torch.Tensor) -> None:
         raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); give at least one token per sequence")
 
 
+def _in_graph(tensor: torch.Tensor) -> bool:
+    """Whether a check that waits for ``tensor``'s values (a device-to-host copy) must be
+    skipped: while ``torch.compile`` traces, or while a CUDA graph is being captured
+    (:class:`goom_ssm.graphed_step.GraphedTrainingStep` checks the token ids before each replay)."""
+    return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
     """Raises if an id is outside the vocabulary: waits for ``input_ids`` (one device-to-host
-    copy), so compiled graphs skip it."""
-    if not torch.compiler.is_compiling():
+    copy), so graphs skip it (:func:`_in_graph`)."""
+    if not _in_graph(input_ids):
         _check_id_range(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size=vocab_size)
 
 
@@ -168,7 +175,7 @@ def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: 
     whose position is 0 and before which the sequence holds a state that is not the initial one
     (an earlier real token, or a ``carried`` cache); None where there is no such token. Without
     ``position_ids``, None. The value checks (non-negative; +1 from one real token to the
-    next, or 0) wait for the ids, so compiled, exported and captured (CUDA graph) graphs skip them."""
+    next, or 0) wait for the ids, so graphs skip them (:func:`_in_graph`)."""
     if position_ids is None:
         return None
     if not isinstance(position_ids, torch.Tensor):
@@ -183,7 +190,7 @@ def _document_starts(position_ids: Optional[torch.Tensor], batch: int, seq_len: 
     real = torch.ones_like(position_ids, dtype=torch.bool) if mask is None else mask
     seen = real.cumsum(dim=1) - real.long()  # real tokens before each position
     starts = (position_ids == 0) & real & ((seen > 0) if not carried else True)
-    if torch.compiler.is_compiling() or (starts.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if _in_graph(starts):
         return starts
     # Compare each real token with the real token before it (the padding between is skipped).
     last_real = torch.cummax(torch.where(real, torch.arange(seq_len, device=real.device), -1), dim=1).values[:, :-1]

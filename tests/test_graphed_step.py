@@ -110,6 +110,8 @@ def test_a_batch_of_another_shape_or_without_position_ids_is_refused():
         step(ids[:1], ids[:1])
     with pytest.raises(ValueError, match="captured without position_ids"):
         step(ids, ids, torch.arange(16, device="cuda").expand(2, -1))
+    with pytest.raises(ValueError, match="token id 300, outside the vocabulary"):
+        step(ids.clamp(max=299) + (torch.arange(16, device="cuda") == 3), ids)  # id 300 at one position
     optimizer = step.optimizer
     optimizer.param_groups[0]["weight_decay"] = 0.5
     with pytest.raises(ValueError, match="weight_decay changed after the capture"):
