@@ -234,8 +234,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     opt.add_argument("--cuda-graph", action="store_true",
                      help="capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph and "
-                          "replay it: one process, no gradient accumulation, bf16 or no mixed precision "
-                          "(goom_ssm.graphed_step)")
+                          "replay it: one process, no gradient accumulation, bf16 or no mixed precision, a constant beta1 "
+                          "(--base-momentum = --max-momentum) (goom_ssm.graphed_step)")
 
     run = parser.add_argument_group("run")
     run.add_argument("--output-dir", required=True, help="checkpoints, logs and the final model")

@@ -11,7 +11,7 @@ was captured with::
     step = GraphedTrainingStep(model, optimizer, max_grad_norm=1.0, autocast_dtype=torch.bfloat16)
     for batch in loader:  # every batch [batch, seq_len] as the first
         loss, grad_norm = step(batch["input_ids"], batch["labels"], batch.get("position_ids"))
-        scheduler.step()  # the learning rate and betas of the groups are read at every call
+        scheduler.step()  # the groups' learning rates are read at every call
 
 ``goom-ssm train --cuda-graph`` trains this way. With the HF ``Trainer``, the same is
 ``torch.compile``'s CUDA graphs (``TrainingArguments(torch_compile=True,
@@ -19,7 +19,8 @@ torch_compile_mode="reduce-overhead")``): the Triton scan is a custom operator t
 graphs keep whole.
 
 Rules of a captured step, checked where they can be: CUDA; an ``Adam``/``AdamW`` with
-``capturable=True`` whose hyperparameters other than ``lr`` and ``betas`` stay fixed; no
+``capturable=True`` whose hyperparameters other than ``lr`` stay fixed (torch's Adam reads a
+``beta1`` tensor on the host, which a graph cannot: no momentum schedule); no
 gradient scaler (bf16 or float32, not fp16); every batch of the captured shape, with
 ``position_ids`` (packed documents) at every call or at none; no host synchronisation inside
 the model's step (the GOOM-SSM CUDA path has none: the value checks of ``position_ids`` run
@@ -30,7 +31,7 @@ from typing import Optional
 
 import torch
 
-FIXED_HYPERPARAMETERS = ("eps", "weight_decay", "amsgrad", "maximize")
+FIXED_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 class GraphedTrainingStep:
@@ -42,8 +43,8 @@ class GraphedTrainingStep:
         model: a causal LM on CUDA, in train mode, whose ``forward(input_ids=, labels=,
             position_ids=, use_cache=False)`` returns the mean loss.
         optimizer: ``torch.optim.Adam`` or ``AdamW`` over the model's parameters, with
-            ``capturable=True``. Its groups' ``lr`` and ``betas`` may change between calls (a
-            scheduler); the other hyperparameters are fixed at capture.
+            ``capturable=True``. Its groups' ``lr`` may change between calls (a scheduler);
+            the other hyperparameters are fixed at capture.
         max_grad_norm: clip the gradients' global norm to this (0: no clipping).
         autocast_dtype: run the forward under CUDA autocast in this dtype (``torch.bfloat16``),
             or None: as the model runs (e.g. a model ``accelerate`` prepared with its own autocast).
@@ -69,8 +70,8 @@ class GraphedTrainingStep:
         self.model, self.optimizer, self.device = model, optimizer, device
         self.max_grad_norm, self.autocast_dtype, self.warmup = max_grad_norm, autocast_dtype, warmup
         self.graph: Optional[torch.cuda.CUDAGraph] = None
-        # The groups' schedulable values as device tensors the graph reads: [lr, beta1, beta2] per group.
-        self.hyper = [torch.zeros(3, dtype=torch.float32, device=device) for _ in optimizer.param_groups]
+        # The groups' learning rates as device tensors the graph reads.
+        self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
         self.fixed = [{k: group[k] for k in FIXED_HYPERPARAMETERS} for group in optimizer.param_groups]
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
@@ -103,13 +104,11 @@ class GraphedTrainingStep:
         _check_id_range(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size=vocab_size)
 
     def _read_hyperparameters(self) -> None:
-        for group, hyper, fixed in zip(self.optimizer.param_groups, self.hyper, self.fixed):
+        for group, lr, fixed in zip(self.optimizer.param_groups, self.lrs, self.fixed):
             changed = [k for k in FIXED_HYPERPARAMETERS if group[k] != fixed[k]]
             if changed:
-                raise ValueError(f"the optimizer's {', '.join(changed)} changed after the capture; only lr and betas "
-                                 "may change")
-            for i, value in enumerate((group["lr"], *group["betas"])):
-                hyper[i].fill_(float(value))
+                raise ValueError(f"the optimizer's {', '.join(changed)} changed after the capture; only lr may change")
+            lr.fill_(float(group["lr"]))
 
     def _step(self):
         """The eager step the graph records: the loss and the global gradient norm (or None)."""
@@ -132,10 +131,10 @@ class GraphedTrainingStep:
         saved_state = {p: {k: v.clone() if torch.is_tensor(v) else v for k, v in self.optimizer.state[p].items()}
                        for p in params if p in self.optimizer.state}
         groups = self.optimizer.param_groups
-        floats = [(group["lr"], group["betas"]) for group in groups]
-        for group, hyper in zip(groups, self.hyper):  # the graph reads these tensors
-            group["lr"], group["betas"] = hyper[0], (hyper[1], hyper[2])
+        floats = [group["lr"] for group in groups]
         self._read_hyperparameters()
+        for group, lr in zip(groups, self.lrs):  # the graph reads these tensors
+            group["lr"] = lr
         try:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -159,5 +158,5 @@ class GraphedTrainingStep:
             with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
                 self.loss, self.grad_norm = self._step()
         finally:
-            for group, (lr, betas) in zip(groups, floats):  # the groups hold floats again, for the scheduler
-                group["lr"], group["betas"] = lr, betas
+            for group, lr in zip(groups, floats):  # the groups hold floats again, for the scheduler
+                group["lr"] = lr

@@ -427,6 +427,9 @@ def _check_cuda_graph(args, cpu: bool, num_processes: int, accumulation: int, mi
         problems.append("it takes no gradient scaler: --mixed-precision bf16 or no, not fp16")
     if args.compile:
         problems.append("it and --compile exclude each other")
+    if args.base_momentum != args.max_momentum:
+        problems.append("it keeps beta1 fixed (torch's AdamW cannot take a changing beta1 inside a CUDA graph): give "
+                        "--base-momentum equal to --max-momentum")
     if problems:
         raise ValueError("--cuda-graph: " + "; ".join(problems))
 

@@ -349,7 +349,8 @@ def test_fsdp_configuration_gathers_parameters_in_float32(monkeypatch, tmp_path,
 
 
 def test_cuda_graph_is_refused_where_a_step_cannot_be_captured(tmp_path, cache_dir):
-    with pytest.raises(ValueError, match="--cuda-graph: it needs CUDA.*one optimizer step per micro-batch"):
+    with pytest.raises(ValueError, match="--cuda-graph: it needs CUDA.*one optimizer step per micro-batch.*"
+                                         "--base-momentum equal to --max-momentum"):
         train_mod.train(args_for(tmp_path / "run", cache_dir, "--max-steps", "4", "--cpu", "--cuda-graph"))
     assert not (tmp_path / "run").exists()
 
@@ -360,7 +361,7 @@ def test_cuda_graph_training_follows_the_eager_run(tmp_path, cache_dir, pack):
     """bf16 on the GPU: the captured steps (whose AdamW reads the schedule as float32 tensors)
     follow the eager run's losses to bf16 rounding, then save, evaluate and resume alike."""
     common = ["--max-steps", "12", "--batch-size", "3", "--mixed-precision", "bf16", "--validation-split", "0.15",
-              pack]
+              "--base-momentum", "0.9", "--max-momentum", "0.9", pack]
     eager = train_mod.train(args_for(tmp_path / "eager", cache_dir, *common))
     reset_accelerate()
     graphed = train_mod.train(args_for(tmp_path / "graphed", cache_dir, *common, "--cuda-graph"))
