@@ -29,6 +29,11 @@ launches happens inside the kernels, because at small batches the host's time pe
 not the GPU's, bounds training. Only the outputs are saved for the backward pass: memory is
 ``O(T)``, with no ``O(T log T)`` intermediates.
 
+Packed documents (``resets``, uint8 ``[B, T]``): before a flagged step the state is replaced
+by the restart rows (``reset_state``, plain ``[n, d]``, loaded once per program) or dropped;
+the carry stage reads a chunk's flags itself, and the adjoint sums ``lambda_t A^T`` over the
+flagged steps for the restart rows' gradient, so packing adds no operation on the host.
+
 The forward and the backward (:func:`scan_forward`, :func:`scan_backward`) are joined by
 an ``autograd.Function``. Under ``torch.compile`` they are the custom operators
 ``goom_ssm::scan`` and ``goom_ssm::scan_backward``, so that ``torch.compile(fullgraph=True)``
