@@ -13,10 +13,10 @@ was captured with::
         loss, grad_norm = step(batch["input_ids"], batch["labels"], batch.get("position_ids"))
         scheduler.step()  # the groups' learning rates are read at every call
 
-``goom-ssm train --cuda-graph`` trains this way. With the HF ``Trainer``, the same is
-``torch.compile``'s CUDA graphs (``TrainingArguments(torch_compile=True,
-torch_compile_mode="reduce-overhead")``): the Triton scan is a custom operator that compiled
-graphs keep whole.
+``goom-ssm train --cuda-graph`` trains this way. With the HF ``Trainer``, CUDA graphs come
+from ``torch.compile`` (``TrainingArguments(torch_compile=True,
+torch_compile_mode="reduce-overhead")``: the compiled forward and backward replayed as graphs,
+the Triton scan a custom operator they keep whole, the optimizer eager).
 
 Rules of a captured step, checked where they can be: CUDA; an ``Adam``/``AdamW`` with
 ``capturable=True`` whose hyperparameters other than ``lr`` stay fixed (torch's Adam reads a
