@@ -384,7 +384,8 @@ def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len:
     carry = _empty_states(ends.rows, steps, power.rows.dtype)
     adjoint = initial is None
     _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=adjoint, u_log_scale=ends.log_scale,
-            a_log_scale=power.log_scale, start=initial, resets=resets, flag_span=chunk_len,
+            a_log_scale=power.log_scale, start=initial, resets=resets,
+            flag_span=chunk_len if resets.numel() else 0,  # no kernel of its own per chunk length without resets
             flag_shift=1 if adjoint else 0)
     return carry
 
