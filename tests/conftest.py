@@ -1,5 +1,6 @@
 """Shared fixtures: reference vectors of the original implementation and small models."""
 
+import inspect
 import os
 from pathlib import Path
 
@@ -10,6 +11,51 @@ if not torch.cuda.is_available():
     # Triton kernels then run on CPU tensors in Triton's interpreter (set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # where the "triton" scan can run
+
+
+def _patch_the_language_once_per_launch():
+    """Make Triton's interpreter patch ``triton.language`` once per kernel launch, not again at
+    every call of a ``@triton.jit`` helper inside the kernel (the kernels call several per step).
+
+    The interpreter swaps the language's builtins for numpy-backed ones when a launch starts
+    (``_patch_lang``) and restores them when it ends (``_LangPatchScope.restore``). A helper's
+    call repeats ``_patch_lang``, walking every member of ``tl``, ``tl.tensor`` and ``tl.math``:
+    with the same modules already patched by the launch, the walk finds no builtin left to
+    swap and re-installs replacements equal to those in place, undone at the launch's end like
+    them; on CPU it is most of an interpreted scan's time. Skipping that repeat (only for
+    modules the running launch has patched) leaves what runs, and every result, unchanged.
+    Does nothing where the interpreter is not used or its internals are not these."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    patch_lang = getattr(interpreter, "_patch_lang", None)
+    scope_type = getattr(interpreter, "_LangPatchScope", None)
+    if patch_lang is None or scope_type is None or not hasattr(scope_type, "restore"):
+        return
+    restore = scope_type.restore
+    patched = set()  # the language modules the running launch has patched
+
+    def patch_unless_patched(fn):
+        languages = {v for v in fn.__globals__.values() if inspect.ismodule(v) and v in (tl, tl.core)}
+        if languages and languages <= patched:
+            return scope_type()  # nothing to restore
+        scope = patch_lang(fn)
+        patched.update(languages)
+        return scope
+
+    def restore_and_forget(scope):
+        patched.clear()
+        restore(scope)
+
+    interpreter._patch_lang = patch_unless_patched
+    scope_type.restore = restore_and_forget
+
+
+_patch_the_language_once_per_launch()
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 

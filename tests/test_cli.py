@@ -1,11 +1,16 @@
-"""The ``goom-ssm`` command line as a user meets it: the real entry point in a subprocess, its
-exit status and its one-line messages (no tracebacks), and what it leaves on disk."""
+"""The ``goom-ssm`` command line as a user meets it: its exit status and its one-line messages
+(no tracebacks, no warnings), and what it leaves on disk. The real entry point runs in a
+subprocess where the process matters (what it imports, a package hidden from it, the
+installed console script, one failing model load end to end); other commands run
+``main`` in this process, with the warnings and log records a terminal would show."""
 
+import logging
 import os
 import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -27,6 +32,32 @@ def run(*args, cwd=None, python_prelude=None):
         code = f"import sys\n{python_prelude}\nfrom goom_ssm.cli import main\nsys.exit(main(sys.argv[1:]))"
         command = [sys.executable, "-c", code, *map(str, args)]
     return subprocess.run(command, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def call(capfd, *args):
+    """``main(ARGS)`` in this process, as :func:`run` reports it: the exit status, stdout, and
+    stderr followed by the warnings and log records (warning and above) that a fresh Python
+    would have printed there; ``capfd``: the test's fixture."""
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    loggers = [logging.getLogger(), logging.getLogger("transformers")]  # transformers' does not propagate
+    for logger in loggers:
+        logger.addHandler(handler)
+    capfd.readouterr()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")  # Python's default filters: shown once, these four ignored
+            for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.filterwarnings("ignore", category=category)
+            returncode = main(list(map(str, args)))
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+    out, err = capfd.readouterr()
+    err += "".join(f"{w.category.__name__}: {w.message}\n" for w in caught)
+    err += "".join(f"{record.getMessage()}\n" for record in records)
+    return subprocess.CompletedProcess(["goom-ssm", *map(str, args)], returncode, out, err)
 
 
 def assert_user_error(result, *fragments):
@@ -71,28 +102,30 @@ def test_subcommand_help_names_the_command():
     assert result.returncode == 0 and result.stdout.startswith("usage: goom-ssm perplexity")
 
 
-def test_missing_model_folders_and_files_are_named(tmp_path):
+def test_missing_model_folders_and_files_are_named(tmp_path, capfd):
     missing = tmp_path / "no-such-model"
-    assert_user_error(run("demo", "--model", missing), "no model folder at", str(missing))
-    assert_user_error(run("export-original", missing, tmp_path / "x.pt"), "no model folder at", str(missing))
-    assert_user_error(run("perplexity", missing, DEFAULT_MODEL_DIR / "README.md"), "no model folder at")
-    assert_user_error(run("perplexity", DEFAULT_MODEL_DIR, tmp_path / "missing.txt"), "text file not found",
+    assert_user_error(call(capfd, "demo", "--model", missing), "no model folder at", str(missing))
+    assert_user_error(call(capfd, "export-original", missing, tmp_path / "x.pt"), "no model folder at", str(missing))
+    assert_user_error(call(capfd, "perplexity", missing, DEFAULT_MODEL_DIR / "README.md"), "no model folder at")
+    assert_user_error(call(capfd, "perplexity", DEFAULT_MODEL_DIR, tmp_path / "missing.txt"), "text file not found",
                       "missing.txt")
-    assert_user_error(run("perplexity", tmp_path, DEFAULT_MODEL_DIR / "README.md"), "has no config.json")
+    assert_user_error(call(capfd, "perplexity", tmp_path, DEFAULT_MODEL_DIR / "README.md"), "has no config.json")
 
 
-def test_bad_model_files_and_checkpoints_are_named(tmp_path, converted_tiny_dir):
+def test_bad_model_files_and_checkpoints_are_named(tmp_path, converted_tiny_dir, capfd):
     corrupt = tmp_path / "corrupt"
     shutil.copytree(converted_tiny_dir, corrupt)
     (corrupt / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert_user_error(run("export-original", corrupt, tmp_path / "x.pt"), "model.safetensors")
+    assert_user_error(call(capfd, "export-original", corrupt, tmp_path / "x.pt"), "model.safetensors")
     text = tmp_path / "notes.txt"
     text.write_text("KING HENRY.\nMy lords,\n")
-    assert_user_error(run("convert-original", text, tmp_path / "out"), "not a readable PyTorch checkpoint of tensors")
+    assert_user_error(call(capfd, "convert-original", text, tmp_path / "out"),
+                      "not a readable PyTorch checkpoint of tensors")
     # A folder without tokenizer files: named, with the way out (not "install sentencepiece").
-    assert_user_error(run("perplexity", converted_tiny_dir, text), "has no tokenizer files", "--tokenizer")
+    assert_user_error(call(capfd, "perplexity", converted_tiny_dir, text), "has no tokenizer files", "--tokenizer")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
+    # The installed console script, end to end: it loads the shipped model and tokenizer, then stops.
     assert_user_error(run("perplexity", DEFAULT_MODEL_DIR, empty), "nothing to score")
 
 
@@ -105,7 +138,7 @@ def test_missing_extras_name_the_extra_to_install(tmp_path):
     assert_user_error(result, "lm_eval", "pip install 'goom-ssm[eval]'")
 
 
-def test_outputs_get_the_usual_permissions_and_no_stray_files(tmp_path):
+def test_outputs_get_the_usual_permissions_and_no_stray_files(tmp_path, capfd):
     old_umask = os.umask(0o022)
     try:
         assert main(["convert-original", str(REFERENCE_DIR / "original_tiny.pt"), str(tmp_path / "hf")]) == 0
@@ -116,14 +149,16 @@ def test_outputs_get_the_usual_permissions_and_no_stray_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no staging folder left
 
     (tmp_path / "out").mkdir()
-    assert_user_error(run("export-original", tmp_path / "hf", tmp_path / "out", "--overwrite"), "is a folder")
+    assert_user_error(call(capfd, "export-original", tmp_path / "hf", tmp_path / "out", "--overwrite"), "is a folder")
     assert list((tmp_path / "out").iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"]
 
     # --overwrite of a folder says that it deletes everything in it.
-    result = run("convert-original", REFERENCE_DIR / "original_tiny.pt", tmp_path / "hf")
+    result = call(capfd, "convert-original", REFERENCE_DIR / "original_tiny.pt", tmp_path / "hf")
     assert_user_error(result, "not empty", "deleting every file in it")
-    assert "deleting every file" in " ".join(run("convert-original", "--help").stdout.split())
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-original", "--help"])
+    assert exit_info.value.code == 0 and "deleting every file" in " ".join(capfd.readouterr().out.split())
 
 
 def test_push_leaves_the_local_folder_as_it_was(tmp_path, monkeypatch, converted_tiny_dir):
