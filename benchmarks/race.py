@@ -488,9 +488,10 @@ def print_table(results: dict) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for name, r in results["models"].items():
         ppl = {text: f"{value:.1f}" for text, value in r.get("heldout_perplexity", {}).items()}
+        missing = "failed" if name in results.get("failed", {}) else "not scored"  # a run cut short scores none
         print(f"| {name} | {r['parameters']:,} | {r['tokens']:,} | {r['train_seconds']:.1f} | "
-              f"{r['tokens_per_second']:,.0f} | {r['final_heldout_loss']:.4f} | {ppl.get('the-tempest', 'failed')} | "
-              f"{ppl.get('sotu-2016', 'failed')} |")
+              f"{r['tokens_per_second']:,.0f} | {r['final_heldout_loss']:.4f} | {ppl.get('the-tempest', missing)} | "
+              f"{ppl.get('sotu-2016', missing)} |")
     unigram = results.get("unigram_perplexity")
     if unigram:
         print(f"| unigram (add-one) | | | | | | {unigram['the-tempest']:.1f} | {unigram['sotu-2016']:.1f} |")
