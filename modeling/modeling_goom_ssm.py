@@ -363,7 +363,15 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
 
     def generate(self, inputs: Optional[torch.Tensor] = None, *args, **kwargs):
         """transformers' ``generate``, with the prompt's shape checked first: ``input_ids`` (or
-        ``inputs``) ``[batch, seq_len]`` and an ``attention_mask`` of the same shape."""
+        ``inputs``) ``[batch, seq_len]`` and an ``attention_mask`` of the same shape. Assisted
+        decoding (an assistant model, prompt lookup, early exit, multi-token prediction) is
+        refused: it rolls the cache back over rejected draft tokens, which a recurrent state cannot."""
+        config = kwargs.get("generation_config") or self.generation_config
+        assisted = [name for name in _ASSISTED_DECODING_OPTIONS
+                    if kwargs.get(name, getattr(config, name, None)) not in (None, False)]
+        if assisted:
+            raise ValueError(f"GOOM-SSM cannot use assisted decoding ({', '.join(assisted)} set): it crops the "
+                             f"cache back over rejected draft tokens, and a recurrent state cannot be rolled back")
         ids = inputs if inputs is not None else kwargs.get("input_ids")
         if isinstance(ids, torch.Tensor) and ids.ndim != 2:
             raise ValueError(f"input_ids must have shape [batch, seq_len], got {tuple(ids.shape)} "
@@ -516,6 +524,8 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         return decoder(input_ids, mask, cache, _check_id_range)
 
 
+# generate()'s options that select assisted decoding (transformers' GenerationConfig.get_generation_mode)
+_ASSISTED_DECODING_OPTIONS = ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit", "use_mtp")
 _CLASSIFICATION_LOSS_KWARGS = ("num_items_in_batch", "ignore_index")
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
