@@ -54,6 +54,9 @@ from .triton_common import HAS_TRITON, tl, triton
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
 MIN_STEPS_PER_PROGRAM, MAX_STEPS_PER_PROGRAM = 16, 256
+# The log-scales the stages hand on (chunk ends, carries, A^L) stay float64, as in the kernels:
+# a float32 one near s ~ 1660 is rounded by up to 6e-5, and the carry chain adds such roundings.
+INTERMEDIATE_SCALE_DTYPE = torch.float64
 
 
 if HAS_TRITON:
@@ -255,7 +258,7 @@ if HAS_TRITON:
                     plain = tl.where(v == 0, 0.0, v * tl.exp(s.to(v.dtype))[:, None])
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], plain, mask=ok)
                 else:
-                    tl.store(out_s_ptr + step, s.to(A.dtype), mask=row_ok)
+                    tl.store(out_s_ptr + step, s.to(out_s_ptr.dtype.element_ty), mask=row_ok)
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], v, mask=ok)
             if GRADIENTS:
                 x_s = tl.where(t == 0, init_s, x_s)
@@ -271,7 +274,7 @@ if HAS_TRITON:
 
         if WRITE_ENDS:
             end = (b * tl.num_programs(0) + pid_c) * n + rows
-            tl.store(out_s_ptr + end, s.to(A.dtype), mask=row_ok)
+            tl.store(out_s_ptr + end, s.to(out_s_ptr.dtype.element_ty), mask=row_ok)
             tl.store(out_v_ptr + end[:, None] * D + feats[None, :], v, mask=ok)
         if GRADIENTS:
             program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(2) + pid_r
@@ -349,10 +352,11 @@ def _grid(u, num_chunks: int) -> tuple:
     return num_chunks, batch, triton.cdiv(n, _rows_per_program(n))
 
 
-def _empty_states(like, steps: int, dtype) -> ScaledRows:
-    """Uninitialised states ``[B, steps, n, 1]`` / ``[B, steps, n, d]`` for inputs ``like [B, T, n, d]``."""
+def _empty_states(like, steps: int, dtype, scale_dtype=None) -> ScaledRows:
+    """Uninitialised states ``[B, steps, n, 1]`` / ``[B, steps, n, d]`` for inputs ``like [B, T, n, d]``,
+    rows in ``dtype``, log-scales in ``scale_dtype`` (default ``dtype``)."""
     batch, _, n, d = like.shape
-    return ScaledRows(torch.empty(batch, steps, n, 1, dtype=dtype, device=like.device),
+    return ScaledRows(torch.empty(batch, steps, n, 1, dtype=scale_dtype or dtype, device=like.device),
                       torch.empty(batch, steps, n, d, dtype=dtype, device=like.device))
 
 
@@ -363,7 +367,7 @@ def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None
     (``adjoint_scales``: the forward states' log-scales ``s_t``; the inputs ``u`` are then
     ``g_t`` at ``-s_t``): chunks ``K-1 .. 1`` in reverse time with ``A^T``."""
     num_chunks = triton.cdiv(u.shape[1], chunk_len) - 1
-    ends = _empty_states(u, num_chunks, A.dtype)
+    ends = _empty_states(u, num_chunks, A.dtype, INTERMEDIATE_SCALE_DTYPE)
     adjoint = adjoint_scales is not None
     _launch("chunk_ends", u, A, chunk_len, num_chunks, ends, adjoint=adjoint, first_chunk=1 if adjoint else 0,
             u_log_scale=adjoint_scales, resets=resets, restart=None if adjoint else restart)
@@ -381,7 +385,7 @@ def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len:
     state entering it: its end is all there is. Returns ``[B, K - 1, n, 1]`` / ``[..., d]`` in
     time order."""
     steps = ends.rows.shape[1]
-    carry = _empty_states(ends.rows, steps, power.rows.dtype)
+    carry = _empty_states(ends.rows, steps, power.rows.dtype, INTERMEDIATE_SCALE_DTYPE)
     adjoint = initial is None
     _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=adjoint, u_log_scale=ends.log_scale,
             a_log_scale=power.log_scale, start=initial, resets=resets,
@@ -423,7 +427,7 @@ def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, state
 def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRows:
     """``A^exponent`` (or ``(A^T)^exponent``) as a 1-element log-scale and a normalised ``[d, d]`` matrix."""
     d = A.shape[-1]
-    log_scale = torch.empty(1, dtype=A.dtype, device=A.device)
+    log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
     _power_kernel[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
                         BLOCK=max(16, triton.next_power_of_2(d)), TRANSPOSE=transpose)
