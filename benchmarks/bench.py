@@ -8,6 +8,7 @@ Prints a Markdown table per section; every row of a section uses the same settin
     python benchmarks/bench.py --sections train decode --models goom:triton gpt2 gla gdn \
         --batches 8 16 32 --json results.json                 # the README's table and plot, then:
     python benchmarks/bench.py --plot results.json           # results.png: tokens/s against batch
+    python benchmarks/bench.py --plot a.json b.json          # rows of runs split over calls, in one plot (a.png)
 
 Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA),
 ``goom:<scan>[:<chunk>][:compile]`` (the 124M GOOM-SSM with scan_implementation
@@ -226,16 +227,21 @@ def fmt(value, spec=",.0f", missing="OOM"):
     return missing if value is None else format(value, spec)
 
 
-def plot(json_path: str, png_path: str) -> None:
+def plot(json_paths: list, png_path: str) -> None:
     """Tokens/s against batch, one line per model: training (left) and decoding through
-    generate() (right, log scales), from the records of a ``--json`` file."""
+    generate() (right, log scales), from the records of one or more ``--json`` files (runs
+    split over several calls; their headers are all shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(json_path) as f:
-        results = json.load(f)
+    results = {"header": [], "rows": []}
+    for path in json_paths:
+        with open(path) as f:
+            run = json.load(f)
+        results["header"] += [run["header"]] if run["header"] not in results["header"] else []
+        results["rows"] += run["rows"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     panels = (("train", "tokens_per_s", "Training (fwd + bwd + AdamW)"),
               ("decode", "generate_tokens_per_s", "Decoding through generate()"))
@@ -250,7 +256,7 @@ def plot(json_path: str, png_path: str) -> None:
         ax.set_xticks(batches, labels=batches)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(results["header"], fontsize=9)
+    fig.suptitle("\n".join(results["header"]), fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     print(f"wrote {png_path}")
@@ -274,10 +280,11 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="every model at a tiny size (a quick check, e.g. on CPU)")
     parser.add_argument("--json", help="also write every row, with the settings, to this JSON file")
-    parser.add_argument("--plot", metavar="JSON", help="only plot the results of a --json file (to the same name, .png)")
+    parser.add_argument("--plot", metavar="JSON", nargs="+",
+                        help="only plot the results of --json files (to the first one's name, .png)")
     args = parser.parse_args()
     if args.plot:
-        plot(args.plot, args.plot.removesuffix(".json") + ".png")
+        plot(args.plot, args.plot[0].removesuffix(".json") + ".png")
         return
     device, dtype = args.device, getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else device

@@ -9,7 +9,8 @@ bf16 autocast on CUDA. Each model runs its default fast path: GOOM-SSM its Trito
 GPT-2 (``transformers``) SDPA attention, GLA and Gated DeltaNet ``fla``'s Triton kernels
 (``flash-linear-attention``; those rows are skipped, with a message, without fla or CUDA).
 The held-out loss (fixed blocks of the held-out split, mean token cross-entropy) is logged
-at fixed token intervals with the training wall-clock seconds.
+at fixed token intervals with the training wall-clock seconds (the steps' own: each model first
+builds its kernels in one untimed forward and backward whose gradients are dropped).
 
 Steps (one script)::
 
@@ -222,6 +223,19 @@ def schedule_args(args) -> argparse.Namespace:
                               weight_decay=0.1, max_momentum=0.99, base_momentum=0.85, beta2=0.999, adam_eps=1e-8)
 
 
+def warm_up(model, batch: torch.Tensor, device) -> float:
+    """One forward and backward on ``batch [batch, block]`` whose gradients are dropped (the
+    parameters are unchanged): kernels are compiled and tuned here (fla's Triton autotuning
+    takes minutes), not in the timed steps. Returns its seconds."""
+    started = time.perf_counter()
+    with autocast(device):
+        model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
+    model.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - started
+
+
 def train_one(name: str, train_ids: np.ndarray, valid_blocks: torch.Tensor, args, device, deadline: float) -> tuple:
     """Train model ``name``; returns (its result record, the model, its step log)."""
     from goom_ssm.train import build_optimizer_and_schedule
@@ -244,6 +258,8 @@ def train_one(name: str, train_ids: np.ndarray, valid_blocks: torch.Tensor, args
     log, seconds, stopped_early = [], 0.0, False
     print(f"{name}: {sum(p.numel() for p in model.parameters()):,} parameters, {steps} steps of "
           f"{tokens_per_step:,} tokens; held-out loss {curve[0]['loss']:.4f}", flush=True)
+    build_seconds = warm_up(model, blocks[: args.batch_size].to(device), device)
+    print(f"{name}: kernels built in {build_seconds:.1f} s (not counted)", flush=True)
     for step in range(1, steps + 1):
         while len(queue) < args.batch_size:
             queue += order.permutation(n_blocks).tolist()

@@ -135,16 +135,11 @@ class GraphedTrainingStep:
         self._read_hyperparameters()
         for group, lr in zip(groups, self.lrs):  # the graph reads these tensors
             group["lr"] = lr
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._step()
+
+        def undo_warm_up():
+            """The parameters and the optimizer's state as they were, in place (the graph will hold
+            these tensors; a fresh Adam's state is all zeros)."""
             torch.cuda.current_stream().wait_stream(side)
-            # Undo the warm-up in place (the graph will hold these tensors): the parameters, and
-            # the optimizer's state as it was (a fresh Adam's is all zeros).
             with torch.no_grad():
                 for p, saved in zip(params, saved_params):
                     p.copy_(saved)
@@ -153,10 +148,24 @@ class GraphedTrainingStep:
                     for k, v in self.optimizer.state[p].items():
                         if torch.is_tensor(v):
                             v.copy_(before[k]) if k in before else v.zero_()
+
+        side = torch.cuda.Stream()
+        try:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.warmup):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._step()
+            undo_warm_up()
             self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients and writes them
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.loss, self.grad_norm = self._step()
+            self.graph = graph
+        except BaseException:  # nothing of a failed warm-up or capture stays in the model
+            undo_warm_up()
+            self.optimizer.zero_grad(set_to_none=True)
+            raise
         finally:
             for group, lr in zip(groups, floats):  # the groups hold floats again, for the scheduler
                 group["lr"] = lr

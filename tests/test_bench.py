@@ -81,3 +81,23 @@ def test_bench_reports_a_failing_row_runs_the_rest_and_exits_with_an_error(tmp_p
     assert rows[0] == dict(section="train", model="gpt2", failed="failed: RuntimeError: kernel exploded")
     assert [(r["model"], r["batch"], r["tokens_per_s"]) for r in rows[1:]] == [("goom:chunked", 1, 1000.0),
                                                                               ("goom:chunked", 2, 2000.0)]
+
+
+def test_bench_plots_the_rows_of_runs_split_over_calls(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import matplotlib.axes
+
+    bench = load_bench()
+    first, second = tmp_path / "first.json", tmp_path / "second.json"
+    first.write_text(json.dumps(dict(header="run 1", rows=[dict(section="train", model="a", batch=b,
+                                                                tokens_per_s=1000.0 * b) for b in (8, 16)])))
+    second.write_text(json.dumps(dict(header="run 2", rows=[dict(section="train", model="b", batch=b,
+                                                                 tokens_per_s=500.0 * b) for b in (8, 16)])))
+    lines, original = [], matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, *args, **kwargs: lines.append((kwargs["label"], args)) or original(self, *args,
+                                                                                                        **kwargs))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--plot", str(first), str(second)])
+    bench.main()
+    assert lines == [("a", ((8, 16), (8000.0, 16000.0))), ("b", ((8, 16), (4000.0, 8000.0)))]
+    assert (tmp_path / "first.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
