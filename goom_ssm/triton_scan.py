@@ -54,8 +54,9 @@ from .triton_common import HAS_TRITON, tl, triton
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
 MIN_STEPS_PER_PROGRAM, MAX_STEPS_PER_PROGRAM = 16, 256
-# The log-scales the stages hand on (chunk ends, carries, A^L) stay float64, as in the kernels:
-# a float32 one near s ~ 1660 is rounded by up to 6e-5, and the carry chain adds such roundings.
+# The log-scales the stages hand on (chunk ends, carries, A^L, and the states the backward reads)
+# stay float64, as in the kernels: a float32 one near s ~ 1660 is rounded by up to 6e-5, and the
+# carry chain and the adjoint (whose inputs are scaled by the states' log-scales) add such roundings.
 INTERMEDIATE_SCALE_DTYPE = torch.float64
 
 
@@ -398,8 +399,8 @@ def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[Scale
                 restart) -> ScaledRows:
     """Stage 3: every chunk of ``u`` from the state entering it (``initial`` for the first,
     ``carry`` from stage 2 for the others, None when there is one chunk): the states
-    ``[B, T, n, 1]`` / ``[B, T, n, d]``."""
-    states = _empty_states(u, u.shape[1], A.dtype)
+    ``[B, T, n, 1]`` (float64, as the kernel holds them: the backward reads them) / ``[B, T, n, d]``."""
+    states = _empty_states(u, u.shape[1], A.dtype, INTERMEDIATE_SCALE_DTYPE)
     _launch("steps", u, A, chunk_len, triton.cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry,
             resets=resets, restart=restart)
     return states
@@ -469,7 +470,8 @@ def _scan_op(u: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, ini
 @_scan_op.register_fake
 def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
     batch, seq_len, n, d = u.shape
-    return (init_rows.new_empty(batch, seq_len, n, 1), init_rows.new_empty(batch, seq_len, n, d))
+    return (init_rows.new_empty(batch, seq_len, n, 1, dtype=INTERMEDIATE_SCALE_DTYPE),
+            init_rows.new_empty(batch, seq_len, n, d))
 
 
 @torch.library.custom_op("goom_ssm::scan_backward", mutates_args=())
@@ -490,8 +492,8 @@ def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dty
 def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restart) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
     ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
-    rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` and rows ``[B, T,
-    n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph);
+    rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` (float64) and rows
+    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph);
     in eager mode a direct call: an operator's dispatch costs more host time than its kernels
     (timings: ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
@@ -536,6 +538,7 @@ class _Scan(torch.autograd.Function):
         log_scale, rows = scan_forward(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
         ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows, resets, restart)
         ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
+        log_scale = log_scale.to(A.dtype)  # the states' dtype; the backward keeps the float64 ones
         ctx.mark_non_differentiable(log_scale)
         ctx.set_materialize_grads(False)
         return log_scale, rows
