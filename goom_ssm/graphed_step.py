@@ -98,10 +98,9 @@ class GraphedTrainingStep:
     def check_token_ids(self, input_ids: torch.Tensor) -> None:
         """Refuse ids outside the vocabulary, as the eager model does (the replayed graph does
         not check them; the check waits for the previous step, where a training loop waits anyway)."""
-        from .modeling.modeling_goom_ssm import _check_id_range
+        from .modeling.modeling_goom_ssm import _check_token_range
 
-        vocab_size = self.model.get_input_embeddings().num_embeddings
-        _check_id_range(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size=vocab_size)
+        _check_token_range(input_ids, self.model.get_input_embeddings().num_embeddings)
 
     def _read_hyperparameters(self) -> None:
         for group, lr, fixed in zip(self.optimizer.param_groups, self.lrs, self.fixed):
