@@ -16,7 +16,7 @@ Steps (one script)::
 
     python benchmarks/race.py prepare --out .race_data        # here: fetch, tokenize, split
     python benchmarks/race.py run --data .race_data --out DIR # device: race, results, models
-    python benchmarks/race.py plot DIR/race.json --png benchmarks/results/race.png
+    python benchmarks/race.py report DIR/race.json [DIR2/race.json ...] --png race.png  # table, plot
     python benchmarks/race.py unpack DIR --dest runs/race      # float32 model folders
     python benchmarks/race.py evaluate --data .race_data runs/race/goom-ssm runs/race/gpt2
 
@@ -351,9 +351,9 @@ def run(args) -> None:
     shutil.rmtree(models_dir)
     print_table(results)
     try:
-        plot(out / "race.json", out / "race.png")
+        plot(results, out / "race.png")
     except ImportError as error:
-        print(f"no plot ({error}); make it with: python benchmarks/race.py plot race.json")
+        print(f"no plot ({error}); make it with: python benchmarks/race.py report race.json --png race.png")
     print(f"done in {time.perf_counter() - started:.0f} s")
     if results["failed"]:
         raise SystemExit(f"failed: {', '.join(results['failed'])} (tracebacks in race.json)")
@@ -499,14 +499,55 @@ def print_table(results: dict) -> None:
         print(f"{name}: failed (traceback in race.json)")
 
 
-def plot(results_path: Path, png: Path) -> None:
-    """Two panels from a ``race.json``: held-out loss against tokens and against seconds."""
+# Settings that make two runs one race (the rest: which models, where, the deadline).
+RACE_SETTINGS = ("preset", "tokens", "batch_size", "block_size", "lr", "final_lr", "warmup_steps", "evals",
+                 "eval_blocks", "eval_batch_size", "heldout_tokens", "seed")
+
+
+def combine(paths: list[Path]) -> dict:
+    """One race's results from the ``race.json`` of one or more runs (models run in separate
+    calls): the models in order of the files. Runs of a different race (settings of
+    :data:`RACE_SETTINGS`, corpus or device) and a model present twice are refused."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    first = runs[0]
+    combined = {**first, "models": {}, "skipped": {}, "failed": {}, "versions": [], "runs": [str(p) for p in paths]}
+    for path, results in zip(paths, runs):
+        for key in RACE_SETTINGS:
+            if results["settings"][key] != first["settings"][key]:
+                raise ValueError(f"{path}: --{key.replace('_', '-')} {results['settings'][key]} differs from "
+                                 f"{first['settings'][key]} in {paths[0]}: not the same race")
+        for key in ("data", "device", "heldout_blocks"):
+            if results[key] != first[key]:
+                raise ValueError(f"{path}: its {key} differs from {paths[0]}'s: not the same race")
+        for name, record in results["models"].items():
+            if name in combined["models"]:
+                raise ValueError(f"{path}: model {name!r} is in an earlier file too")
+            combined["models"][name] = record
+        combined["skipped"].update(results["skipped"])
+        combined["failed"].update(results.get("failed", {}))
+        combined["versions"].append(results["versions"])
+        combined.setdefault("unigram_perplexity", results.get("unigram_perplexity"))
+    for ran in combined["models"]:  # a model skipped or failed in one run but raced in another
+        combined["skipped"].pop(ran, None)
+        combined["failed"].pop(ran, None)
+    return combined
+
+
+def report(args) -> None:
+    """The table of one or more runs' ``race.json`` (:func:`combine`) and, with ``--png``, their plot."""
+    results = combine([Path(p) for p in args.results])
+    print_table(results)
+    if args.png:
+        plot(results, Path(args.png))
+
+
+def plot(results: dict, png: Path) -> None:
+    """Two panels from a race's results: held-out loss against tokens and against seconds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = json.loads(Path(results_path).read_text())
     figure, (by_tokens, by_seconds) = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for name, record in results["models"].items():
         curve = record["curve"]
@@ -559,10 +600,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.set_defaults(func=run)
-    p = commands.add_parser("plot", help="race.png from a race.json")
-    p.add_argument("results")
-    p.add_argument("--png", required=True)
-    p.set_defaults(func=lambda a: plot(Path(a.results), Path(a.png)))
+    p = commands.add_parser("report", help="the table and plot of one race from the race.json of one or more runs")
+    p.add_argument("results", nargs="+", help="race.json files of one race (models run in separate calls)")
+    p.add_argument("--png", help="also plot it here")
+    p.set_defaults(func=report)
     p = commands.add_parser("unpack", help="float32 model folders from a run's race_models.tar.NN parts")
     p.add_argument("run_dir")
     p.add_argument("--dest", required=True)

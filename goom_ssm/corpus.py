@@ -254,8 +254,10 @@ def _download(archive: Archive, dest: Path) -> Path:
         except FileNotFoundError as error:
             raise RuntimeError(f"cannot fetch {archive.spec}: {error}") from None
         if result.returncode != 0 or not path.exists():
+            hint = ("; run `apt-get update` first: a pinned version may be in a suite (bookworm-security, say) "
+                    "whose package list this machine has not loaded") if archive.registry == "debian" else ""
             raise RuntimeError(f"could not fetch {archive.spec} ({archive.registry}): "
-                               f"{(result.stderr or result.stdout).strip()[-500:]}")
+                               f"{(result.stderr or result.stdout).strip()[-500:]}{hint}")
         digest = _sha256(path)
         if digest != archive.sha256:
             raise RuntimeError(f"{path.name} has sha256 {digest}, expected {archive.sha256}")

@@ -171,3 +171,36 @@ def test_deb_members_and_extractors(tmp_path):
     texts = {"x/2016_barack_obama_d.txt": b"held out", "x/2015_barack_obama_d.txt": b" kept \r\n"}
     assert corpus._state_of_the_union(texts) == [("2015_barack_obama_d", "kept\n")]
     assert corpus.MODERN_HELD_OUT_TEXT.read_text(encoding="utf-8").startswith("Thank you. Mr. Speaker")
+
+
+def _race_json(folder: Path, models: dict, **settings) -> Path:
+    """A ``race.json`` of a run that raced ``models`` (name: final loss), tiny race settings."""
+    base = {key: 1 for key in race.RACE_SETTINGS}
+    results = {"settings": {**base, **settings}, "data": {"train_tokens": 10}, "device": "cpu", "heldout_blocks": 2,
+               "versions": {"torch": "x"}, "skipped": {"gla": "no CUDA device"}, "failed": {},
+               "unigram_perplexity": {"the-tempest": 9.0, "sotu-2016": 8.0},
+               "models": {name: {"parameters": 100, "tokens": 64, "train_seconds": 1.0, "tokens_per_second": 64.0,
+                                 "final_heldout_loss": loss, "curve": [{"tokens": 0, "seconds": 0.0, "loss": 5.0},
+                                                                       {"tokens": 64, "seconds": 1.0, "loss": loss}]}
+                          for name, loss in models.items()}}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "race.json").write_text(json.dumps(results))
+    return folder / "race.json"
+
+
+def test_report_combines_runs_of_one_race(tmp_path, capsys):
+    """Models raced in separate calls make one table (and plot); a model skipped in one run and
+    raced in another is not reported skipped; runs of another race or a model twice are refused."""
+    first = _race_json(tmp_path / "a", {"goom-ssm": 4.5, "gpt2": 4.8})
+    second = _race_json(tmp_path / "b", {"gla": 4.6})
+    combined = race.combine([first, second])
+    assert list(combined["models"]) == ["goom-ssm", "gpt2", "gla"] and combined["skipped"] == {}
+    png = tmp_path / "race.png"
+    race.main(["report", str(first), str(second)] + (["--png", str(png)] if importlib.util.find_spec("matplotlib") else []))
+    out = capsys.readouterr().out
+    assert "| gla | 100 |" in out and "| goom-ssm | 100 |" in out
+    assert png.is_file() or importlib.util.find_spec("matplotlib") is None
+    with pytest.raises(ValueError, match="--batch-size 2 differs"):
+        race.combine([first, _race_json(tmp_path / "c", {"gla": 4.6}, batch_size=2)])
+    with pytest.raises(ValueError, match="'gpt2' is in an earlier file"):
+        race.combine([first, _race_json(tmp_path / "d", {"gpt2": 4.6})])
