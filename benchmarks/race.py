@@ -334,6 +334,7 @@ def run(args) -> None:
         try:  # a failure (an fla kernel, say) is reported with what was done, and the other models still run
             record, model, log = train_one(name, train_ids, valid_blocks, args, device, deadline)
             results["models"][name] = record
+            (out / "race.json").write_text(json.dumps(results, indent=1) + "\n")  # the curve, before the perplexities
             record["heldout_perplexity"] = {text: model_perplexity(model, ids, args.block_size)
                                             for text, ids in texts.items()}
         except Exception:  # noqa: BLE001

@@ -57,6 +57,16 @@ def _patch_the_language_once_per_launch():
 
 _patch_the_language_once_per_launch()
 
+
+@pytest.fixture(autouse=True)
+def _float32_matmul_precision_kept():
+    """Every test ends with the float32 matmul precision it started with:
+    ``TrainingArguments(torch_compile=True)`` turns TF32 on for the whole process (unless
+    ``tf32=False``), and the float32 tests that come after it on a GPU would compare TF32 results."""
+    saved = torch.backends.fp32_precision
+    yield
+    torch.backends.fp32_precision = saved
+
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
 
