@@ -58,7 +58,7 @@ class FusedBlock(torch.autograd.Function):
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
                               init_states, log_scale, rows, rows_c, y, glu, resets, restart)
         ctx.state_output_scale, ctx.chunk_len, ctx.Bu_dtype = state_output_scale, chunk_len, Bu.dtype
-        final_log_scale = log_scale[:, -1]
+        final_log_scale = log_scale[:, -1].to(A.dtype)  # the states' dtype; the backward keeps the float64 ones
         ctx.mark_non_differentiable(final_log_scale)
         ctx.set_materialize_grads(False)
         return out, final_log_scale, rows[:, -1]

@@ -54,6 +54,10 @@ from .triton_common import HAS_TRITON, tl, triton
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
 MIN_STEPS_PER_PROGRAM, MAX_STEPS_PER_PROGRAM = 16, 256
+# The log-scales the stages hand on (chunk ends, carries, A^L, and the states the backward reads)
+# stay float64, as in the kernels: a float32 one near s ~ 1660 is rounded by up to 6e-5, and the
+# carry chain and the adjoint (whose inputs are scaled by the states' log-scales) add such roundings.
+INTERMEDIATE_SCALE_DTYPE = torch.float64
 
 
 if HAS_TRITON:
@@ -255,7 +259,7 @@ if HAS_TRITON:
                     plain = tl.where(v == 0, 0.0, v * tl.exp(s.to(v.dtype))[:, None])
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], plain, mask=ok)
                 else:
-                    tl.store(out_s_ptr + step, s.to(A.dtype), mask=row_ok)
+                    tl.store(out_s_ptr + step, s.to(out_s_ptr.dtype.element_ty), mask=row_ok)
                     tl.store(out_v_ptr + step[:, None] * D + feats[None, :], v, mask=ok)
             if GRADIENTS:
                 x_s = tl.where(t == 0, init_s, x_s)
@@ -271,7 +275,7 @@ if HAS_TRITON:
 
         if WRITE_ENDS:
             end = (b * tl.num_programs(0) + pid_c) * n + rows
-            tl.store(out_s_ptr + end, s.to(A.dtype), mask=row_ok)
+            tl.store(out_s_ptr + end, s.to(out_s_ptr.dtype.element_ty), mask=row_ok)
             tl.store(out_v_ptr + end[:, None] * D + feats[None, :], v, mask=ok)
         if GRADIENTS:
             program = (b * tl.num_programs(0) + pid_c) * tl.num_programs(2) + pid_r
@@ -349,10 +353,11 @@ def _grid(u, num_chunks: int) -> tuple:
     return num_chunks, batch, triton.cdiv(n, _rows_per_program(n))
 
 
-def _empty_states(like, steps: int, dtype) -> ScaledRows:
-    """Uninitialised states ``[B, steps, n, 1]`` / ``[B, steps, n, d]`` for inputs ``like [B, T, n, d]``."""
+def _empty_states(like, steps: int, dtype, scale_dtype=None) -> ScaledRows:
+    """Uninitialised states ``[B, steps, n, 1]`` / ``[B, steps, n, d]`` for inputs ``like [B, T, n, d]``,
+    rows in ``dtype``, log-scales in ``scale_dtype`` (default ``dtype``)."""
     batch, _, n, d = like.shape
-    return ScaledRows(torch.empty(batch, steps, n, 1, dtype=dtype, device=like.device),
+    return ScaledRows(torch.empty(batch, steps, n, 1, dtype=scale_dtype or dtype, device=like.device),
                       torch.empty(batch, steps, n, d, dtype=dtype, device=like.device))
 
 
@@ -363,7 +368,7 @@ def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None
     (``adjoint_scales``: the forward states' log-scales ``s_t``; the inputs ``u`` are then
     ``g_t`` at ``-s_t``): chunks ``K-1 .. 1`` in reverse time with ``A^T``."""
     num_chunks = triton.cdiv(u.shape[1], chunk_len) - 1
-    ends = _empty_states(u, num_chunks, A.dtype)
+    ends = _empty_states(u, num_chunks, A.dtype, INTERMEDIATE_SCALE_DTYPE)
     adjoint = adjoint_scales is not None
     _launch("chunk_ends", u, A, chunk_len, num_chunks, ends, adjoint=adjoint, first_chunk=1 if adjoint else 0,
             u_log_scale=adjoint_scales, resets=resets, restart=None if adjoint else restart)
@@ -381,7 +386,7 @@ def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len:
     state entering it: its end is all there is. Returns ``[B, K - 1, n, 1]`` / ``[..., d]`` in
     time order."""
     steps = ends.rows.shape[1]
-    carry = _empty_states(ends.rows, steps, power.rows.dtype)
+    carry = _empty_states(ends.rows, steps, power.rows.dtype, INTERMEDIATE_SCALE_DTYPE)
     adjoint = initial is None
     _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=adjoint, u_log_scale=ends.log_scale,
             a_log_scale=power.log_scale, start=initial, resets=resets,
@@ -394,8 +399,8 @@ def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[Scale
                 restart) -> ScaledRows:
     """Stage 3: every chunk of ``u`` from the state entering it (``initial`` for the first,
     ``carry`` from stage 2 for the others, None when there is one chunk): the states
-    ``[B, T, n, 1]`` / ``[B, T, n, d]``."""
-    states = _empty_states(u, u.shape[1], A.dtype)
+    ``[B, T, n, 1]`` (float64, as the kernel holds them: the backward reads them) / ``[B, T, n, d]``."""
+    states = _empty_states(u, u.shape[1], A.dtype, INTERMEDIATE_SCALE_DTYPE)
     _launch("steps", u, A, chunk_len, triton.cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry,
             resets=resets, restart=restart)
     return states
@@ -423,7 +428,7 @@ def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, state
 def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRows:
     """``A^exponent`` (or ``(A^T)^exponent``) as a 1-element log-scale and a normalised ``[d, d]`` matrix."""
     d = A.shape[-1]
-    log_scale = torch.empty(1, dtype=A.dtype, device=A.device)
+    log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
     _power_kernel[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
                         BLOCK=max(16, triton.next_power_of_2(d)), TRANSPOSE=transpose)
@@ -465,7 +470,8 @@ def _scan_op(u: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, ini
 @_scan_op.register_fake
 def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
     batch, seq_len, n, d = u.shape
-    return (init_rows.new_empty(batch, seq_len, n, 1), init_rows.new_empty(batch, seq_len, n, d))
+    return (init_rows.new_empty(batch, seq_len, n, 1, dtype=INTERMEDIATE_SCALE_DTYPE),
+            init_rows.new_empty(batch, seq_len, n, d))
 
 
 @torch.library.custom_op("goom_ssm::scan_backward", mutates_args=())
@@ -486,8 +492,8 @@ def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dty
 def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restart) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
     ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
-    rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` and rows ``[B, T,
-    n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph);
+    rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` (float64) and rows
+    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph);
     in eager mode a direct call: an operator's dispatch costs more host time than its kernels
     (timings: ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
@@ -532,6 +538,7 @@ class _Scan(torch.autograd.Function):
         log_scale, rows = scan_forward(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
         ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows, resets, restart)
         ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
+        log_scale = log_scale.to(A.dtype)  # the states' dtype; the backward keeps the float64 ones
         ctx.mark_non_differentiable(log_scale)
         ctx.set_materialize_grads(False)
         return log_scale, rows

@@ -101,9 +101,11 @@ def test_float32_error_is_that_of_the_pure_pytorch_scan(radius):
 
 
 def test_float32_gradients_at_a_huge_dynamic_range():
-    """States near e^1660 and adjoints near e^-1660, 4096 steps: the float32 gradients are as
-    close to the float64 ones as the pure-PyTorch scan's (within 3x; measured 0.7x to 2x,
-    both ~1e-4), because every dA term is formed from its two log-scales at once."""
+    """States near e^1660 and adjoints near e^-1660, 4096 steps: the float32 gradients are ten
+    times closer to the float64 ones than the pure-PyTorch scan's (measured ~1e-6 against
+    ~5e-5 on CPU): every dA term is formed from its two log-scales at once, and the kernels
+    keep log-scales in float64 from stage to stage and for the backward, where a float32 one
+    near 1660 is rounded by up to 6e-5 (as in the pure-PyTorch scan)."""
     u, A, initial = random_case(1, 4096, 2, 8, 1.5, dtype=torch.float32, seed=5)
     weights = torch.randn(u.shape, generator=torch.Generator().manual_seed(0)).to(u.device)
     out, grads = states_and_gradients(triton_scan, u, A, initial, weights)
@@ -115,7 +117,7 @@ def test_float32_gradients_at_a_huge_dynamic_range():
     for got, theirs, exact in zip(grads, pytorch_grads, exact_grads):
         assert torch.isfinite(got).all()
         error = lambda g: ((g.cpu().double() - exact).norm() / exact.norm()).item()  # noqa: E731
-        assert error(got) <= 3 * error(theirs)
+        assert error(got) <= 0.1 * error(theirs)
 
 
 def test_half_precision_inputs_are_read_as_they_are():
