@@ -23,6 +23,7 @@ from transformers.modeling_outputs import (
 from ..layers import GoomSSM, GoomSSMBlock, is_plain, shared_chunk_plans
 from .cache_goom_ssm import CACHE_NAME, GoomSSMCache
 from .cuda_graph_goom_ssm import CUDAGraphDecoder, decoders_of
+from .generation_goom_ssm import decodes_greedily_without_host_waits, greedy_decode
 from .configuration_goom_ssm import GoomSSMConfig
 
 
@@ -381,6 +382,18 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             raise ValueError(f"attention_mask must have the shape of input_ids {tuple(ids.shape)}, "
                              f"got {tuple(mask.shape)}")
         return super().generate(inputs, *args, **kwargs)
+
+    def _sample(self, input_ids, logits_processor, stopping_criteria, generation_config, synced_gpus=False,
+                streamer=None, **model_kwargs):
+        """transformers' decoding loop for greedy decoding and sampling; greedy decoding that
+        returns only the token ids runs :func:`~.generation_goom_ssm.greedy_decode` instead: the
+        same tokens, with the host reading the device's progress every few tokens instead of
+        after each one (:mod:`~.generation_goom_ssm`)."""
+        if decodes_greedily_without_host_waits(generation_config, stopping_criteria, synced_gpus, streamer,
+                                               model_kwargs):
+            return greedy_decode(self, input_ids, logits_processor, stopping_criteria, generation_config, model_kwargs)
+        return super()._sample(input_ids, logits_processor, stopping_criteria, generation_config,
+                               synced_gpus=synced_gpus, streamer=streamer, **model_kwargs)
 
     def prepare_inputs_for_generation(
         self,

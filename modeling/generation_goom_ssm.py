@@ -1,0 +1,83 @@
+"""Greedy decoding for ``generate()`` without the host waiting for the device after every token.
+
+transformers' decoding loop (``GenerationMixin._sample``) asks after every new token whether
+all sequences have finished (``unfinished_sequences.max() == 0``), which makes the host wait
+until the device has computed that token: the host cannot queue the next step meanwhile, so
+each token costs the host's time plus the device's. :func:`greedy_decode` runs the same
+steps in the same order (prefill, then per token: the model's step, the logits processors,
+argmax, padding of finished sequences, the stopping criteria), and reads whether all
+sequences have finished only every few tokens: after 1, 1, 2, 4, 8, then every
+:data:`MAX_UNREAD_STEPS` tokens. If they finished in between, the tokens after the step at
+which they did are dropped, so the result is the tokens transformers' loop returns. The
+steps run past that point change nothing the caller can see: the cache they advance is
+generate()'s own and is not returned, and greedy decoding draws no random numbers.
+
+:func:`decodes_greedily_without_host_waits` says when this applies: greedy decoding whose
+result is only the token ids (no ``return_dict_in_generate``), no streamer, no cache passed
+in by the caller, one process (no ``synced_gpus``), a maximum length, and a pad token where an
+EOS token stops sequences. Anything else runs transformers' own loop.
+"""
+
+from typing import Optional
+
+import torch
+
+from .cache_goom_ssm import CACHE_NAME
+
+MAX_UNREAD_STEPS = 16  # tokens decoded at most between two reads of the "all finished" flag
+_CACHE_ARGUMENTS = (CACHE_NAME, "past_key_values")
+
+
+def decodes_greedily_without_host_waits(generation_config, stopping_criteria, synced_gpus: bool, streamer,
+                                        model_kwargs: dict) -> bool:
+    """Whether ``generate()``'s call (the arguments of ``GenerationMixin._sample``) can run
+    :func:`greedy_decode` (see the module docstring)."""
+    has_eos_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    return (
+        not generation_config.do_sample and not generation_config.return_dict_in_generate
+        and streamer is None and not synced_gpus
+        and all(model_kwargs.get(name) is None for name in _CACHE_ARGUMENTS)
+        and stopping_criteria.max_length is not None
+        and (generation_config._pad_token_tensor is not None or not has_eos_criteria)
+    )
+
+
+def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping_criteria, generation_config,
+                  model_kwargs: dict) -> torch.LongTensor:
+    """The token ids ``[batch, prompt + new]`` that transformers' greedy loop returns for these
+    arguments (those of ``GenerationMixin._sample``), read back from the device every few tokens only."""
+    pad_token_id = generation_config._pad_token_tensor
+    has_eos_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    max_length = stopping_criteria.max_length
+    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    outputs = model._prefill(input_ids, generation_config, model_kwargs)
+    unread: list[torch.Tensor] = []  # per step since the last read: whether any sequence is unfinished
+    read_steps, due = 0, 1  # steps read so far; steps to decode before the next read
+    while True:
+        model_kwargs = model._update_model_kwargs_for_generation(outputs, model_kwargs)
+        logits = outputs.logits[:, -1].to(copy=True, dtype=torch.float32, device=input_ids.device)
+        del outputs
+        next_tokens = logits_processor(input_ids, logits).argmax(dim=-1)
+        if has_eos_criteria:
+            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        unfinished = unfinished & ~stopping_criteria(input_ids, None)
+        unread.append(unfinished.any())
+        # read at the maximum length too, where the maximum-length criterion finishes every sequence
+        if len(unread) >= due or input_ids.shape[1] >= max_length:
+            finished_at = _first_finished(unread)
+            if finished_at is not None:  # the tokens of the steps after it are dropped
+                return input_ids[:, : input_ids.shape[1] - len(unread) + finished_at + 1]
+            read_steps += len(unread)
+            unread, due = [], min(MAX_UNREAD_STEPS, read_steps)
+        next_sequence_length = 1 if model_kwargs["use_cache"] else None
+        model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
+                                                           **model_kwargs)
+        outputs = model(**model_inputs, return_dict=True)
+
+
+def _first_finished(unread: list[torch.Tensor]) -> Optional[int]:
+    """The index of the first step in ``unread`` after which no sequence was unfinished, or None
+    (one read from the device for all of them)."""
+    any_unfinished = torch.stack(unread).tolist()
+    return next((i for i, flag in enumerate(any_unfinished) if not flag), None)

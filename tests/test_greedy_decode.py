@@ -1,0 +1,111 @@
+"""generate()'s greedy loop that reads the device's progress every few tokens
+(``goom_ssm.modeling.generation_goom_ssm``): the same token ids as transformers' own loop,
+in every case it takes, with far fewer host reads; everything else runs transformers' loop.
+The GPU cases run on CUDA too (CUDA-graph decoder)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import GenerationMixin
+
+from conftest import tiny_config
+from goom_ssm import GoomSSMForCausalLM
+from goom_ssm.modeling import modeling_goom_ssm
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the reads of a tensor's value by the host (``.item()``, ``bool(tensor)``, ``.tolist()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.overloadpacket.__name__ == "_local_scalar_dense"
+        return func(*args, **(kwargs or {}))
+
+
+def make_model(device="cpu"):
+    torch.manual_seed(0)
+    config = tiny_config(vocab_size=300, hidden_size=32, num_hidden_layers=2, num_state_heads=2, state_size=8)
+    return GoomSSMForCausalLM(config).to(device).eval()
+
+
+def transformers_loop(model, ids, monkeypatch, **kwargs):
+    """``generate()`` through transformers' own ``_sample``."""
+    with monkeypatch.context() as patch:
+        patch.setattr(GoomSSMForCausalLM, "_sample", GenerationMixin._sample)
+        return generate(model, ids, **kwargs)
+
+
+def generate(model, ids, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, do_sample=False, **kwargs)
+
+
+def eos_of_every_row(model, ids, step_of_row, **kwargs):
+    """EOS ids that end row ``i`` at its new token ``step_of_row[i]`` at the latest (greedy run without EOS)."""
+    free = generate(model, ids, max_new_tokens=max(step_of_row) + 1, **kwargs)[:, ids.shape[1]:]
+    return sorted({int(free[row, step]) for row, step in enumerate(step_of_row)})
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("finish", ["max_length", "eos_some", "eos_all_early", "eos_all_late"])
+def test_the_same_tokens_as_transformers_loop_with_fewer_host_reads(device, finish, monkeypatch):
+    """Rows that stop at EOS get pad tokens after it; when every row has stopped, the output
+    ends where transformers' loop ends it (the steps decoded past that point are dropped),
+    wherever that falls between two reads."""
+    model = make_model(device)
+    ids = torch.randint(1, 300, (3, 9), generator=torch.Generator().manual_seed(2)).to(device)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0  # a left-padded row
+    kwargs = dict(attention_mask=mask, max_new_tokens=40, pad_token_id=0)
+    steps = {"max_length": None, "eos_some": [3], "eos_all_early": [2, 0, 4], "eos_all_late": [21, 25, 19]}[finish]
+    if steps is not None:  # eos_some: the EOS of the first row only (the others may meet it too)
+        kwargs["eos_token_id"] = eos_of_every_row(model, ids, steps + [0] * (3 - len(steps)), attention_mask=mask,
+                                                  pad_token_id=0)[: len(steps) if finish == "eos_some" else None]
+    expected = transformers_loop(model, ids, monkeypatch, **kwargs)
+    with HostReads() as reads:
+        got = generate(model, ids, **kwargs)
+    assert torch.equal(got, expected)
+    new_tokens = expected.shape[1] - ids.shape[1]
+    assert new_tokens == 40 if finish == "max_length" else (finish == "eos_some" or new_tokens < 40)
+    if finish != "max_length":
+        assert (expected[:, ids.shape[1]:] == 0).any()  # a finished row was padded
+    assert reads.count <= 8  # transformers' loop reads once per token (plus its set-up's)
+
+
+@pytest.mark.parametrize("options", [dict(repetition_penalty=1.3, min_new_tokens=5), dict(use_cache=False),
+                                     dict(no_repeat_ngram_size=2)])
+def test_the_same_tokens_with_logits_processors_and_without_cache(options, monkeypatch):
+    model = make_model()
+    ids = torch.randint(1, 300, (2, 7), generator=torch.Generator().manual_seed(3))
+    kwargs = dict(max_new_tokens=19, pad_token_id=0, eos_token_id=eos_of_every_row(model, ids, [6, 30]), **options)
+    assert torch.equal(generate(model, ids, **kwargs), transformers_loop(model, ids, monkeypatch, **kwargs))
+
+
+@pytest.mark.parametrize("options", [dict(return_dict_in_generate=True), dict(do_sample=True), dict(streamer=True),
+                                     dict(cache=True)])
+def test_other_calls_run_transformers_loop(options, monkeypatch):
+    """Results with more than the token ids, sampling, a streamer or the caller's cache (whose
+    final state the caller sees: a read every few tokens would advance it too far)."""
+    from transformers import TextStreamer
+
+    model = make_model()
+    ids = torch.randint(1, 300, (1, 5))
+    if "streamer" in options:
+        options = dict(streamer=TextStreamer(_NoTokenizer()))
+    if "cache" in options:
+        options = dict(cache=model(ids[:, :2], use_cache=True).cache, attention_mask=torch.ones_like(ids))
+    taken = []
+    monkeypatch.setattr(modeling_goom_ssm, "greedy_decode", lambda *args: taken.append(args))
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=3, pad_token_id=0, **{"do_sample": False, **options})
+    assert not taken
+
+
+class _NoTokenizer:
+    def decode(self, ids, **kwargs):
+        return ""
