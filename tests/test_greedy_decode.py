@@ -11,6 +11,7 @@ from transformers import GenerationMixin
 from conftest import tiny_config
 from goom_ssm import GoomSSMForCausalLM
 from goom_ssm.modeling import modeling_goom_ssm
+from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -98,7 +99,7 @@ def test_other_calls_run_transformers_loop(options, monkeypatch):
     if "streamer" in options:
         options = dict(streamer=TextStreamer(_NoTokenizer()))
     if "cache" in options:
-        options = dict(cache=model(ids[:, :2], use_cache=True).cache, attention_mask=torch.ones_like(ids))
+        options = {CACHE_NAME: model(ids[:, :2], use_cache=True)[CACHE_NAME], "attention_mask": torch.ones_like(ids)}
     taken = []
     monkeypatch.setattr(modeling_goom_ssm, "greedy_decode", lambda *args: taken.append(args))
     with torch.no_grad():
