@@ -23,7 +23,9 @@ captured as one CUDA graph (:class:`goom_ssm.graphed_step.GraphedTrainingStep`, 
 CPU test of this script).
 
 Sections:
-    train    fwd + bwd + AdamW step, tokens/s, MFU and peak memory, at --seq-len over --batches.
+    train    fwd + bwd + AdamW step, tokens/s, MFU and peak memory, at --seq-len over --batches;
+             with --repeats N, N runs of each row (each a new model): the median and the spread
+             (max - min) / median.
              MFU: 6 x parameters x tokens/s over the bf16 matmul peak (--peak-flops, measured on
              the H200; parameters counted once where tied, so the tied head's product is in; GPT-2's
              position table has its 1024 rows, more only for longer sequences)
@@ -36,6 +38,7 @@ Sections:
 import argparse
 import gc
 import json
+import statistics
 import time
 import traceback
 from typing import Optional
@@ -275,6 +278,9 @@ def main():
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="train section: runs of each row (a new model each); tokens/s is their median, the "
+                             "spread (max - min) / median")
     parser.add_argument("--peak-flops", type=float, default=790e12, help="bf16 matmul peak of the GPU (FLOP/s), for MFU")
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth of the GPU (bytes/s), for the decode bound")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -324,21 +330,29 @@ def main():
 
     if "train" in args.sections:
         print(f"### Training (fwd + bwd + AdamW), seq {args.seq_len}\n")
-        print("| model | parameters | batch | tokens/s | MFU | peak GiB |\n|---|---|---|---|---|---|")
+        print(f"| model | parameters | batch | tokens/s | MFU | peak GiB | spread of {args.repeats} runs |\n"
+              "|---|---|---|---|---|---|---|")
         for model_name in args.models:
             if skipped(model_name, "train"):
                 continue
             for batch in args.batches:
-                result = attempt("train", model_name, bench_train, model_name, batch, args.seq_len, dtype, args.steps,
-                                 device, args.tiny)
-                if result is None:
+                results = []
+                for _ in range(args.repeats):  # each run a new model and optimizer
+                    results.append(attempt("train", model_name, bench_train, model_name, batch, args.seq_len, dtype,
+                                           args.steps, device, args.tiny))
+                    if results[-1] is None or results[-1][0] is None:
+                        break
+                if results[-1] is None:
                     break
-                tps, params, mem = result
+                runs = [result[0] for result in results]
+                _, params, mem = results[-1]
+                tps = None if None in runs else statistics.median(runs)
+                spread = None if tps is None else (max(runs) - min(runs)) / tps
                 mfu = None if tps is None else 6 * params * tps / args.peak_flops
                 record(section="train", model=model_name, batch=batch, parameters=params, tokens_per_s=tps,
-                       mfu=mfu, peak_gib=mem)
+                       runs_tokens_per_s=runs, spread=spread, mfu=mfu, peak_gib=mem)
                 print(f"| {model_name} | {fmt(params and params / 1e6, '.1f')}M | {batch} | {fmt(tps)} | "
-                      f"{fmt(mfu, '.1%')} | {fmt(mem, '.1f', '-')} |", flush=True)
+                      f"{fmt(mfu, '.1%')} | {fmt(mem, '.1f', '-')} | {fmt(spread, '.1%', '-')} |", flush=True)
                 if tps is None:
                     break
         print()

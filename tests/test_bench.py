@@ -26,6 +26,7 @@ def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):
         "bench.py", "--tiny", "--device", "cpu", "--sections", "train", "decode", "--models", "goom:chunked", "gpt2",
         "gla", "gdn", "--batches", "2", "--seq-len", "16", "--steps", "1", "--decode-batches", "1",
         "--new-tokens", "2", "--prompt-len", "4", "--peak-flops", "1e12", "--bandwidth", "1e11", "--json", str(out),
+        "--repeats", "3",
     ])
     torch.manual_seed(0)
     bench.main()
@@ -35,7 +36,10 @@ def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):
     for model in ("goom:chunked", "gpt2"):
         train, decode = measured["train", model], measured["decode", model]
         assert train["parameters"] == bench.num_parameters(bench.build(model, "cpu", tiny=True))
-        assert train["tokens_per_s"] > 0
+        assert train["tokens_per_s"] > 0 and len(train["runs_tokens_per_s"]) == 3
+        assert train["tokens_per_s"] == sorted(train["runs_tokens_per_s"])[1]
+        assert train["spread"] == pytest.approx((max(train["runs_tokens_per_s"]) - min(train["runs_tokens_per_s"]))
+                                                / train["tokens_per_s"])
         assert train["mfu"] == pytest.approx(6 * train["parameters"] * train["tokens_per_s"] / 1e12)
         # bf16 weights: two bytes per parameter, read once per step of the whole batch
         assert decode["weight_bytes"] == 2 * train["parameters"]
