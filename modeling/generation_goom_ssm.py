@@ -32,13 +32,12 @@ def decodes_greedily_without_host_waits(generation_config, stopping_criteria, sy
                                         model_kwargs: dict) -> bool:
     """Whether ``generate()``'s call (the arguments of ``GenerationMixin._sample``) can run
     :func:`greedy_decode` (see the module docstring)."""
-    has_eos_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
     return (
         not generation_config.do_sample and not generation_config.return_dict_in_generate
         and streamer is None and not synced_gpus
         and all(model_kwargs.get(name) is None for name in _CACHE_ARGUMENTS)
         and stopping_criteria.max_length is not None
-        and (generation_config._pad_token_tensor is not None or not has_eos_criteria)
+        and (generation_config._pad_token_tensor is not None or not _has_eos_criteria(stopping_criteria))
     )
 
 
@@ -47,7 +46,7 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
     """The token ids ``[batch, prompt + new]`` that transformers' greedy loop returns for these
     arguments (those of ``GenerationMixin._sample``), read back from the device every few tokens only."""
     pad_token_id = generation_config._pad_token_tensor
-    has_eos_criteria = any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
+    has_eos_criteria = _has_eos_criteria(stopping_criteria)
     max_length = stopping_criteria.max_length
     unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
     outputs = model._prefill(input_ids, generation_config, model_kwargs)
@@ -74,6 +73,11 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
         model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
                                                            **model_kwargs)
         outputs = model(**model_inputs, return_dict=True)
+
+
+def _has_eos_criteria(stopping_criteria) -> bool:
+    """Whether an EOS token stops sequences (transformers' test: a criterion with ``eos_token_id``)."""
+    return any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
 
 
 def _first_finished(unread: list[torch.Tensor]) -> Optional[int]:
