@@ -58,14 +58,50 @@ def _patch_the_language_once_per_launch():
 _patch_the_language_once_per_launch()
 
 
+def _precision_holders() -> dict:
+    b = torch.backends
+    return {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": b.cudnn.conv,
+            "cudnn.rnn": b.cudnn.rnn}
+
+
+def _precision_settings() -> dict:
+    """The process-wide settings that decide how float32 and half-precision products round:
+    the ``fp32_precision`` of ``torch.backends`` and of each backend under it (a backend's own
+    setting overrides the generic one), and cuBLAS's reduced-precision reductions."""
+    settings = {(name, "fp32_precision"): holder.fp32_precision for name, holder in _precision_holders().items()}
+    for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
+        settings[("cuda.matmul", flag)] = getattr(torch.backends.cuda.matmul, flag)
+    return settings
+
+
+def _set_precision_settings(settings: dict) -> None:
+    holders = _precision_holders()
+    for (name, attribute), value in settings.items():  # the generic setting first: it resets the others
+        setattr(holders[name], attribute, value)
+
+
+_PRECISION_CHANGES = []  # (test, {setting: (before, after)}) for the terminal summary
+
+
 @pytest.fixture(autouse=True)
-def _float32_matmul_precision_kept():
-    """Every test ends with the float32 matmul precision it started with:
-    ``TrainingArguments(torch_compile=True)`` turns TF32 on for the whole process (unless
-    ``tf32=False``), and the float32 tests that come after it on a GPU would compare TF32 results."""
-    saved = torch.backends.fp32_precision
+def _precision_settings_kept(request):
+    """Every test ends with the precision settings it started with, and a test that changed
+    them is named at the end of the run: ``TrainingArguments(torch_compile=True)`` turns TF32 on
+    for the whole process (unless ``tf32=False``), and the float32 tests that come after such a
+    test on a GPU would compare TF32 results."""
+    saved = _precision_settings()
     yield
-    torch.backends.fp32_precision = saved
+    now = _precision_settings()
+    if now != saved:
+        _PRECISION_CHANGES.append((request.node.nodeid, {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}))
+        _set_precision_settings(saved)
+
+
+def pytest_terminal_summary(terminalreporter):
+    for test, changes in _PRECISION_CHANGES:
+        described = ", ".join(f"{'.'.join(key)}: {before} -> {after}" for key, (before, after) in changes.items())
+        terminalreporter.write_line(f"precision settings changed (and restored) by {test}: {described}")
+
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
 
