@@ -6,8 +6,8 @@ Prints a Markdown table per section; every row of a section uses the same settin
     python benchmarks/bench.py --sections train --models goom:triton goom:chunked goom:goom_prefix gpt2
     python benchmarks/bench.py --sections prefill decode --decode-models goom:triton goom:chunked gpt2
     python benchmarks/bench.py --sections train decode --models goom:triton gpt2 gla gdn \
-        --batches 8 16 32 --json results.json                 # the README's table and plot, then:
-    python benchmarks/bench.py --plot results.json           # results.png: tokens/s against batch
+        --batches 8 16 32 --json results.json --png results.png  # the README's table and plot: one command
+    python benchmarks/bench.py --plot results.json           # the plot again, from the JSON (results.png)
     python benchmarks/bench.py --plot a.json b.json          # rows of runs split over calls, in one plot (a.png)
 
 Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA),
@@ -286,9 +286,12 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="every model at a tiny size (a quick check, e.g. on CPU)")
     parser.add_argument("--json", help="also write every row, with the settings, to this JSON file")
+    parser.add_argument("--png", help="with --json: also plot this run's rows here (tokens/s against batch)")
     parser.add_argument("--plot", metavar="JSON", nargs="+",
                         help="only plot the results of --json files (to the first one's name, .png)")
     args = parser.parse_args()
+    if args.png and not args.json:
+        parser.error("--png needs --json: the plot is drawn from its rows")
     if args.plot:
         plot(args.plot, args.plot[0].removesuffix(".json") + ".png")
         return
@@ -391,6 +394,8 @@ def main():
         print()
     if args.json:
         print(f"wrote {args.json}")
+    if args.png:
+        plot([args.json], args.png)
     if failures:
         raise SystemExit(f"failed: {', '.join(failures)} (tracebacks above)")
 

@@ -67,6 +67,25 @@ def test_bench_plot_mode_writes_a_png(tmp_path, monkeypatch):
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_bench_run_and_plot_in_one_command(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    bench = load_bench()
+    out, png = tmp_path / "results.json", tmp_path / "plot.png"
+    monkeypatch.setattr("sys.argv", ["bench.py", "--tiny", "--device", "cpu", "--sections", "train", "--models",
+                                     "goom:chunked", "--batches", "1", "2", "--seq-len", "8", "--steps", "1",
+                                     "--json", str(out), "--png", str(png)])
+    bench.main()
+    assert [r["batch"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_a_png_without_json(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["bench.py", "--tiny", "--device", "cpu", "--png", "plot.png"])
+    with pytest.raises(SystemExit):
+        load_bench().main()
+    assert "--png needs --json" in capsys.readouterr().err
+
+
 def test_bench_reports_a_failing_row_runs_the_rest_and_exits_with_an_error(tmp_path, monkeypatch):
     bench = load_bench()
 
