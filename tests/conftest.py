@@ -58,26 +58,44 @@ def _patch_the_language_once_per_launch():
 _patch_the_language_once_per_launch()
 
 
-def _precision_holders() -> dict:
+def _precision_knobs() -> dict:
+    """The process-wide settings that decide how float32 and half-precision products round,
+    as ``name: (get, set)``, in the order they must be set back: torch's legacy settings
+    first (the matmul precision, cuDNN's ``allow_tf32``), then the ``fp32_precision`` of
+    ``torch.backends`` and of each backend under it (the generic one first: it resets the
+    others), then cuBLAS's reduced-precision reductions. Setting back only the new ones
+    after a legacy change (accelerate sets ``torch.backends.cuda.matmul.allow_tf32 = True``
+    when ``torch_compile`` trains without mixed precision) would leave the two disagreeing,
+    and torch refuses float32 products then."""
     b = torch.backends
-    return {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": b.cudnn.conv,
-            "cudnn.rnn": b.cudnn.rnn}
+    knobs = {"float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
+             "cudnn.allow_tf32": (lambda: b.cudnn.allow_tf32, lambda v: setattr(b.cudnn, "allow_tf32", v))}
+    holders = {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": b.cudnn.conv,
+               "cudnn.rnn": b.cudnn.rnn}
+    for name, holder in holders.items():
+        knobs[f"{name}.fp32_precision"] = (lambda h=holder: h.fp32_precision,
+                                           lambda v, h=holder: setattr(h, "fp32_precision", v))
+    for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
+        knobs[f"cuda.matmul.{flag}"] = (lambda f=flag: getattr(b.cuda.matmul, f),
+                                        lambda v, f=flag: setattr(b.cuda.matmul, f, v))
+    return knobs
 
 
 def _precision_settings() -> dict:
-    """The process-wide settings that decide how float32 and half-precision products round:
-    the ``fp32_precision`` of ``torch.backends`` and of each backend under it (a backend's own
-    setting overrides the generic one), and cuBLAS's reduced-precision reductions."""
-    settings = {(name, "fp32_precision"): holder.fp32_precision for name, holder in _precision_holders().items()}
-    for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
-        settings[("cuda.matmul", flag)] = getattr(torch.backends.cuda.matmul, flag)
+    """``name: value`` of each of :func:`_precision_knobs`; a value that torch refuses to read
+    (legacy and new settings that disagree) is ``"unreadable"``."""
+    settings = {}
+    for name, (get, _) in _precision_knobs().items():
+        try:
+            settings[name] = get()
+        except RuntimeError:
+            settings[name] = "unreadable"
     return settings
 
 
 def _set_precision_settings(settings: dict) -> None:
-    holders = _precision_holders()
-    for (name, attribute), value in settings.items():  # the generic setting first: it resets the others
-        setattr(holders[name], attribute, value)
+    for name, (_, set_) in _precision_knobs().items():
+        set_(settings[name])
 
 
 _PRECISION_CHANGES = []  # (test, {setting: (before, after)}) for the terminal summary
@@ -86,9 +104,10 @@ _PRECISION_CHANGES = []  # (test, {setting: (before, after)}) for the terminal s
 @pytest.fixture(autouse=True)
 def _precision_settings_kept(request):
     """Every test ends with the precision settings it started with, and a test that changed
-    them is named at the end of the run: ``TrainingArguments(torch_compile=True)`` turns TF32 on
-    for the whole process (unless ``tf32=False``), and the float32 tests that come after such a
-    test on a GPU would compare TF32 results."""
+    them is named at the end of the run. Training through transformers' ``Trainer`` with
+    ``torch_compile`` turns TF32 on for the whole process (``TrainingArguments`` unless
+    ``tf32=False``; accelerate's state through cuBLAS's legacy flag whenever there is no mixed
+    precision), and the float32 tests after such a test on a GPU would compare TF32 results."""
     saved = _precision_settings()
     yield
     now = _precision_settings()
@@ -99,7 +118,7 @@ def _precision_settings_kept(request):
 
 def pytest_terminal_summary(terminalreporter):
     for test, changes in _PRECISION_CHANGES:
-        described = ", ".join(f"{'.'.join(key)}: {before} -> {after}" for key, (before, after) in changes.items())
+        described = ", ".join(f"{name}: {before} -> {after}" for name, (before, after) in changes.items())
         terminalreporter.write_line(f"precision settings changed (and restored) by {test}: {described}")
 
 
