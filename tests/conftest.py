@@ -70,11 +70,12 @@ def _precision_knobs() -> dict:
     b = torch.backends
     knobs = {"float32_matmul_precision": (torch.get_float32_matmul_precision, torch.set_float32_matmul_precision),
              "cudnn.allow_tf32": (lambda: b.cudnn.allow_tf32, lambda v: setattr(b.cudnn, "allow_tf32", v))}
-    holders = {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": b.cudnn.conv,
-               "cudnn.rnn": b.cudnn.rnn}
+    holders = {"generic": b, "cuda.matmul": b.cuda.matmul, "cudnn": b.cudnn, "cudnn.conv": getattr(b.cudnn, "conv", None),
+               "cudnn.rnn": getattr(b.cudnn, "rnn", None)}
     for name, holder in holders.items():
-        knobs[f"{name}.fp32_precision"] = (lambda h=holder: h.fp32_precision,
-                                           lambda v, h=holder: setattr(h, "fp32_precision", v))
+        if hasattr(holder, "fp32_precision"):  # torch 2.9 and later
+            knobs[f"{name}.fp32_precision"] = (lambda h=holder: h.fp32_precision,
+                                               lambda v, h=holder: setattr(h, "fp32_precision", v))
     for flag in ("allow_bf16_reduced_precision_reduction", "allow_fp16_reduced_precision_reduction"):
         knobs[f"cuda.matmul.{flag}"] = (lambda f=flag: getattr(b.cuda.matmul, f),
                                         lambda v, f=flag: setattr(b.cuda.matmul, f, v))
