@@ -62,8 +62,9 @@ def _precision_knobs() -> dict:
     """The process-wide settings that decide how float32 and half-precision products round,
     as ``name: (get, set)``, in the order they must be set back: torch's legacy settings
     first (the matmul precision, cuDNN's ``allow_tf32``), then the ``fp32_precision`` of
-    ``torch.backends`` and of each backend under it (the generic one first: it resets the
-    others), then cuBLAS's reduced-precision reductions. Setting back only the new ones
+    ``torch.backends`` and of each backend under it (the generic one first, so that each
+    backend's own value, set after it, is the one that stays), then cuBLAS's
+    reduced-precision reductions. Setting back only the new ones
     after a legacy change (accelerate sets ``torch.backends.cuda.matmul.allow_tf32 = True``
     when ``torch_compile`` trains without mixed precision) would leave the two disagreeing,
     and torch refuses float32 products then."""
