@@ -16,6 +16,10 @@ to the host before the replay is queued, and read after it. An id outside the
 vocabulary makes the graph change no state (every sequence is treated as padding, the ids
 are clamped for the embedding), and the call raises.
 
+For greedy decoding, :meth:`CUDAGraphDecoder.greedy_tokens` runs several steps in one replay:
+each step's argmax, the padding of finished rows and the EOS check run inside the graph, and
+its token is the next step's input, so the host neither feeds the ids nor waits for them.
+
 A graph replays the kernels it captured, whatever happens to the modules afterwards, so it
 is used only for a plain model (:func:`goom_ssm.layers.is_plain`: no adapter, wrapper,
 quantised layer or hook; those decode op by op through their modules) whose parameters are
@@ -69,6 +73,9 @@ class CUDAGraphDecoder:
             for _ in range(config.num_hidden_layers)
         ]
         self.owner = lambda: None  # weak reference to the cache whose states are in self.states
+        self.unfinished = torch.ones(batch_size, dtype=torch.long, device=device)  # greedy_tokens' rows that go on
+        self.pad_token_id = torch.zeros((), dtype=torch.long, device=device)
+        self.greedy_graphs = {}  # (steps, number of EOS ids or None) -> _GreedyGraph
 
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -129,6 +136,67 @@ class CUDAGraphDecoder:
         check_id_range(min(ids), max(ids), self.vocab_size)
         cache.advance(self.states, 1)
         return self.logits.clone()
+
+    def greedy_tokens(self, model, cache, last_tokens: torch.Tensor, unfinished: torch.Tensor, steps: int,
+                      pad_token_id: torch.Tensor, eos_token_ids: Optional[torch.Tensor]) -> tuple:
+        """The next ``steps`` tokens of greedy decoding from ``cache``'s states, in one replay;
+        advances ``cache`` by ``steps`` tokens. Each step feeds the previous token, takes the
+        argmax of its logits, gives rows that have finished ``pad_token_id`` instead, and
+        finishes the rows whose token is in ``eos_token_ids`` (transformers' greedy step with
+        no logits processor and EOS as the only stopping criterion besides the length).
+
+        Args:
+            last_tokens: ``[batch]`` each row's newest token, not yet in ``cache``.
+            unfinished: ``[batch]`` long, 1 for the rows that go on.
+            pad_token_id: ``[]`` long, an id in the vocabulary (padding is not checked here).
+            eos_token_ids: ``[k]`` long, or None where no EOS token stops rows.
+
+        Returns ``tokens [batch, steps]``, ``any_unfinished [steps]`` (bool: whether some row
+        goes on after each step) and ``unfinished [batch]`` after the last step.
+        """
+        key = (steps, None if eos_token_ids is None else eos_token_ids.numel())
+        greedy = self.greedy_graphs.get(key)
+        if greedy is None:
+            greedy = self.greedy_graphs[key] = _GreedyGraph(self, model, steps, eos_token_ids)
+        self.ids.copy_(last_tokens[:, None])
+        self.unfinished.copy_(unfinished)
+        self.pad_token_id.copy_(pad_token_id)
+        if eos_token_ids is not None:
+            greedy.eos_token_ids.copy_(eos_token_ids)
+        if not self.mask_is_all_true:
+            self.mask.fill_(True)
+            self.mask_is_all_true = True
+        self._take_buffers_for(cache)
+        greedy.graph.replay()
+        cache.advance(self.states, steps)
+        return greedy.tokens.clone(), greedy.any_unfinished.clone(), self.unfinished.clone()
+
+    def _greedy_steps(self, model, steps: int, eos_token_ids: Optional[torch.Tensor]) -> tuple:
+        """The operations :meth:`greedy_tokens` replays (see there)."""
+        unfinished, tokens, any_unfinished = self.unfinished, [], []
+        for _ in range(steps):
+            next_tokens = self._step(model)[:, -1].argmax(dim=-1)
+            if eos_token_ids is not None:
+                next_tokens = next_tokens * unfinished + self.pad_token_id * (1 - unfinished)
+                unfinished = unfinished & ~torch.isin(next_tokens, eos_token_ids)
+            self.ids.copy_(next_tokens[:, None])
+            tokens.append(next_tokens)
+            any_unfinished.append(unfinished.any())
+        self.unfinished.copy_(unfinished)
+        return torch.stack(tokens, dim=1), torch.stack(any_unfinished)
+
+
+class _GreedyGraph:
+    """:meth:`CUDAGraphDecoder.greedy_tokens`'s capture for one number of steps and of EOS ids:
+    the graph, its EOS ids' buffer and its outputs. Capturing runs nothing, so the states a
+    cache keeps in the decoder's buffers are left as they are (the step's kernels were built and
+    its libraries initialised by the decoder's own capture)."""
+
+    def __init__(self, decoder: CUDAGraphDecoder, model, steps: int, eos_token_ids: Optional[torch.Tensor]):
+        self.eos_token_ids = None if eos_token_ids is None else torch.empty_like(eos_token_ids)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.tokens, self.any_unfinished = decoder._greedy_steps(model, steps, self.eos_token_ids)
 
 
 def _parameter_ptrs(model) -> tuple:

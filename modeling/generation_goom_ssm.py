@@ -12,6 +12,13 @@ which they did are dropped, so the result is the tokens transformers' loop retur
 steps run past that point change nothing the caller can see: the cache they advance is
 generate()'s own and is not returned, and greedy decoding draws no random numbers.
 
+Where the model's CUDA-graph decoder runs the steps, there are no logits processors, and EOS
+is the only stopping criterion besides the length, the steps after the first run in chunks of
+up to :data:`MAX_UNREAD_STEPS` (powers of two), each chunk one graph replay that also picks
+the tokens, pads finished rows and checks for EOS
+(:meth:`~.cuda_graph_goom_ssm.CUDAGraphDecoder.greedy_tokens`); the host reads whether all
+rows have finished once per chunk.
+
 :func:`decodes_greedily_without_host_waits` says when this applies: greedy decoding whose
 result is only the token ids (no ``return_dict_in_generate``), no streamer, no cache passed
 in by the caller, one process (no ``synced_gpus``), a maximum length, and a pad token where an
@@ -21,6 +28,7 @@ EOS token stops sequences. Anything else runs transformers' own loop.
 from typing import Optional
 
 import torch
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .cache_goom_ssm import CACHE_NAME
 
@@ -72,8 +80,51 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
         next_sequence_length = 1 if model_kwargs["use_cache"] else None
         model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
                                                            **model_kwargs)
+        if read_steps == 1 and not unread:  # after the first token: can the rest run in graph chunks?
+            decoder = _graph_chunks_decoder(model, model_inputs, logits_processor, stopping_criteria, pad_token_id)
+            if decoder is not None:
+                eos_token_ids = _eos_token_ids(stopping_criteria, input_ids.device)
+                return _decode_in_graph_chunks(decoder, model, model_inputs[CACHE_NAME], input_ids, unfinished,
+                                               max_length, pad_token_id, eos_token_ids)
         outputs = model(**model_inputs, return_dict=True)
 
+
+def _graph_chunks_decoder(model, model_inputs: dict, logits_processor, stopping_criteria, pad_token_id):
+    """The CUDA-graph decoder that can run the following steps in chunks (see the module
+    docstring) for these inputs of the next step, or None."""
+    others = {k: v for k, v in model_inputs.items() if k not in ("input_ids", CACHE_NAME, "use_cache")}
+    if (len(logits_processor) or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in stopping_criteria)
+            or any(v is not None and v is not False for v in others.values()) or not model_inputs.get("use_cache")):
+        return None
+    if _has_eos_criteria(stopping_criteria) and not 0 <= int(pad_token_id) < model.config.vocab_size:
+        return None  # the step-by-step path refuses it
+    ids, cache = model_inputs["input_ids"], model_inputs[CACHE_NAME]
+    decoder = model._cuda_graph_decoder(ids, cache, None, False)
+    if decoder is not None:
+        cache.check_compatible(model.config, ids.shape[0])
+    return decoder
+
+
+def _decode_in_graph_chunks(decoder, model, cache, input_ids: torch.LongTensor, unfinished: torch.Tensor,
+                            max_length: int, pad_token_id: torch.Tensor,
+                            eos_token_ids: Optional[torch.Tensor]) -> torch.LongTensor:
+    """:func:`greedy_decode`'s result from here on (``input_ids [batch, length]`` decoded so far,
+    the last token not yet in ``cache``), in chunks of graph-replayed steps."""
+    while input_ids.shape[1] < max_length:
+        steps = min(MAX_UNREAD_STEPS, 1 << (max_length - input_ids.shape[1]).bit_length() - 1)
+        tokens, any_unfinished, unfinished = decoder.greedy_tokens(model, cache, input_ids[:, -1], unfinished, steps,
+                                                                   pad_token_id, eos_token_ids)
+        input_ids = torch.cat([input_ids, tokens], dim=-1)
+        finished_at = next((i for i, flag in enumerate(any_unfinished.tolist()) if not flag), None)
+        if finished_at is not None:
+            return input_ids[:, : input_ids.shape[1] - steps + finished_at + 1]
+    return input_ids
+
+
+def _eos_token_ids(stopping_criteria, device) -> Optional[torch.Tensor]:
+    """The EOS ids of every EOS criterion ``[k]`` (long), or None where there is none."""
+    ids = [c.eos_token_id.to(device).view(-1) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
+    return torch.cat(ids).long() if ids else None
 
 def _has_eos_criteria(stopping_criteria) -> bool:
     """Whether an EOS token stops sequences (transformers' test: a criterion with ``eos_token_id``)."""

@@ -6,7 +6,7 @@ The GPU cases run on CUDA too (CUDA-graph decoder)."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import GenerationMixin
+from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 from conftest import tiny_config
 from goom_ssm import GoomSSMForCausalLM
@@ -110,3 +110,81 @@ def test_other_calls_run_transformers_loop(options, monkeypatch):
 class _NoTokenizer:
     def decode(self, ids, **kwargs):
         return ""
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def spy_on_chunks(monkeypatch) -> list:
+    """The ``steps`` of every call of ``CUDAGraphDecoder.greedy_tokens``, in order."""
+    from goom_ssm.modeling.cuda_graph_goom_ssm import CUDAGraphDecoder
+
+    chunks, greedy_tokens = [], CUDAGraphDecoder.greedy_tokens
+
+    def spy(self, model, cache, last_tokens, unfinished, steps, *args):
+        chunks.append(steps)
+        return greedy_tokens(self, model, cache, last_tokens, unfinished, steps, *args)
+
+    monkeypatch.setattr(CUDAGraphDecoder, "greedy_tokens", spy)
+    return chunks
+
+
+@CUDA
+@pytest.mark.parametrize("new_tokens", [1, 2, 3, 18, 40])
+@pytest.mark.parametrize("finish", ["max_length", "eos_some", "eos_all_late"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, monkeypatch):
+    """On CUDA the steps after the first run in graph-replayed chunks of up to 16 (powers of
+    two) that also pick, pad and check the tokens: the ids of transformers' loop (which decodes
+    through the one-step graph), whatever length and wherever EOS falls."""
+    model = make_model("cuda")
+    ids = torch.randint(1, 300, (batch, 9), generator=torch.Generator().manual_seed(4)).cuda()
+    kwargs = dict(max_new_tokens=new_tokens, pad_token_id=0)
+    if finish != "max_length":
+        steps = [new_tokens // 2, new_tokens - 1, new_tokens // 3][:batch]
+        eos = eos_of_every_row(model, ids, steps, pad_token_id=0)
+        kwargs["eos_token_id"] = eos[:1] if finish == "eos_some" else eos
+    expected = transformers_loop(model, ids, monkeypatch, **kwargs)
+    chunks = spy_on_chunks(monkeypatch)
+    got = generate(model, ids, **kwargs)
+    assert torch.equal(got, expected)
+    assert all(steps in (1, 2, 4, 8, 16) for steps in chunks)
+    if finish == "max_length":
+        assert sum(chunks) == new_tokens - 1
+    assert bool(chunks) == (got.shape[1] - ids.shape[1] > 1)  # chunks ran wherever a step followed the first
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_chunks_give_the_module_path_tokens(dtype, monkeypatch):
+    """The chunks' tokens are those of the model's module path (no CUDA graphs), with padded prompts."""
+    model = make_model("cuda").to(dtype)
+    ids = torch.randint(1, 300, (4, 11), generator=torch.Generator().manual_seed(5)).cuda()
+    mask = torch.ones_like(ids)
+    mask[2, :5] = 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=37, pad_token_id=0)
+    chunks = spy_on_chunks(monkeypatch)
+    got = generate(model, ids, **kwargs)
+    assert chunks
+    model.config.decode_with_cuda_graphs = False
+    assert torch.equal(got, generate(model, ids, **kwargs))
+
+
+@CUDA
+@pytest.mark.parametrize("options", [dict(repetition_penalty=1.3), dict(stopping_criteria="own"), dict(max_time=100.0)])
+def test_cuda_graph_chunks_only_without_processors_and_other_criteria(options, monkeypatch):
+    """Logits processors or stopping criteria other than length and EOS: the step-by-step loop."""
+    model = make_model("cuda")
+    ids = torch.randint(1, 300, (2, 7), generator=torch.Generator().manual_seed(3)).cuda()
+    if "stopping_criteria" in options:
+        options = dict(stopping_criteria=StoppingCriteriaList([_NeverStop()]))
+    kwargs = dict(max_new_tokens=19, pad_token_id=0, eos_token_id=eos_of_every_row(model, ids, [6, 30]), **options)
+    expected = transformers_loop(model, ids, monkeypatch, **kwargs)
+    chunks = spy_on_chunks(monkeypatch)
+    assert torch.equal(generate(model, ids, **kwargs), expected)
+    assert not chunks
+
+
+class _NeverStop(StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
