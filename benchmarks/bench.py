@@ -30,7 +30,8 @@ Sections:
              the H200; parameters counted once where tied, so the tied head's product is in; GPT-2's
              position table has its 1024 rows, more only for longer sequences)
     prefill  forward over one long sequence (batch 1), tokens/s and peak memory
-    decode   new tokens/s after a 512-token prompt, through generate() and a raw step loop, and
+    decode   new tokens/s after a 512-token prompt, through generate() (greedy, no EOS: every
+             call makes --new-tokens tokens) and a raw step loop, and
              the bound of a step that only reads the weights once: batch x memory bandwidth
              (--bandwidth) / bytes of the weights, with each measurement as a fraction of it
 """
@@ -200,8 +201,12 @@ def bench_decode(name, batch, new_tokens, dtype, device, tiny, prompt_len=512):
     # fla's models take the cache under transformers' former name, whatever the release
     cache_kwarg = "past_key_values" if name.split(":")[0] in FLA_MODELS else CACHE_NAME
 
+    # exactly new_tokens through a plain greedy call: no EOS (min_new_tokens would add a logits processor)
+    model.generation_config.eos_token_id = None
+
     def via_generate():
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+        assert out.shape[1] == prompt_len + new_tokens
 
     def raw_step_seconds():
         out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
