@@ -92,7 +92,9 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
 def _graph_chunks_decoder(model, model_inputs: dict, logits_processor, stopping_criteria, pad_token_id):
     """The CUDA-graph decoder that can run the following steps in chunks (see the module
     docstring) for these inputs of the next step, or None."""
-    others = {k: v for k, v in model_inputs.items() if k not in ("input_ids", CACHE_NAME, "use_cache")}
+    # logits_to_keep 0 (all) or 1 (the last) are the same for the one token of a step
+    others = {k: v for k, v in model_inputs.items() if k not in ("input_ids", CACHE_NAME, "use_cache")
+              and not (k == "logits_to_keep" and isinstance(v, int) and v in (0, 1))}
     if (len(logits_processor) or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in stopping_criteria)
             or any(v is not None and v is not False for v in others.values()) or not model_inputs.get("use_cache")):
         return None

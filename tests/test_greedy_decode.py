@@ -10,7 +10,7 @@ from transformers import GenerationMixin, StoppingCriteria, StoppingCriteriaList
 
 from conftest import tiny_config
 from goom_ssm import GoomSSMForCausalLM
-from goom_ssm.modeling import modeling_goom_ssm
+from goom_ssm.modeling import generation_goom_ssm, modeling_goom_ssm
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -188,3 +188,51 @@ def test_cuda_graph_chunks_only_without_processors_and_other_criteria(options, m
 class _NeverStop(StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+class _EagerChunks:
+    """What ``CUDAGraphDecoder.greedy_tokens`` computes, step by step through the model's module
+    path: a stand-in that runs the chunked loop on the CPU."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def greedy_tokens(self, model, cache, last_tokens, unfinished, steps, pad_token_id, eos_token_ids):
+        self.chunks.append(steps)
+        tokens, any_unfinished = [], []
+        for _ in range(steps):
+            logits = model(input_ids=last_tokens[:, None], **{CACHE_NAME: cache}, use_cache=True).logits
+            last_tokens = logits[:, -1].argmax(dim=-1)
+            if eos_token_ids is not None:
+                last_tokens = last_tokens * unfinished + pad_token_id * (1 - unfinished)
+                unfinished = unfinished & ~torch.isin(last_tokens, eos_token_ids)
+            tokens.append(last_tokens)
+            any_unfinished.append(unfinished.any())
+        return torch.stack(tokens, dim=1), torch.stack(any_unfinished), unfinished
+
+
+@pytest.mark.parametrize("new_tokens", [2, 3, 18, 40])
+@pytest.mark.parametrize("finish", ["max_length", "eos_some", "eos_all_late"])
+def test_the_chunked_loop_ends_where_transformers_loop_ends(new_tokens, finish, monkeypatch):
+    """The loop around the chunks (their sizes, where the output ends when every row has met
+    EOS inside a chunk), on the CPU with an eager stand-in for the graph."""
+    model = make_model()
+    ids = torch.randint(1, 300, (3, 9), generator=torch.Generator().manual_seed(4))
+    kwargs = dict(max_new_tokens=new_tokens, pad_token_id=0)
+    if finish != "max_length":
+        eos = eos_of_every_row(model, ids, [new_tokens // 2, new_tokens - 1, new_tokens // 3], pad_token_id=0)
+        kwargs["eos_token_id"] = eos[:1] if finish == "eos_some" else eos
+    expected = transformers_loop(model, ids, monkeypatch, **kwargs)
+    stand_in, choose = _EagerChunks(), generation_goom_ssm._graph_chunks_decoder
+
+    def choose_the_stand_in(model, *args):  # where the CUDA-graph decoder would be chosen
+        with monkeypatch.context() as patch:
+            patch.setattr(GoomSSMForCausalLM, "_cuda_graph_decoder", lambda *_: stand_in)
+            return choose(model, *args)
+
+    monkeypatch.setattr(generation_goom_ssm, "_graph_chunks_decoder", choose_the_stand_in)
+    got = generate(model, ids, **kwargs)
+    assert torch.equal(got, expected)
+    assert stand_in.chunks and all(steps in (1, 2, 4, 8, 16) for steps in stand_in.chunks)
+    if finish == "max_length":
+        assert sum(stand_in.chunks) == new_tokens - 1
