@@ -98,12 +98,12 @@ def _graph_chunks_decoder(model, model_inputs: dict, logits_processor, stopping_
     if (len(logits_processor) or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in stopping_criteria)
             or any(v is not None and v is not False for v in others.values()) or not model_inputs.get("use_cache")):
         return None
-    if _has_eos_criteria(stopping_criteria) and not 0 <= int(pad_token_id) < model.config.vocab_size:
-        return None  # the step-by-step path refuses it
     ids, cache = model_inputs["input_ids"], model_inputs[CACHE_NAME]
     decoder = model._cuda_graph_decoder(ids, cache, None, False)
-    if decoder is not None:
-        cache.check_compatible(model.config, ids.shape[0])
+    if decoder is None or (_has_eos_criteria(stopping_criteria)
+                           and not 0 <= int(pad_token_id) < model.config.vocab_size):
+        return None  # a pad id outside the vocabulary: the step-by-step path refuses it
+    cache.check_compatible(model.config, ids.shape[0])
     return decoder
 
 
