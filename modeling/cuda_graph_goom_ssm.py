@@ -148,7 +148,8 @@ class CUDAGraphDecoder:
         Args:
             last_tokens: ``[batch]`` each row's newest token, not yet in ``cache``.
             unfinished: ``[batch]`` long, 1 for the rows that go on.
-            pad_token_id: ``[]`` long, an id in the vocabulary (padding is not checked here).
+            pad_token_id: ``[]`` long, an id in the vocabulary (not checked here); unused
+                (may be None) where ``eos_token_ids`` is None.
             eos_token_ids: ``[k]`` long, or None where no EOS token stops rows.
 
         Returns ``tokens [batch, steps]``, ``any_unfinished [steps]`` (bool: whether some row
@@ -160,8 +161,8 @@ class CUDAGraphDecoder:
             greedy = self.greedy_graphs[key] = _GreedyGraph(self, model, steps, eos_token_ids)
         self.ids.copy_(last_tokens[:, None])
         self.unfinished.copy_(unfinished)
-        self.pad_token_id.copy_(pad_token_id)
         if eos_token_ids is not None:
+            self.pad_token_id.copy_(pad_token_id)
             greedy.eos_token_ids.copy_(eos_token_ids)
         if not self.mask_is_all_true:
             self.mask.fill_(True)

@@ -131,7 +131,7 @@ def spy_on_chunks(monkeypatch) -> list:
 
 @CUDA
 @pytest.mark.parametrize("new_tokens", [1, 2, 3, 18, 40])
-@pytest.mark.parametrize("finish", ["max_length", "eos_some", "eos_all_late"])
+@pytest.mark.parametrize("finish", ["max_length", "max_length_without_pad", "eos_some", "eos_all_late"])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, monkeypatch):
     """On CUDA the steps after the first run in graph-replayed chunks of up to 16 (powers of
@@ -139,8 +139,9 @@ def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, monkey
     through the one-step graph), whatever length and wherever EOS falls."""
     model = make_model("cuda")
     ids = torch.randint(1, 300, (batch, 9), generator=torch.Generator().manual_seed(4)).cuda()
-    kwargs = dict(max_new_tokens=new_tokens, pad_token_id=0)
-    if finish != "max_length":
+    kwargs = dict(max_new_tokens=new_tokens) if finish == "max_length_without_pad" else dict(max_new_tokens=new_tokens,
+                                                                                              pad_token_id=0)
+    if finish.startswith("eos"):
         steps = [new_tokens // 2, new_tokens - 1, new_tokens // 3][:batch]
         eos = eos_of_every_row(model, ids, steps, pad_token_id=0)
         kwargs["eos_token_id"] = eos[:1] if finish == "eos_some" else eos
@@ -149,7 +150,7 @@ def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, monkey
     got = generate(model, ids, **kwargs)
     assert torch.equal(got, expected)
     assert all(steps in (1, 2, 4, 8, 16) for steps in chunks)
-    if finish == "max_length":
+    if finish.startswith("max_length"):
         assert sum(chunks) == new_tokens - 1
     assert bool(chunks) == (got.shape[1] - ids.shape[1] > 1)  # chunks ran wherever a step followed the first
 
@@ -212,14 +213,15 @@ class _EagerChunks:
 
 
 @pytest.mark.parametrize("new_tokens", [2, 3, 18, 40])
-@pytest.mark.parametrize("finish", ["max_length", "eos_some", "eos_all_late"])
+@pytest.mark.parametrize("finish", ["max_length", "max_length_without_pad", "eos_some", "eos_all_late"])
 def test_the_chunked_loop_ends_where_transformers_loop_ends(new_tokens, finish, monkeypatch):
     """The loop around the chunks (their sizes, where the output ends when every row has met
     EOS inside a chunk), on the CPU with an eager stand-in for the graph."""
     model = make_model()
     ids = torch.randint(1, 300, (3, 9), generator=torch.Generator().manual_seed(4))
-    kwargs = dict(max_new_tokens=new_tokens, pad_token_id=0)
-    if finish != "max_length":
+    kwargs = dict(max_new_tokens=new_tokens) if finish == "max_length_without_pad" else dict(max_new_tokens=new_tokens,
+                                                                                              pad_token_id=0)
+    if finish.startswith("eos"):
         eos = eos_of_every_row(model, ids, [new_tokens // 2, new_tokens - 1, new_tokens // 3], pad_token_id=0)
         kwargs["eos_token_id"] = eos[:1] if finish == "eos_some" else eos
     expected = transformers_loop(model, ids, monkeypatch, **kwargs)
@@ -234,5 +236,5 @@ def test_the_chunked_loop_ends_where_transformers_loop_ends(new_tokens, finish, 
     got = generate(model, ids, **kwargs)
     assert torch.equal(got, expected)
     assert stand_in.chunks and all(steps in (1, 2, 4, 8, 16) for steps in stand_in.chunks)
-    if finish == "max_length":
+    if finish.startswith("max_length"):
         assert sum(stand_in.chunks) == new_tokens - 1
