@@ -13,12 +13,19 @@ kernels, each much shorter than its launch. :func:`decode_step` runs it as three
 
 :func:`head_logits` is the model's head for one token, with the cast of its logits to float32.
 
+On Hopper GPUs and later the kernels are launched with programmatic dependent launch (PDL):
+a kernel's programs start while the previous kernel still runs and wait, before reading
+anything, until it has finished and its writes are visible (``griddepcontrol.wait``), so the
+next launch's latency hides behind the current kernel's work instead of following it.
+
 Products take their operands in the compute dtype (the autocast dtype where autocast is on,
 else the weights' dtype) and accumulate in float32 (float64 for float64 weights), as the
 layer's own matmuls do; intermediate results stay in the accumulation dtype. The
 CUDA-graph decoder (:mod:`goom_ssm.modeling.cuda_graph_goom_ssm`) captures these launches.
 """
 
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -32,6 +39,14 @@ if HAS_TRITON:
 
     _TL_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
                   torch.float16: tl.float16}
+
+    @triton.jit
+    def _wait_for_inputs(PDL: tl.constexpr):
+        """With ``PDL``: wait until the previous kernel in the stream has finished and its writes
+        are visible, then let the next kernel's programs start (they wait here in turn)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
     def _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
@@ -86,7 +101,7 @@ if HAS_TRITON:
                                   out_s_ptr, out_v_ptr, du_ptr, M, E, n, ND, eps, tiny: tl.constexpr,
                                   D: tl.constexpr, BLOCK_D: tl.constexpr, STATE: tl.constexpr,
                                   HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                                  DOT: tl.constexpr, ACC: tl.constexpr):
+                                  DOT: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr):
         """Program ``(j, i)``, sequences ``m`` of row block ``i`` (axis 1). For ``j < n``: the
         state input of row ``j``, ``LN(h) @ B[:, j D:(j + 1) D]``, then the step of that row,
         ``x_j <- x_j A + Bu_j`` (state ``[M, n, 1]`` / ``[M, n, D]`` in ``STATE``; a
@@ -96,6 +111,7 @@ if HAS_TRITON:
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         m = pid_m * BM + tl.arange(0, BM)
         m_ok = m < M
+        _wait_for_inputs(PDL)
         mean, rstd = _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM, BK, ACC)
         if pid_n < n:
             feats = tl.arange(0, BLOCK_D)
@@ -128,12 +144,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _output_glu_kernel(rows_ptr, c_ptr, du_ptr, g_ptr, M, NR, E, LOG_SCALE: tl.constexpr, BM: tl.constexpr,
-                           BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+                           BN: tl.constexpr, BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr):
         """``y = exp(LOG_SCALE) rows @ C + Du`` (``rows [M, NR]``, ``C [NR, 2E]``, ``Du [M, 2E]``),
         then ``g = y[:, :E] * sigmoid(y[:, E:])`` ``[M, E]``: both halves of its output columns ``cols`` here."""
         m, m_ok, cols, cols_ok = _output_block(M, E, BM, BN)
         ok = m_ok[:, None] & cols_ok[None, :]
         unused = tl.zeros([BM], ACC)
+        _wait_for_inputs(PDL)
         value, gate = _products(rows_ptr, m, m_ok, NR, c_ptr, E, 2 * E, 1, cols, cols_ok, unused, unused, c_ptr, c_ptr,
                                 False, True, BM, BN, BK, DOT, ACC)
         scale = tl.exp(tl.full([1, 1], LOG_SCALE, ACC))  # in ACC: a float argument would be float32
@@ -143,11 +160,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _out_proj_residual_kernel(g_ptr, w_ptr, h_ptr, out_ptr, M, E, BM: tl.constexpr, BN: tl.constexpr,
-                                  BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr):
+                                  BK: tl.constexpr, DOT: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr):
         """``out = h + g @ W^T`` with ``W [E, E]`` (an ``nn.Linear`` weight), all rows ``[M, E]``."""
         m, m_ok, cols, cols_ok = _output_block(M, E, BM, BN)
         ok = m_ok[:, None] & cols_ok[None, :]
         unused = tl.zeros([BM], ACC)
+        _wait_for_inputs(PDL)
         acc, _ = _products(g_ptr, m, m_ok, E, w_ptr, 0, 1, E, cols, cols_ok, unused, unused, w_ptr, w_ptr,
                            False, False, BM, BN, BK, DOT, ACC)
         h = tl.load(h_ptr + m[:, None] * E + cols[None, :], mask=ok, other=0.0).to(ACC)
@@ -155,11 +173,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _head_kernel(h_ptr, w_ptr, out_ptr, M, E, V, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     DOT: tl.constexpr, ACC: tl.constexpr):
+                     DOT: tl.constexpr, ACC: tl.constexpr, PDL: tl.constexpr):
         """``logits = h @ W^T`` ``[M, V]`` (``h [M, E]``, ``W [V, E]`` an ``nn.Linear`` weight),
         rounded to ``DOT`` as the head's own output is, then stored in float32."""
         m, m_ok, cols, cols_ok = _output_block(M, V, BM, BN)
         unused = tl.zeros([BM], ACC)
+        _wait_for_inputs(PDL)
         acc = _products(h_ptr, m, m_ok, E, w_ptr, 0, 1, E, cols, cols_ok, unused, unused, w_ptr, w_ptr,
                         False, False, BM, BN, BK, DOT, ACC)[0]
         logits = acc.to(DOT).to(tl.float32)
@@ -182,6 +201,14 @@ def _state_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+@functools.lru_cache
+def _dependent_launch(device: torch.device) -> bool:
+    """Whether kernels on ``device`` are launched with PDL: CUDA GPUs of compute capability 9
+    (Hopper) and above; not in Triton's interpreter."""
+    return (device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+            and torch.cuda.get_device_capability(device)[0] >= 9)
+
+
 def _launch_settings(weight: torch.Tensor, M: int, block_n: int = BLOCK_N, num_warps: int = NUM_WARPS):
     """For products with ``weight`` over ``M`` rows, ``block_n`` output columns per program:
     the accumulation dtype, the kernels' block sizes, dtypes and launch options, and the
@@ -189,8 +216,9 @@ def _launch_settings(weight: torch.Tensor, M: int, block_n: int = BLOCK_N, num_w
     dot = compute_dtype(weight)
     acc = torch.float64 if dot == torch.float64 else torch.float32
     bm = 16 if M <= 16 else 32
+    pdl = _dependent_launch(weight.device)
     settings = dict(BM=bm, BN=block_n, BK=BLOCK_K_BYTES // weight.element_size(), DOT=_TL_DTYPES[dot],
-                    ACC=_TL_DTYPES[acc], num_warps=num_warps, num_stages=NUM_STAGES)
+                    ACC=_TL_DTYPES[acc], PDL=pdl, num_warps=num_warps, num_stages=NUM_STAGES, launch_pdl=pdl)
     return acc, settings, triton.cdiv(M, bm)
 
 
