@@ -1,0 +1,93 @@
+"""GPU time of one single-token decoding step of the 124M model, replayed from a CUDA graph.
+
+Rows (bf16 weights, float32 states, at each --batches): the 24 layers' fused kernels alone,
+launched with programmatic dependent launch (PDL, the default on Hopper and later) and
+without it (the same kernels; ``goom_ssm.triton_decode._dependent_launch`` patched to False
+for that row), and the whole step of ``generate()``'s decoder (embedding, layers, final
+LayerNorm, head). Each figure is the fastest of five timings of --replays replays.
+
+    python benchmarks/decode_step.py                # on a CUDA GPU
+"""
+
+import argparse
+import time
+
+import torch
+
+from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+from goom_ssm import triton_decode
+from goom_ssm.modeling.cuda_graph_goom_ssm import CUDAGraphDecoder
+from goom_ssm.scan import ScaledRows
+
+
+def replay_microseconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
+    for _ in range(20):
+        graph.replay()
+    torch.cuda.synchronize()
+    timings = []
+    for _ in range(5):
+        start = time.perf_counter()
+        for _ in range(replays):
+            graph.replay()
+        torch.cuda.synchronize()
+        timings.append((time.perf_counter() - start) / replays * 1e6)
+    return min(timings)
+
+
+def capture(fn) -> torch.cuda.CUDAGraph:
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compilation and allocations outside the graph
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def layers_graph(model, batch: int) -> torch.cuda.CUDAGraph:
+    """A graph of the layers' fused step (:func:`goom_ssm.triton_decode.decode_step` per layer)."""
+    config = model.config
+    hidden = torch.randn(batch, 1, config.hidden_size, device="cuda", dtype=model.dtype)
+    states = [ScaledRows(torch.zeros(batch, config.num_state_heads, 1, device="cuda"),
+                         torch.full((batch, config.num_state_heads, config.state_size), 0.1, device="cuda"))
+              for _ in model.backbone.layers]
+
+    def step():
+        h = hidden
+        for layer, state in zip(model.backbone.layers, states):
+            h, _ = layer.fused_decode_step(h, state)
+        return h
+
+    return capture(step)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
+    parser.add_argument("--replays", type=int, default=300)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("decode_step.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    model = GoomSSMForCausalLM(GoomSSMConfig()).cuda().eval().to(torch.bfloat16)
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, 124M, bf16\n")
+    print("| batch | layers, PDL | layers, no PDL | whole step (decoder) |\n|---|---|---|---|")
+    with_pdl = triton_decode._dependent_launch
+    for batch in args.batches:
+        with torch.no_grad():
+            pdl = replay_microseconds(layers_graph(model, batch), args.replays)
+            triton_decode._dependent_launch = lambda device: False
+            try:
+                no_pdl = replay_microseconds(layers_graph(model, batch), args.replays)
+            finally:
+                triton_decode._dependent_launch = with_pdl
+            decoder = CUDAGraphDecoder(model, batch)
+            whole = replay_microseconds(decoder.graph, args.replays)
+        print(f"| {batch} | {pdl:,.1f} us | {no_pdl:,.1f} us | {whole:,.1f} us |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
