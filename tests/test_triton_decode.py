@@ -142,3 +142,46 @@ def test_half_precision_head_is_the_linear_layer(weights, batch):
         ours, theirs = head_logits(hidden, head.weight), head(hidden).float()
     assert ours.dtype == torch.float32 and torch.equal(ours, ours.bfloat16().float())
     assert norm_relative_error(ours, exact) <= 1.5 * norm_relative_error(theirs, exact)
+
+
+@needs_cuda
+@torch.no_grad()
+def test_dependent_launches_equal_plain_launches(monkeypatch):
+    """Programmatic dependent launch (taken on Hopper and later) changes when a kernel starts,
+    not what it computes: the layers' steps, one after another in a CUDA graph as the decoder
+    runs them, agree bit for bit with and without it."""
+    from goom_ssm import triton_decode
+
+    device = torch.device("cuda")
+    assert triton_decode._dependent_launch(device) == (torch.cuda.get_device_capability(device)[0] >= 9)
+    blocks = [make_case(2, 768, 24, 32, torch.bfloat16, device="cuda", seed=seed)[0] for seed in range(4)]
+    hidden, state = make_case(2, 768, 24, 32, torch.bfloat16, device="cuda")[1:]
+
+    def replayed():
+        states = [clone(state) for _ in blocks]
+
+        def step():
+            h = hidden
+            for block, s in zip(blocks, states):
+                h, _ = block.fused_decode_step(h, s)
+            return h
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()  # compiled outside the graph
+        torch.cuda.current_stream().wait_stream(side)
+        states = [clone(state) for _ in blocks]  # what the graph reads and updates (a capture runs nothing)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        graph.replay()
+        torch.cuda.synchronize()
+        return out.clone(), [s.rows.clone() for s in states]
+
+    dependent = replayed()
+    monkeypatch.setattr(triton_decode, "_dependent_launch", lambda device: False)
+    plain = replayed()
+    assert torch.equal(dependent[0], plain[0])
+    assert all(torch.equal(a, b) for a, b in zip(dependent[1], plain[1]))
