@@ -133,9 +133,9 @@ def time_it(fn, warmup: int, steps: int, device: str) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
-    """(tokens/s, parameters, peak GiB) of training steps, or (None, None, None) out of memory."""
-    cleanup(device)
+def training_step(name, batch, seq_len, dtype, device, tiny):
+    """``(model, step)``: model ``name`` and a function that runs one training step (fwd + bwd
+    + AdamW) of it on a fixed batch of random ids ``[batch, seq_len]``."""
     model = build(name, device, tiny, positions=seq_len).train()
     graphed = "graph" in name.split(":")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4,
@@ -160,13 +160,20 @@ def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
+    return model, step
+
+
+def bench_train(name, batch, seq_len, dtype, steps, device, tiny):
+    """(tokens/s, parameters, peak GiB) of training steps, or (None, None, None) out of memory."""
+    cleanup(device)
+    model, step = training_step(name, batch, seq_len, dtype, device, tiny)
     try:
         seconds = time_it(step, warmup=2, steps=steps, device=device)
         return batch * seq_len / seconds, num_parameters(model), peak_gib(device)
     except torch.OutOfMemoryError:
         return None, None, None
     finally:
-        del model, optimizer, step_model, compiled
+        del model, step
         cleanup(device)
 
 
