@@ -128,6 +128,7 @@ def _eos_token_ids(stopping_criteria, device) -> Optional[torch.Tensor]:
     ids = [c.eos_token_id.to(device).view(-1) for c in stopping_criteria if isinstance(c, EosTokenCriteria)]
     return torch.cat(ids).long() if ids else None
 
+
 def _has_eos_criteria(stopping_criteria) -> bool:
     """Whether an EOS token stops sequences (transformers' test: a criterion with ``eos_token_id``)."""
     return any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
