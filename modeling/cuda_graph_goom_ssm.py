@@ -37,6 +37,7 @@ from ..layers import GoomSSMBlock
 from ..scan import ScaledRows
 from ..triton_common import HAS_TRITON
 from ..triton_decode import head_logits
+from .generation_goom_ssm import next_greedy_tokens
 
 
 _DECODERS = weakref.WeakKeyDictionary()  # model -> {(batch size, autocast dtype): CUDAGraphDecoder}
@@ -140,10 +141,8 @@ class CUDAGraphDecoder:
     def greedy_tokens(self, model, cache, last_tokens: torch.Tensor, unfinished: torch.Tensor, steps: int,
                       pad_token_id: torch.Tensor, eos_token_ids: Optional[torch.Tensor]) -> tuple:
         """The next ``steps`` tokens of greedy decoding from ``cache``'s states, in one replay;
-        advances ``cache`` by ``steps`` tokens. Each step feeds the previous token, takes the
-        argmax of its logits, gives rows that have finished ``pad_token_id`` instead, and
-        finishes the rows whose token is in ``eos_token_ids`` (transformers' greedy step with
-        no logits processor and EOS as the only stopping criterion besides the length).
+        advances ``cache`` by ``steps`` tokens. Each step feeds the previous token and picks the
+        next (:func:`~.generation_goom_ssm.next_greedy_tokens`).
 
         Args:
             last_tokens: ``[batch]`` each row's newest token, not yet in ``cache``.
@@ -176,10 +175,8 @@ class CUDAGraphDecoder:
         """The operations :meth:`greedy_tokens` replays (see there)."""
         unfinished, tokens, any_unfinished = self.unfinished, [], []
         for _ in range(steps):
-            next_tokens = self._step(model)[:, -1].argmax(dim=-1)
-            if eos_token_ids is not None:
-                next_tokens = next_tokens * unfinished + self.pad_token_id * (1 - unfinished)
-                unfinished = unfinished & ~torch.isin(next_tokens, eos_token_ids)
+            next_tokens, unfinished = next_greedy_tokens(self._step(model)[:, -1], unfinished, self.pad_token_id,
+                                                         eos_token_ids)
             self.ids.copy_(next_tokens[:, None])
             tokens.append(next_tokens)
             any_unfinished.append(unfinished.any())

@@ -66,13 +66,13 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
         del outputs
         next_tokens = logits_processor(input_ids, logits).argmax(dim=-1)
         if has_eos_criteria:
-            next_tokens = next_tokens * unfinished + pad_token_id * (1 - unfinished)
+            next_tokens = _padded_if_finished(next_tokens, unfinished, pad_token_id)
         input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
         unfinished = unfinished & ~stopping_criteria(input_ids, None)
         unread.append(unfinished.any())
         # read at the maximum length too, where the maximum-length criterion finishes every sequence
         if len(unread) >= due or input_ids.shape[1] >= max_length:
-            finished_at = _first_finished(unread)
+            finished_at = _first_finished(torch.stack(unread))
             if finished_at is not None:  # the tokens of the steps after it are dropped
                 return input_ids[:, : input_ids.shape[1] - len(unread) + finished_at + 1]
             read_steps += len(unread)
@@ -87,6 +87,26 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
                 return _decode_in_graph_chunks(decoder, model, model_inputs[CACHE_NAME], input_ids, unfinished,
                                                max_length, pad_token_id, eos_token_ids)
         outputs = model(**model_inputs, return_dict=True)
+
+
+def _padded_if_finished(next_tokens: torch.Tensor, unfinished: torch.Tensor, pad_token_id: torch.Tensor) -> torch.Tensor:
+    """``next_tokens [batch]`` with ``pad_token_id`` for the rows that have finished
+    (``unfinished [batch]`` long, 0 for them), as transformers' loop computes it."""
+    return next_tokens * unfinished + pad_token_id * (1 - unfinished)
+
+
+def next_greedy_tokens(logits: torch.Tensor, unfinished: torch.Tensor, pad_token_id: Optional[torch.Tensor],
+                       eos_token_ids: Optional[torch.Tensor]) -> tuple:
+    """A graph chunk's step: the tokens ``[batch]`` picked from the step's ``logits [batch,
+    vocab]`` (float32) and the rows that go on after it ``[batch]`` (long), given ``unfinished``
+    before it; with ``eos_token_ids [k]``, finished rows get ``pad_token_id`` and rows whose token
+    is an EOS id finish (transformers' greedy step with no logits processor and EOS as the only
+    stopping criterion besides the length)."""
+    next_tokens = logits.argmax(dim=-1)
+    if eos_token_ids is not None:
+        next_tokens = _padded_if_finished(next_tokens, unfinished, pad_token_id)
+        unfinished = unfinished & ~torch.isin(next_tokens, eos_token_ids)
+    return next_tokens, unfinished
 
 
 def _graph_chunks_decoder(model, model_inputs: dict, logits_processor, stopping_criteria, pad_token_id):
@@ -117,7 +137,7 @@ def _decode_in_graph_chunks(decoder, model, cache, input_ids: torch.LongTensor, 
         tokens, any_unfinished, unfinished = decoder.greedy_tokens(model, cache, input_ids[:, -1], unfinished, steps,
                                                                    pad_token_id, eos_token_ids)
         input_ids = torch.cat([input_ids, tokens], dim=-1)
-        finished_at = next((i for i, flag in enumerate(any_unfinished.tolist()) if not flag), None)
+        finished_at = _first_finished(any_unfinished)
         if finished_at is not None:
             return input_ids[:, : input_ids.shape[1] - steps + finished_at + 1]
     return input_ids
@@ -134,8 +154,7 @@ def _has_eos_criteria(stopping_criteria) -> bool:
     return any(hasattr(criteria, "eos_token_id") for criteria in stopping_criteria)
 
 
-def _first_finished(unread: list[torch.Tensor]) -> Optional[int]:
-    """The index of the first step in ``unread`` after which no sequence was unfinished, or None
-    (one read from the device for all of them)."""
-    any_unfinished = torch.stack(unread).tolist()
-    return next((i for i, flag in enumerate(any_unfinished) if not flag), None)
+def _first_finished(any_unfinished: torch.Tensor) -> Optional[int]:
+    """The index of the first step after which no sequence was unfinished, or None, from
+    ``any_unfinished [steps]`` (bool, per step; one read from the device for all of them)."""
+    return next((i for i, flag in enumerate(any_unfinished.tolist()) if not flag), None)

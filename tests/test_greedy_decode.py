@@ -12,6 +12,7 @@ from conftest import tiny_config
 from goom_ssm import GoomSSMForCausalLM
 from goom_ssm.modeling import generation_goom_ssm, modeling_goom_ssm
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
+from goom_ssm.modeling.generation_goom_ssm import next_greedy_tokens
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
 
@@ -199,7 +200,8 @@ class _NeverStop(StoppingCriteria):
 
 class _EagerChunks:
     """What ``CUDAGraphDecoder.greedy_tokens`` computes, step by step through the model's module
-    path: a stand-in that runs the chunked loop on the CPU."""
+    path and the token choice its graph replays (``next_greedy_tokens``): a stand-in that runs
+    the chunked loop on the CPU."""
 
     def __init__(self):
         self.chunks = []
@@ -209,10 +211,7 @@ class _EagerChunks:
         tokens, any_unfinished = [], []
         for _ in range(steps):
             logits = model(input_ids=last_tokens[:, None], **{CACHE_NAME: cache}, use_cache=True).logits
-            last_tokens = logits[:, -1].argmax(dim=-1)
-            if eos_token_ids is not None:
-                last_tokens = last_tokens * unfinished + pad_token_id * (1 - unfinished)
-                unfinished = unfinished & ~torch.isin(last_tokens, eos_token_ids)
+            last_tokens, unfinished = next_greedy_tokens(logits[:, -1], unfinished, pad_token_id, eos_token_ids)
             tokens.append(last_tokens)
             any_unfinished.append(unfinished.any())
         return torch.stack(tokens, dim=1), torch.stack(any_unfinished), unfinished
