@@ -16,7 +16,7 @@ import torch
 
 from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
 from goom_ssm import triton_decode
-from goom_ssm.modeling.cuda_graph_goom_ssm import CUDAGraphDecoder
+from goom_ssm.modeling.cuda_graph_goom_ssm import CUDAGraphDecoder, capture_graph
 from goom_ssm.scan import ScaledRows
 
 
@@ -34,19 +34,6 @@ def replay_microseconds(graph: torch.cuda.CUDAGraph, replays: int) -> float:
     return min(timings)
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compilation and allocations outside the graph
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
 def layers_graph(model, batch: int) -> torch.cuda.CUDAGraph:
     """A graph of the layers' fused step (:func:`goom_ssm.triton_decode.decode_step` per layer)."""
     config = model.config
@@ -61,7 +48,7 @@ def layers_graph(model, batch: int) -> torch.cuda.CUDAGraph:
             h, _ = layer.fused_decode_step(h, state)
         return h
 
-    return capture(step)
+    return capture_graph(step)[0]
 
 
 def main():

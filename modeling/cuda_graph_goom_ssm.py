@@ -43,6 +43,24 @@ from .generation_goom_ssm import next_greedy_tokens
 _DECODERS = weakref.WeakKeyDictionary()  # model -> {(batch size, autocast dtype): CUDAGraphDecoder}
 
 
+def capture_graph(fn, device=None, warmups: int = 2):
+    """Captures one call of ``fn`` in a CUDA graph on ``device`` (the current one if None),
+    after ``warmups`` calls on a side stream that run its compilation, allocations and library
+    initialisation outside the graph. The warm-up calls run ``fn`` for real, so whatever state
+    it updates has changed; the capture itself runs nothing. Returns ``(graph, output)``, the
+    output being what the captured call returned: static tensors that each replay rewrites."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    return graph, output
+
+
 def decoders_of(model) -> dict:
     """The captured decoders of ``model``, by (batch size, autocast dtype)."""
     return _DECODERS.setdefault(model, {})
@@ -78,15 +96,7 @@ class CUDAGraphDecoder:
         self.pad_token_id = torch.zeros((), dtype=torch.long, device=device)
         self.greedy_graphs = {}  # (steps, number of EOS ids or None) -> _GreedyGraph
 
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: allocations and library initialisation outside the graph
-                self._step(model)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self._step(model)
+        self.graph, self.logits = capture_graph(lambda: self._step(model), device)
 
     def _step(self, model) -> torch.Tensor:
         ids = self.ids.clamp(0, self.vocab_size - 1)

@@ -151,6 +151,7 @@ def test_dependent_launches_equal_plain_launches(monkeypatch):
     not what it computes: the layers' steps, one after another in a CUDA graph as the decoder
     runs them, agree bit for bit with and without it."""
     from goom_ssm import triton_decode
+    from goom_ssm.modeling.cuda_graph_goom_ssm import capture_graph
 
     device = torch.device("cuda")
     assert triton_decode._dependent_launch(device) == (torch.cuda.get_device_capability(device)[0] >= 9)
@@ -166,15 +167,10 @@ def test_dependent_launches_equal_plain_launches(monkeypatch):
                 h, _ = block.fused_decode_step(h, s)
             return h
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()  # compiled outside the graph
-        torch.cuda.current_stream().wait_stream(side)
-        states = [clone(state) for _ in blocks]  # what the graph reads and updates (a capture runs nothing)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture_graph(step, warmups=1)
+        for s in states:  # the warm-up stepped them; the replays start from the same states
+            s.log_scale.copy_(state.log_scale)
+            s.rows.copy_(state.rows)
         graph.replay()
         graph.replay()
         torch.cuda.synchronize()
