@@ -17,8 +17,9 @@ vocabulary makes the graph change no state (every sequence is treated as padding
 are clamped for the embedding), and the call raises.
 
 For greedy decoding, :meth:`CUDAGraphDecoder.greedy_tokens` runs several steps in one replay:
-each step's argmax, the padding of finished rows and the EOS check run inside the graph, and
-its token is the next step's input, so the host neither feeds the ids nor waits for them.
+each step's token choice (a repetition penalty, the argmax, the padding of finished rows, the
+EOS check) runs inside the graph, and its token is the next step's input, so the host neither
+feeds the ids nor waits for them.
 
 A graph replays the kernels it captured, whatever happens to the modules afterwards, so it
 is used only for a plain model (:func:`goom_ssm.layers.is_plain`: no adapter, wrapper,
@@ -37,7 +38,7 @@ from ..layers import GoomSSMBlock
 from ..scan import ScaledRows
 from ..triton_common import HAS_TRITON
 from ..triton_decode import head_logits
-from .generation_goom_ssm import next_greedy_tokens
+from .generation_goom_ssm import GreedyRule, next_greedy_tokens
 
 
 _DECODERS = weakref.WeakKeyDictionary()  # model -> {(batch size, autocast dtype): CUDAGraphDecoder}
@@ -94,7 +95,8 @@ class CUDAGraphDecoder:
         self.owner = lambda: None  # weak reference to the cache whose states are in self.states
         self.unfinished = torch.ones(batch_size, dtype=torch.long, device=device)  # greedy_tokens' rows that go on
         self.pad_token_id = torch.zeros((), dtype=torch.long, device=device)
-        self.greedy_graphs = {}  # (steps, number of EOS ids or None) -> _GreedyGraph
+        self.seen = None  # [batch, vocab] bool: greedy_tokens' ids held, with a repetition penalty
+        self.greedy_graphs = {}  # (steps, number of EOS ids or None, penalty or None) -> _GreedyGraph
 
         self.graph, self.logits = capture_graph(lambda: self._step(model), device)
 
@@ -148,45 +150,52 @@ class CUDAGraphDecoder:
         cache.advance(self.states, 1)
         return self.logits.clone()
 
-    def greedy_tokens(self, model, cache, last_tokens: torch.Tensor, unfinished: torch.Tensor, steps: int,
-                      pad_token_id: torch.Tensor, eos_token_ids: Optional[torch.Tensor]) -> tuple:
+    def greedy_tokens(self, model, cache, last_tokens: torch.Tensor, unfinished: torch.Tensor,
+                      seen: Optional[torch.Tensor], steps: int, rule: GreedyRule) -> tuple:
         """The next ``steps`` tokens of greedy decoding from ``cache``'s states, in one replay;
         advances ``cache`` by ``steps`` tokens. Each step feeds the previous token and picks the
-        next (:func:`~.generation_goom_ssm.next_greedy_tokens`).
+        next as ``rule`` says (:func:`~.generation_goom_ssm.next_greedy_tokens`).
 
         Args:
             last_tokens: ``[batch]`` each row's newest token, not yet in ``cache``.
             unfinished: ``[batch]`` long, 1 for the rows that go on.
-            pad_token_id: ``[]`` long, an id in the vocabulary (not checked here); unused
-                (may be None) where ``eos_token_ids`` is None.
-            eos_token_ids: ``[k]`` long, or None where no EOS token stops rows.
+            seen: ``[batch, vocab]`` bool, the ids each row holds, where ``rule`` has a
+                repetition penalty; else None.
+            rule: the pad id (in the vocabulary: not checked here), EOS ids and penalty.
 
         Returns ``tokens [batch, steps]``, ``any_unfinished [steps]`` (bool: whether some row
-        goes on after each step) and ``unfinished [batch]`` after the last step.
+        goes on after each step), and ``unfinished`` and ``seen`` after the last step.
         """
-        key = (steps, None if eos_token_ids is None else eos_token_ids.numel())
+        eos = rule.eos_token_ids
+        key = (steps, None if eos is None else eos.numel(), rule.repetition_penalty)
         greedy = self.greedy_graphs.get(key)
         if greedy is None:
-            greedy = self.greedy_graphs[key] = _GreedyGraph(self, model, steps, eos_token_ids)
+            if rule.repetition_penalty is not None and self.seen is None:
+                self.seen = torch.zeros(self.ids.shape[0], self.vocab_size, dtype=torch.bool, device=self.ids.device)
+            greedy = self.greedy_graphs[key] = _GreedyGraph(self, model, steps, rule)
         self.ids.copy_(last_tokens[:, None])
         self.unfinished.copy_(unfinished)
-        if eos_token_ids is not None:
-            self.pad_token_id.copy_(pad_token_id)
-            greedy.eos_token_ids.copy_(eos_token_ids)
+        if eos is not None:
+            self.pad_token_id.copy_(rule.pad_token_id)
+            greedy.eos_token_ids.copy_(eos)
+        if seen is not None:
+            self.seen.copy_(seen)
         if not self.mask_is_all_true:
             self.mask.fill_(True)
             self.mask_is_all_true = True
         self._take_buffers_for(cache)
         greedy.graph.replay()
         cache.advance(self.states, steps)
-        return greedy.tokens.clone(), greedy.any_unfinished.clone(), self.unfinished.clone()
+        return (greedy.tokens.clone(), greedy.any_unfinished.clone(), self.unfinished.clone(),
+                None if seen is None else self.seen.clone())
 
-    def _greedy_steps(self, model, steps: int, eos_token_ids: Optional[torch.Tensor]) -> tuple:
-        """The operations :meth:`greedy_tokens` replays (see there)."""
+    def _greedy_steps(self, model, steps: int, rule: GreedyRule) -> tuple:
+        """The operations :meth:`greedy_tokens` replays (see there), ``rule`` holding this
+        decoder's buffers."""
         unfinished, tokens, any_unfinished = self.unfinished, [], []
+        seen = self.seen if rule.repetition_penalty is not None else None
         for _ in range(steps):
-            next_tokens, unfinished = next_greedy_tokens(self._step(model)[:, -1], unfinished, self.pad_token_id,
-                                                         eos_token_ids)
+            next_tokens, unfinished = next_greedy_tokens(self._step(model)[:, -1], unfinished, rule, seen)
             self.ids.copy_(next_tokens[:, None])
             tokens.append(next_tokens)
             any_unfinished.append(unfinished.any())
@@ -195,16 +204,19 @@ class CUDAGraphDecoder:
 
 
 class _GreedyGraph:
-    """:meth:`CUDAGraphDecoder.greedy_tokens`'s capture for one number of steps and of EOS ids:
-    the graph, its EOS ids' buffer and its outputs. Capturing runs nothing, so the states a
-    cache keeps in the decoder's buffers are left as they are (the step's kernels were built and
-    its libraries initialised by the decoder's own capture)."""
+    """:meth:`CUDAGraphDecoder.greedy_tokens`'s capture for one number of steps, of EOS ids and
+    one repetition penalty: the graph, its EOS ids' buffer and its outputs. Capturing runs
+    nothing, so the states a cache keeps in the decoder's buffers are left as they are (the
+    step's kernels were built and its libraries initialised by the decoder's own capture)."""
 
-    def __init__(self, decoder: CUDAGraphDecoder, model, steps: int, eos_token_ids: Optional[torch.Tensor]):
-        self.eos_token_ids = None if eos_token_ids is None else torch.empty_like(eos_token_ids)
+    def __init__(self, decoder: CUDAGraphDecoder, model, steps: int, rule: GreedyRule):
+        has_eos = rule.eos_token_ids is not None
+        self.eos_token_ids = torch.empty_like(rule.eos_token_ids) if has_eos else None
+        static_rule = GreedyRule(decoder.pad_token_id if has_eos else None, self.eos_token_ids,
+                                 rule.repetition_penalty)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.tokens, self.any_unfinished = decoder._greedy_steps(model, steps, self.eos_token_ids)
+            self.tokens, self.any_unfinished = decoder._greedy_steps(model, steps, static_rule)
 
 
 def _parameter_ptrs(model) -> tuple:

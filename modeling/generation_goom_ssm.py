@@ -12,11 +12,12 @@ which they did are dropped, so the result is the tokens transformers' loop retur
 steps run past that point change nothing the caller can see: the cache they advance is
 generate()'s own and is not returned, and greedy decoding draws no random numbers.
 
-Where the model's CUDA-graph decoder runs the steps, there are no logits processors, and EOS
-is the only stopping criterion besides the length, the steps after the first run in chunks of
-up to :data:`MAX_UNREAD_STEPS` (powers of two), each chunk one graph replay that also picks
-the tokens, pads finished rows and checks for EOS
-(:meth:`~.cuda_graph_goom_ssm.CUDAGraphDecoder.greedy_tokens`); the host reads whether all
+Where the model's CUDA-graph decoder runs the steps, the only logits processor is a
+repetition penalty (or none), and EOS is the only stopping criterion besides the length, the
+steps after the first run in chunks of up to :data:`MAX_UNREAD_STEPS` (powers of two), each
+chunk one graph replay that also picks the tokens (:func:`next_greedy_tokens`: the penalty,
+the argmax, the padding of finished rows, the EOS check;
+:meth:`~.cuda_graph_goom_ssm.CUDAGraphDecoder.greedy_tokens`); the host reads whether all
 rows have finished once per chunk.
 
 :func:`decodes_greedily_without_host_waits` says when this applies: greedy decoding whose
@@ -25,15 +26,45 @@ in by the caller, one process (no ``synced_gpus``), a maximum length, and a pad 
 EOS token stops sequences. Anything else runs transformers' own loop.
 """
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from .cache_goom_ssm import CACHE_NAME
 
 MAX_UNREAD_STEPS = 16  # tokens decoded at most between two reads of the "all finished" flag
 _CACHE_ARGUMENTS = (CACHE_NAME, "past_key_values")
+
+
+class GreedyRule(NamedTuple):
+    """What a greedy step does besides the argmax (transformers' greedy step with these
+    settings and no other logits processor)."""
+
+    pad_token_id: Optional[torch.Tensor]  # [] long: the token of rows that have finished
+    eos_token_ids: Optional[torch.Tensor]  # [k] long, or None where no EOS token finishes rows
+    repetition_penalty: Optional[float]  # RepetitionPenaltyLogitsProcessor's, or None
+
+
+def next_greedy_tokens(logits: torch.Tensor, unfinished: torch.Tensor, rule: GreedyRule,
+                       seen: Optional[torch.Tensor]) -> tuple:
+    """One greedy step's tokens ``[batch]`` and the rows that go on after it ``[batch]``
+    (long), from the step's ``logits [batch, vocab]`` (float32) and ``unfinished`` before it:
+    the values transformers' greedy loop computes. With a repetition penalty, ``seen
+    [batch, vocab]`` (bool) marks the ids each row holds so far and gets the new tokens; the
+    penalised logits are those of transformers' processor (divided by the penalty where
+    positive, multiplied where negative, the same operations on the same values)."""
+    if rule.repetition_penalty is not None:
+        penalty = rule.repetition_penalty
+        logits = torch.where(seen, torch.where(logits < 0, logits * penalty, logits / penalty), logits)
+    next_tokens = logits.argmax(dim=-1)
+    if rule.eos_token_ids is not None:
+        next_tokens = _padded_if_finished(next_tokens, unfinished, rule.pad_token_id)
+        unfinished = unfinished & ~torch.isin(next_tokens, rule.eos_token_ids)
+    if rule.repetition_penalty is not None:
+        seen.scatter_(1, next_tokens[:, None], True)
+    return next_tokens, unfinished
 
 
 def decodes_greedily_without_host_waits(generation_config, stopping_criteria, synced_gpus: bool, streamer,
@@ -81,11 +112,11 @@ def greedy_decode(model, input_ids: torch.LongTensor, logits_processor, stopping
         model_inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=next_sequence_length,
                                                            **model_kwargs)
         if read_steps == 1 and not unread:  # after the first token: can the rest run in graph chunks?
-            decoder = _graph_chunks_decoder(model, model_inputs, logits_processor, stopping_criteria, pad_token_id)
-            if decoder is not None:
-                eos_token_ids = _eos_token_ids(stopping_criteria, input_ids.device)
+            chunks = _graph_chunks_decoder(model, model_inputs, logits_processor, stopping_criteria, pad_token_id)
+            if chunks is not None:
+                decoder, rule = chunks
                 return _decode_in_graph_chunks(decoder, model, model_inputs[CACHE_NAME], input_ids, unfinished,
-                                               max_length, pad_token_id, eos_token_ids)
+                                               max_length, rule)
         outputs = model(**model_inputs, return_dict=True)
 
 
@@ -95,27 +126,17 @@ def _padded_if_finished(next_tokens: torch.Tensor, unfinished: torch.Tensor, pad
     return next_tokens * unfinished + pad_token_id * (1 - unfinished)
 
 
-def next_greedy_tokens(logits: torch.Tensor, unfinished: torch.Tensor, pad_token_id: Optional[torch.Tensor],
-                       eos_token_ids: Optional[torch.Tensor]) -> tuple:
-    """A graph chunk's step: the tokens ``[batch]`` picked from the step's ``logits [batch,
-    vocab]`` (float32) and the rows that go on after it ``[batch]`` (long), given ``unfinished``
-    before it; with ``eos_token_ids [k]``, finished rows get ``pad_token_id`` and rows whose token
-    is an EOS id finish (transformers' greedy step with no logits processor and EOS as the only
-    stopping criterion besides the length)."""
-    next_tokens = logits.argmax(dim=-1)
-    if eos_token_ids is not None:
-        next_tokens = _padded_if_finished(next_tokens, unfinished, pad_token_id)
-        unfinished = unfinished & ~torch.isin(next_tokens, eos_token_ids)
-    return next_tokens, unfinished
-
-
 def _graph_chunks_decoder(model, model_inputs: dict, logits_processor, stopping_criteria, pad_token_id):
-    """The CUDA-graph decoder that can run the following steps in chunks (see the module
-    docstring) for these inputs of the next step, or None."""
+    """``(decoder, rule)``: the CUDA-graph decoder that can run the following steps in chunks
+    (see the module docstring) for these inputs of the next step, and the :class:`GreedyRule`
+    of ``generate()``'s settings; or None."""
     # logits_to_keep 0 (all) or 1 (the last) are the same for the one token of a step
     others = {k: v for k, v in model_inputs.items() if k not in ("input_ids", CACHE_NAME, "use_cache")
               and not (k == "logits_to_keep" and isinstance(v, int) and v in (0, 1))}
-    if (len(logits_processor) or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in stopping_criteria)
+    penalties = [p for p in logits_processor if type(p) is RepetitionPenaltyLogitsProcessor]
+    if (len(penalties) != len(logits_processor) or len(penalties) > 1
+            or any(p.prompt_ignore_length is not None for p in penalties)
+            or any(type(c) not in (MaxLengthCriteria, EosTokenCriteria) for c in stopping_criteria)
             or any(v is not None and v is not False for v in others.values()) or not model_inputs.get("use_cache")):
         return None
     ids, cache = model_inputs["input_ids"], model_inputs[CACHE_NAME]
@@ -124,18 +145,24 @@ def _graph_chunks_decoder(model, model_inputs: dict, logits_processor, stopping_
                            and not 0 <= int(pad_token_id) < model.config.vocab_size):
         return None  # a pad id outside the vocabulary: the step-by-step path refuses it
     cache.check_compatible(model.config, ids.shape[0])
-    return decoder
+    eos_token_ids = _eos_token_ids(stopping_criteria, ids.device)
+    rule = GreedyRule(pad_token_id if eos_token_ids is not None else None, eos_token_ids,
+                      penalties[0].penalty if penalties else None)
+    return decoder, rule
 
 
 def _decode_in_graph_chunks(decoder, model, cache, input_ids: torch.LongTensor, unfinished: torch.Tensor,
-                            max_length: int, pad_token_id: torch.Tensor,
-                            eos_token_ids: Optional[torch.Tensor]) -> torch.LongTensor:
+                            max_length: int, rule: GreedyRule) -> torch.LongTensor:
     """:func:`greedy_decode`'s result from here on (``input_ids [batch, length]`` decoded so far,
     the last token not yet in ``cache``), in chunks of graph-replayed steps."""
+    seen = None
+    if rule.repetition_penalty is not None:  # the ids each row holds, as the penalty reads them
+        seen = torch.zeros(input_ids.shape[0], model.config.vocab_size, dtype=torch.bool, device=input_ids.device)
+        seen.scatter_(1, input_ids, True)
     while input_ids.shape[1] < max_length:
         steps = min(MAX_UNREAD_STEPS, 1 << (max_length - input_ids.shape[1]).bit_length() - 1)
-        tokens, any_unfinished, unfinished = decoder.greedy_tokens(model, cache, input_ids[:, -1], unfinished, steps,
-                                                                   pad_token_id, eos_token_ids)
+        tokens, any_unfinished, unfinished, seen = decoder.greedy_tokens(model, cache, input_ids[:, -1], unfinished,
+                                                                         seen, steps, rule)
         input_ids = torch.cat([input_ids, tokens], dim=-1)
         finished_at = _first_finished(any_unfinished)
         if finished_at is not None:

@@ -122,9 +122,9 @@ def spy_on_chunks(monkeypatch) -> list:
 
     chunks, greedy_tokens = [], CUDAGraphDecoder.greedy_tokens
 
-    def spy(self, model, cache, last_tokens, unfinished, steps, *args):
+    def spy(self, model, cache, last_tokens, unfinished, seen, steps, rule):
         chunks.append(steps)
-        return greedy_tokens(self, model, cache, last_tokens, unfinished, steps, *args)
+        return greedy_tokens(self, model, cache, last_tokens, unfinished, seen, steps, rule)
 
     monkeypatch.setattr(CUDAGraphDecoder, "greedy_tokens", spy)
     return chunks
@@ -134,10 +134,12 @@ def spy_on_chunks(monkeypatch) -> list:
 @pytest.mark.parametrize("new_tokens", [1, 2, 3, 18, 40])
 @pytest.mark.parametrize("finish", ["max_length", "max_length_without_pad", "eos_some", "eos_all_late"])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, monkeypatch):
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, penalty, monkeypatch):
     """On CUDA the steps after the first run in graph-replayed chunks of up to 16 (powers of
-    two) that also pick, pad and check the tokens: the ids of transformers' loop (which decodes
-    through the one-step graph), whatever length and wherever EOS falls."""
+    two) that also pick (with or without a repetition penalty), pad and check the tokens: the
+    ids of transformers' loop (which decodes through the one-step graph), whatever length and
+    wherever EOS falls."""
     model = make_model("cuda")
     ids = torch.randint(1, 300, (batch, 9), generator=torch.Generator().manual_seed(4)).cuda()
     kwargs = dict(max_new_tokens=new_tokens) if finish == "max_length_without_pad" else dict(max_new_tokens=new_tokens,
@@ -146,6 +148,8 @@ def test_cuda_greedy_steps_run_in_graph_chunks(new_tokens, finish, batch, monkey
         steps = [new_tokens // 2, new_tokens - 1, new_tokens // 3][:batch]
         eos = eos_of_every_row(model, ids, steps, pad_token_id=0)
         kwargs["eos_token_id"] = eos[:1] if finish == "eos_some" else eos
+    if penalty is not None:
+        kwargs["repetition_penalty"] = penalty
     expected = transformers_loop(model, ids, monkeypatch, **kwargs)
     chunks = spy_on_chunks(monkeypatch)
     got = generate(model, ids, **kwargs)
@@ -179,9 +183,11 @@ def test_cuda_graph_chunks_give_the_step_by_step_tokens(dtype, monkeypatch):
 
 
 @CUDA
-@pytest.mark.parametrize("options", [dict(repetition_penalty=1.3), dict(stopping_criteria="own"), dict(max_time=100.0)])
+@pytest.mark.parametrize("options", [dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.3, min_new_tokens=5),
+                                     dict(stopping_criteria="own"), dict(max_time=100.0)])
 def test_cuda_graph_chunks_only_without_processors_and_other_criteria(options, monkeypatch):
-    """Logits processors or stopping criteria other than length and EOS: the step-by-step loop."""
+    """Logits processors besides a repetition penalty, or stopping criteria other than length
+    and EOS: the step-by-step loop."""
     model = make_model("cuda")
     ids = torch.randint(1, 300, (2, 7), generator=torch.Generator().manual_seed(3)).cuda()
     if "stopping_criteria" in options:
@@ -200,28 +206,29 @@ class _NeverStop(StoppingCriteria):
 
 class _EagerChunks:
     """What ``CUDAGraphDecoder.greedy_tokens`` computes, step by step through the model's module
-    path and the token choice its graph replays (``next_greedy_tokens``): a stand-in that runs
-    the chunked loop on the CPU."""
+    path: a stand-in that runs the chunked loop on the CPU."""
 
     def __init__(self):
         self.chunks = []
 
-    def greedy_tokens(self, model, cache, last_tokens, unfinished, steps, pad_token_id, eos_token_ids):
+    def greedy_tokens(self, model, cache, last_tokens, unfinished, seen, steps, rule):
         self.chunks.append(steps)
         tokens, any_unfinished = [], []
         for _ in range(steps):
             logits = model(input_ids=last_tokens[:, None], **{CACHE_NAME: cache}, use_cache=True).logits
-            last_tokens, unfinished = next_greedy_tokens(logits[:, -1], unfinished, pad_token_id, eos_token_ids)
+            last_tokens, unfinished = next_greedy_tokens(logits[:, -1], unfinished, rule, seen)
             tokens.append(last_tokens)
             any_unfinished.append(unfinished.any())
-        return torch.stack(tokens, dim=1), torch.stack(any_unfinished), unfinished
+        return torch.stack(tokens, dim=1), torch.stack(any_unfinished), unfinished, seen
 
 
 @pytest.mark.parametrize("new_tokens", [2, 3, 18, 40])
 @pytest.mark.parametrize("finish", ["max_length", "max_length_without_pad", "eos_some", "eos_all_late"])
-def test_the_chunked_loop_ends_where_transformers_loop_ends(new_tokens, finish, monkeypatch):
+@pytest.mark.parametrize("penalty", [None, 1.3])
+def test_the_chunked_loop_ends_where_transformers_loop_ends(new_tokens, finish, penalty, monkeypatch):
     """The loop around the chunks (their sizes, where the output ends when every row has met
-    EOS inside a chunk), on the CPU with an eager stand-in for the graph."""
+    EOS inside a chunk) and the token choice the graph replays (``next_greedy_tokens``, with
+    and without a repetition penalty), on the CPU with an eager stand-in for the graph."""
     model = make_model()
     ids = torch.randint(1, 300, (3, 9), generator=torch.Generator().manual_seed(4))
     kwargs = dict(max_new_tokens=new_tokens) if finish == "max_length_without_pad" else dict(max_new_tokens=new_tokens,
@@ -229,6 +236,8 @@ def test_the_chunked_loop_ends_where_transformers_loop_ends(new_tokens, finish, 
     if finish.startswith("eos"):
         eos = eos_of_every_row(model, ids, [new_tokens // 2, new_tokens - 1, new_tokens // 3], pad_token_id=0)
         kwargs["eos_token_id"] = eos[:1] if finish == "eos_some" else eos
+    if penalty is not None:
+        kwargs["repetition_penalty"] = penalty
     expected = transformers_loop(model, ids, monkeypatch, **kwargs)
     stand_in, choose = _EagerChunks(), generation_goom_ssm._graph_chunks_decoder
 
