@@ -99,6 +99,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a tiny model (a quick check, e.g. on CPU)")
     parser.add_argument("--trace", help="also write the Chrome trace here")
+    parser.add_argument("--operators", type=int, default=0, metavar="N",
+                        help="also list the N operators (by input shapes) whose own kernels take the most GPU time")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     if args.section == "train":
@@ -111,7 +113,7 @@ def main():
         step()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.operators > 0) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
@@ -130,6 +132,22 @@ def main():
     print(f"| {units[:-1]} | us per step | calls per step |\n|---|---|---|")
     for kernel, us, calls in summary.top:
         print(f"| {kernel[:90]} | {us:,.1f} | {calls:g} |")
+    if args.operators:
+        own = "own kernels' us" if device == "cuda" else "own us"
+        print(f"\n| operator | input shapes | {own} per step | calls per step |\n|---|---|---|---|")
+        for name, shapes, us, calls in top_operators(prof, device, args.steps, args.operators):
+            print(f"| {name} | {shapes[:120]} | {us:,.1f} | {calls:g} |")
+
+
+def top_operators(prof, device: str, steps: int, count: int) -> list:
+    """``(name, input shapes, microseconds per step, calls per step)`` of the ``count`` operators,
+    told apart by their inputs' shapes, that take the most time of their own (not their
+    callees'): their kernels' GPU time on CUDA, elsewhere their host time."""
+    def own(average):
+        return average.self_device_time_total if device == "cuda" else average.self_cpu_time_total
+
+    averages = sorted((a for a in prof.key_averages(group_by_input_shape=True) if own(a) > 0), key=lambda a: -own(a))
+    return [(a.key, str(a.input_shapes), own(a) / steps, a.count / steps) for a in averages[:count]]
 
 
 if __name__ == "__main__":

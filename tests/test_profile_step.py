@@ -34,8 +34,10 @@ def test_summary_counts_overlaps_once_and_ranks_by_time(profile_step):
 def test_tiny_cpu_run_prints_the_tables(profile_step, section, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--tiny", "--device", "cpu", "--model", "goom:chunked",
                                       "--section", section, "--batch", "2", "--seq-len", "16", "--prompt-len", "8",
-                                      "--steps", "2"])
+                                      "--steps", "2", "--operators", "3"])
     profile_step.main()
     out = capsys.readouterr().out
     assert f"goom:chunked, {section}" in out.replace("training step", "train").replace("decoding step", "decode")
     assert "| top-level operator | us per step | calls per step |" in out
+    operators = out.split("| operator | input shapes | own us per step | calls per step |\n|---|---|---|---|\n")[1]
+    assert len(operators.strip().splitlines()) == 3 and "| aten::mm | [[" in operators
