@@ -60,11 +60,12 @@ def summarise(intervals: list, steps: int, wall_us: float, top: int = 15) -> Sum
 
 
 def traced_intervals(prof, device: str) -> list:
-    """The GPU kernels of the trace on CUDA; elsewhere its top-level operators."""
+    """The GPU kernels of the trace on CUDA (not the spans that ``record_function`` marks on
+    the GPU's timeline, such as the optimizer's step); elsewhere its top-level operators."""
     events = prof.events()
     if device == "cuda":
         return [Interval(e.name, e.time_range.start, e.time_range.end) for e in events
-                if e.device_type == torch.autograd.DeviceType.CUDA]
+                if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
     return [Interval(e.name, e.time_range.start, e.time_range.end) for e in events
             if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
 
