@@ -136,8 +136,8 @@ def main():
     if args.operators:
         own = "own kernels' us" if device == "cuda" else "own us"
         print(f"\n| operator | input shapes | {own} per step | calls per step |\n|---|---|---|---|")
-        for name, shapes, us, calls in top_operators(prof, device, args.steps, args.operators):
-            print(f"| {name} | {shapes[:120]} | {us:,.1f} | {calls:g} |")
+        for operator, shapes, us, calls in top_operators(prof, device, args.steps, args.operators):
+            print(f"| {operator} | {shapes[:120]} | {us:,.1f} | {calls:g} |")
 
 
 def top_operators(prof, device: str, steps: int, count: int) -> list:

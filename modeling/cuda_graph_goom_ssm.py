@@ -214,9 +214,8 @@ class _GreedyGraph:
         self.eos_token_ids = torch.empty_like(rule.eos_token_ids) if has_eos else None
         static_rule = GreedyRule(decoder.pad_token_id if has_eos else None, self.eos_token_ids,
                                  rule.repetition_penalty)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.tokens, self.any_unfinished = decoder._greedy_steps(model, steps, static_rule)
+        self.graph, (self.tokens, self.any_unfinished) = capture_graph(
+            lambda: decoder._greedy_steps(model, steps, static_rule), warmups=0)
 
 
 def _parameter_ptrs(model) -> tuple:
