@@ -87,7 +87,7 @@ class GraphedTrainingStep:
                 if tensor is not None and tensor.shape != static.shape:
                     raise ValueError(f"the step was captured for batches of shape {tuple(static.shape)}; got {name} "
                                      f"{tuple(tensor.shape)} (drop the last, shorter batch)")
-        self.check_token_ids(input_ids)
+        self.check_ids(input_ids, labels)
         self._read_hyperparameters()
         for name, tensor in batch.items():
             if tensor is not None:
@@ -95,12 +95,15 @@ class GraphedTrainingStep:
         self.graph.replay()
         return self.loss, self.grad_norm
 
-    def check_token_ids(self, input_ids: torch.Tensor) -> None:
-        """Refuse ids outside the vocabulary, as the eager model does (the replayed graph does
-        not check them; the check waits for the previous step, where a training loop waits anyway)."""
-        from .modeling.modeling_goom_ssm import _check_token_range
+    def check_ids(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        """Refuse ids and labels (but -100) outside the vocabulary, as the eager model does (the
+        replayed graph does not check them; the check waits for the previous step, where a
+        training loop waits anyway)."""
+        from .modeling.modeling_goom_ssm import _check_label_range, _check_token_range
 
-        _check_token_range(input_ids, self.model.get_input_embeddings().num_embeddings)
+        vocab_size = self.model.get_input_embeddings().num_embeddings
+        _check_token_range(input_ids, vocab_size)
+        _check_label_range(labels, vocab_size, -100)
 
     def _read_hyperparameters(self) -> None:
         for group, lr, fixed in zip(self.optimizer.param_groups, self.lrs, self.fixed):

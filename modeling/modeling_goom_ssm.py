@@ -16,11 +16,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast, CausalLMOutputWithPast, SequenceClassifierOutput, TokenClassifierOutput,
 )
 
 from ..layers import GoomSSM, GoomSSMBlock, is_plain, shared_chunk_plans
+from ..triton_common import HAS_TRITON
+from ..triton_loss import HeadCrossEntropy
 from .cache_goom_ssm import CACHE_NAME, GoomSSMCache
 from .cuda_graph_goom_ssm import CUDAGraphDecoder, decoders_of
 from .generation_goom_ssm import decodes_greedily_without_host_waits, greedy_decode
@@ -115,6 +118,18 @@ def _check_id_range(low: int, high: int, vocab_size: int) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
         raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
+
+
+def _check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
+    """Raises if a label is neither ``ignore_index`` nor in the vocabulary: waits for ``labels``
+    (one device-to-host copy), so graphs skip it (:func:`_in_graph`)."""
+    if _in_graph(labels) or not labels.numel():
+        return
+    low, high = torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels))).tolist()
+    if low < 0 or high >= vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(f"labels contain {bad}, neither ignore_index ({ignore_index}) nor in the vocabulary "
+                         f"[0, {vocab_size})")
 
 
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -461,6 +476,9 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         :data:`CACHE_NAME`.
         """
         _refuse_unknown_kwargs(type(self).__name__, kwargs, _LOSS_KWARGS)
+        if labels is not None:  # checked before the forward is queued: the wait is short
+            _check_label_range(kwargs.get("shift_labels", labels), self.config.vocab_size,
+                               kwargs.get("ignore_index", -100))
         cache = _cache_argument(cache, past_key_values)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         decoder = None if position_ids is not None else self._cuda_graph_decoder(input_ids, cache, labels,
@@ -480,13 +498,12 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             hidden_states = hidden_states[:, -logits_to_keep:] if logits_to_keep > 0 else hidden_states
         else:
             hidden_states = hidden_states[:, logits_to_keep]
-        logits = self._logits(hidden_states)
-
-        loss = None
-        if labels is not None:
-            if labels.shape != logits.shape[:2]:
-                raise ValueError(f"labels must have shape {tuple(logits.shape[:2])}, got {tuple(labels.shape)}")
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if labels is None:
+            logits, loss = self._logits(hidden_states), None
+        else:
+            if labels.shape != hidden_states.shape[:2]:
+                raise ValueError(f"labels must have shape {tuple(hidden_states.shape[:2])}, got {tuple(labels.shape)}")
+            logits, loss = self._logits_and_loss(hidden_states, labels, **kwargs)
 
         cache = getattr(outputs, CACHE_NAME)
         if not return_dict:
@@ -494,18 +511,58 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
             return (loss,) + output if loss is not None else output
         return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states, **{CACHE_NAME: cache})
 
-    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The head's float32 logits ``[..., vocab_size]``. On CUDA, for many positions at once
-        and a vocabulary that is not a multiple of 64 (GPT-2's 50257), the product runs against
-        the weight padded with zero rows, then drops their logits: cuBLAS has no fast kernel
-        for the odd size (benchmarks/results/design_notes.md)."""
+    def _head_product(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head's product ``[..., W]`` in its compute dtype, ``W >= vocab_size``: on CUDA, for
+        many positions at once and a vocabulary that is not a multiple of 64 (GPT-2's 50257), the
+        product runs against the weight padded with zero rows, whose logits (``[..., vocab_size:]``)
+        are dropped by the callers: cuBLAS has no fast kernel for the odd size
+        (benchmarks/results/design_notes.md)."""
         head = self.lm_head
         padding = -head.weight.shape[0] % 64 if is_plain(head) else 0
         if padding and hidden_states.is_cuda and hidden_states.shape[:-1].numel() >= 1024:
             bias = None if head.bias is None else F.pad(head.bias, (0, padding))
-            logits = F.linear(hidden_states, F.pad(head.weight, (0, 0, 0, padding)), bias)
-            return logits[..., : head.weight.shape[0]].float().contiguous()
-        return head(hidden_states).float()
+            return F.linear(hidden_states, F.pad(head.weight, (0, 0, 0, padding)), bias)
+        return head(hidden_states)
+
+    def _logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The head's float32 logits ``[..., vocab_size]``."""
+        return self._head_product(hidden_states)[..., : self.config.vocab_size].float().contiguous()
+
+    def _logits_and_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, **kwargs) -> tuple:
+        """The float32 logits and transformers' causal LM loss (``self.loss_function`` with ``kwargs``).
+
+        Where that function is transformers' own (``ForCausalLMLoss``) and the head's product is
+        in half precision on CUDA with Triton, outside ``torch.compile`` (:meth:`_fused_loss_applies`):
+        the same loss from :class:`~goom_ssm.triton_loss.HeadCrossEntropy`'s rows (the targets
+        shifted, the rows' losses summed and divided as transformers does), without the float32
+        ``log_softmax``.
+        """
+        vocab_size = self.config.vocab_size
+        product = self._head_product(hidden_states)
+        if not self._fused_loss_applies(product):
+            logits = product[..., :vocab_size].float().contiguous()
+            return logits, self.loss_function(logits=logits, labels=labels, vocab_size=vocab_size, **kwargs)
+        ignore_index = kwargs.get("ignore_index", -100)
+        targets = kwargs.get("shift_labels")
+        if targets is None:  # position t predicts the label of t + 1
+            targets = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        positions = product.shape[:-1].numel()
+        if targets.numel() != positions:
+            raise ValueError(f"shift_labels must have {positions} labels (one per position), got shape "
+                             f"{tuple(targets.shape)}")
+        flat_logits, losses = HeadCrossEntropy.apply(product.reshape(positions, -1), vocab_size,
+                                                     targets.reshape(-1).to(product.device, torch.long), ignore_index)
+        items = kwargs.get("num_items_in_batch")
+        if items is None:  # the mean over the counted positions
+            items = (targets != ignore_index).sum().to(product.device)
+        elif torch.is_tensor(items):
+            items = items.to(product.device)
+        return flat_logits.view(*product.shape[:-1], vocab_size), losses.sum() / items
+
+    def _fused_loss_applies(self, product: torch.Tensor) -> bool:
+        """Whether :meth:`_logits_and_loss` takes the Triton cross-entropy for the head's ``product``."""
+        return (HAS_TRITON and product.is_cuda and product.dtype in (torch.float16, torch.bfloat16)
+                and not torch.compiler.is_compiling() and self.loss_function is LOSS_MAPPING["ForCausalLM"])
 
     def _cuda_graph_decoder(self, input_ids, cache, labels, output_hidden_states) -> Optional[CUDAGraphDecoder]:
         """The captured CUDA graph that runs this call, if it is one decoding step of a plain
