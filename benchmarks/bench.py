@@ -11,13 +11,14 @@ Prints a Markdown table per section; every row of a section uses the same settin
     python benchmarks/bench.py --plot a.json b.json          # rows of runs split over calls, in one plot (a.png)
 
 Models: ``gpt2[:compile]`` (transformers' GPT-2 124M, SDPA),
-``goom:<scan>[:<chunk>][:compile]`` (the 124M GOOM-SSM with scan_implementation
+``goom:<scan>[:<chunk>][:compile][:hfloss]`` (the 124M GOOM-SSM with scan_implementation
 ``triton`` (the CUDA fast path), ``chunked`` (pure PyTorch) or ``goom_prefix`` (the original
 design); ``<chunk>``: scan_chunk_size, which only the chunked scan reads), ``gla[:compile]`` and
 ``gdn[:compile]`` (fla's GLA and Gated DeltaNet at GPT-2's width and depth, head tied to the
 embedding as GPT-2's: ~124M and ~131M parameters; need the ``fla`` package and CUDA: their rows
 are skipped, with the reason, elsewhere); ``compile``: training through
-``torch.compile(model, fullgraph=True)``; ``graph`` (train section, CUDA): the whole step
+``torch.compile(model, fullgraph=True)``; ``hfloss``: GOOM-SSM with transformers' loss function
+instead of its Triton cross-entropy (``fuse_cross_entropy=False``); ``graph`` (train section, CUDA): the whole step
 captured as one CUDA graph (:class:`goom_ssm.graphed_step.GraphedTrainingStep`, AdamW with
 ``capturable=True``; the other rows use the fused AdamW). ``--tiny`` builds every model at a tiny size (the
 CPU test of this script).
@@ -84,7 +85,8 @@ def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> 
         _, scan, *options = name.split(":")
         chunk = int(options[0]) if options and options[0].isdigit() else None
         goom_size = {} if not tiny else dict(size, num_state_heads=2, state_size=8)
-        model = GoomSSMForCausalLM(GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk, **goom_size))
+        model = GoomSSMForCausalLM(GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk,
+                                                 fuse_cross_entropy="hfloss" not in options, **goom_size))
     elif kind == "gla":
         from fla.models import GLAConfig, GLAForCausalLM
 

@@ -42,6 +42,9 @@ class GoomSSMConfig(PretrainedConfig):
         decode_with_cuda_graphs: on CUDA, run single-token decoding steps through a captured
             CUDA graph (one per batch size), instead of launching every kernel from Python; with
             Triton (and the ``"auto"`` or ``"triton"`` scan) each layer's step is three fused kernels.
+        fuse_cross_entropy: on CUDA with Triton, compute transformers' causal LM loss from a
+            half-precision head with the two kernels of :mod:`goom_ssm.triton_loss` instead of a
+            float32 ``log_softmax`` (the same loss, faster); ``False``: transformers' loss function as is.
         tie_word_embeddings: tie the output head to the input embeddings (as the original).
         bos_token_id, eos_token_id, pad_token_id: special ids; bos and eos default to GPT-2's
             ``<|endoftext|>`` (50256), and to ``None`` when the vocabulary is smaller.
@@ -64,6 +67,7 @@ class GoomSSMConfig(PretrainedConfig):
         scan_chunk_size: int | None = None,
         use_cache: bool = True,
         decode_with_cuda_graphs: bool = True,
+        fuse_cross_entropy: bool = True,
         tie_word_embeddings: bool = True,
         bos_token_id: int | None = ENDOFTEXT_ID,
         eos_token_id: int | None = ENDOFTEXT_ID,
@@ -82,6 +86,7 @@ class GoomSSMConfig(PretrainedConfig):
         self.scan_chunk_size = scan_chunk_size
         self.use_cache = use_cache
         self.decode_with_cuda_graphs = decode_with_cuda_graphs
+        self.fuse_cross_entropy = fuse_cross_entropy
         if bos_token_id is not None and bos_token_id >= vocab_size:
             bos_token_id = None  # the GPT-2 defaults do not apply to a smaller vocabulary
         if eos_token_id is not None and eos_token_id >= vocab_size:

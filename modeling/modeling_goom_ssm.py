@@ -531,8 +531,9 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
     def _logits_and_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor, **kwargs) -> tuple:
         """The float32 logits and transformers' causal LM loss (``self.loss_function`` with ``kwargs``).
 
-        Where that function is transformers' own (``ForCausalLMLoss``) and the head's product is
-        in half precision on CUDA with Triton, outside ``torch.compile`` (:meth:`_fused_loss_applies`):
+        With ``config.fuse_cross_entropy``, where that function is transformers' own
+        (``ForCausalLMLoss``) and the head's product is in half precision on CUDA with Triton,
+        outside ``torch.compile`` (:meth:`_fused_loss_applies`):
         the same loss from :class:`~goom_ssm.triton_loss.HeadCrossEntropy`'s rows (the targets
         shifted, the rows' losses summed and divided as transformers does), without the float32
         ``log_softmax``.
@@ -561,7 +562,8 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
 
     def _fused_loss_applies(self, product: torch.Tensor) -> bool:
         """Whether :meth:`_logits_and_loss` takes the Triton cross-entropy for the head's ``product``."""
-        return (HAS_TRITON and product.is_cuda and product.dtype in (torch.float16, torch.bfloat16)
+        return (self.config.fuse_cross_entropy and HAS_TRITON and product.is_cuda
+                and product.dtype in (torch.float16, torch.bfloat16)
                 and not torch.compiler.is_compiling() and self.loss_function is LOSS_MAPPING["ForCausalLM"])
 
     def _cuda_graph_decoder(self, input_ids, cache, labels, output_hidden_states) -> Optional[CUDAGraphDecoder]:

@@ -177,7 +177,8 @@ def test_shift_labels_of_the_wrong_size_are_refused(monkeypatch):
 
 @needs_cuda
 def test_bfloat16_training_takes_the_kernels_and_gives_transformers_loss(monkeypatch):
-    """Under bfloat16 autocast on CUDA the model's loss runs through the kernels (spied on), and
+    """Under bfloat16 autocast on CUDA the model's loss runs through the kernels (spied on; not
+    with ``fuse_cross_entropy=False``), and
     gives transformers' loss and, from the bfloat16 gradient of the logits, the same parameter
     gradients but for roundings of that gradient (each at most one bfloat16 step)."""
     model = make_model("cuda").train()
@@ -187,6 +188,12 @@ def test_bfloat16_training_takes_the_kernels_and_gives_transformers_loss(monkeyp
     with torch.autocast("cuda", dtype=torch.bfloat16):
         model(input_ids=ids, labels=ids).loss.backward()
     assert calls
+    calls.clear()
+    model.config.fuse_cross_entropy = False
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        model(input_ids=ids, labels=ids)
+    assert not calls
+    model.config.fuse_cross_entropy = True
     monkeypatch.undo()
     ours = loss_and_gradients(model, ids, ids, {}, True, monkeypatch, autocast=True)
     theirs = loss_and_gradients(model, ids, ids, {}, False, monkeypatch, autocast=True)
