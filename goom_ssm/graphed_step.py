@@ -99,11 +99,11 @@ class GraphedTrainingStep:
         """Refuse ids and labels (but -100) outside the vocabulary, as the eager model does (the
         replayed graph does not check them; the check waits for the previous step, where a
         training loop waits anyway)."""
-        from .modeling.modeling_goom_ssm import _check_label_range, _check_token_range
+        from .modeling.modeling_goom_ssm import _check_token_range
 
         vocab_size = self.model.get_input_embeddings().num_embeddings
         _check_token_range(input_ids, vocab_size)
-        _check_label_range(labels, vocab_size, -100)
+        _check_token_range(labels, vocab_size, "labels", ignore_index=-100)
 
     def _read_hyperparameters(self) -> None:
         for group, lr, fixed in zip(self.optimizer.param_groups, self.lrs, self.fixed):

@@ -107,29 +107,25 @@ def _in_graph(tensor: torch.Tensor) -> bool:
     return torch.compiler.is_compiling() or (tensor.is_cuda and torch.cuda.is_current_stream_capturing())
 
 
-def _check_token_range(input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Raises if an id is outside the vocabulary: waits for ``input_ids`` (one device-to-host
-    copy), so graphs skip it (:func:`_in_graph`)."""
-    if not _in_graph(input_ids):
-        _check_id_range(*torch.stack(torch.aminmax(input_ids)).tolist(), vocab_size=vocab_size)
-
-
-def _check_id_range(low: int, high: int, vocab_size: int) -> None:
-    if low < 0 or high >= vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(f"input_ids contains token id {bad}, outside the vocabulary [0, {vocab_size})")
-
-
-def _check_label_range(labels: torch.Tensor, vocab_size: int, ignore_index: int) -> None:
-    """Raises if a label is neither ``ignore_index`` nor in the vocabulary: waits for ``labels``
-    (one device-to-host copy), so graphs skip it (:func:`_in_graph`)."""
-    if _in_graph(labels) or not labels.numel():
+def _check_token_range(ids: torch.Tensor, vocab_size: int, name: str = "input_ids",
+                       ignore_index: Optional[int] = None) -> None:
+    """Raises if an id of ``ids`` (named ``name`` in the error; ``ignore_index``, where given,
+    passes) is outside the vocabulary: waits for ``ids`` (one device-to-host copy), so graphs
+    skip it (:func:`_in_graph`)."""
+    if _in_graph(ids) or not ids.numel():
         return
-    low, high = torch.stack(torch.aminmax(torch.where(labels == ignore_index, 0, labels))).tolist()
+    if ignore_index is not None:
+        ids = torch.where(ids == ignore_index, 0, ids)
+    _check_id_range(*torch.stack(torch.aminmax(ids)).tolist(), vocab_size=vocab_size, name=name,
+                    ignore_index=ignore_index)
+
+
+def _check_id_range(low: int, high: int, vocab_size: int, name: str = "input_ids",
+                    ignore_index: Optional[int] = None) -> None:
     if low < 0 or high >= vocab_size:
         bad = low if low < 0 else high
-        raise ValueError(f"labels contain {bad}, neither ignore_index ({ignore_index}) nor in the vocabulary "
-                         f"[0, {vocab_size})")
+        besides = "" if ignore_index is None else f" and is not ignore_index ({ignore_index})"
+        raise ValueError(f"{name} contains token id {bad}, outside the vocabulary [0, {vocab_size}){besides}")
 
 
 _LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
@@ -477,7 +473,7 @@ class GoomSSMForCausalLM(GoomSSMPreTrainedModel, GenerationMixin):
         """
         _refuse_unknown_kwargs(type(self).__name__, kwargs, _LOSS_KWARGS)
         if labels is not None:  # checked before the forward is queued: the wait is short
-            _check_label_range(kwargs.get("shift_labels", labels), self.config.vocab_size,
+            _check_token_range(kwargs.get("shift_labels", labels), self.config.vocab_size, "labels",
                                kwargs.get("ignore_index", -100))
         cache = _cache_argument(cache, past_key_values)
         return_dict = self.config.return_dict if return_dict is None else return_dict
