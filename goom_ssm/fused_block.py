@@ -76,8 +76,10 @@ class FusedBlock(torch.autograd.Function):
         grad_out_weight = grad_o.t().mm(glu).to(x.dtype)
         grad_y = torch.ops.aten.glu_backward(grad_o.mm(out_weight_c), y, -1)
         grad_C = rows_c.t().mm(grad_y).to(x.dtype) * ctx.state_output_scale
-        grad_rows = grad_y.mm(C_c.t()).to(rows.dtype).view(rows.shape)
+        # The scan reads the rows' gradient in any dtype, as exactly as the float32 cast would.
+        grad_rows = grad_y.mm(C_c.t()).view(rows.shape)
         if grad_final_rows is not None:
+            grad_rows = grad_rows.to(rows.dtype)
             grad_rows[:, -1] += grad_final_rows
         grad_D = h.t().mm(grad_y).to(x.dtype)
         grad_Bu, grad_A, grad_init, grad_restart = scan_backward(grad_rows, A, shared, init_states, log_scale, rows,
@@ -86,7 +88,7 @@ class FusedBlock(torch.autograd.Function):
             grad_init = grad_init + grad_restart
         grad_Bu = grad_Bu.to(h.dtype).view(batch * seq_len, -1)
         grad_B = h.t().mm(grad_Bu).to(x.dtype)
-        grad_h = grad_y.mm(D_c.t()).to(x.dtype) + grad_Bu.mm(B_c.t()).to(x.dtype)
+        grad_h = grad_y.mm(D_c.t()).to(x.dtype).add_(grad_Bu.mm(B_c.t()))  # the add casts to x's dtype exactly
         grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
             grad_h.view(x.shape), x, (d_emb,), mean, rstd, norm_weight, norm_bias, [True, True, True])
         return (grad_x + grad_out, grad_norm_weight, grad_norm_bias, None, grad_init, grad_A, grad_B, grad_C, grad_D,

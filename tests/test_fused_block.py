@@ -22,13 +22,17 @@ def outputs_and_gradients(block, forward, x, weights, final_weight):
     x = x.detach().clone().requires_grad_(True)
     block.zero_grad()
     out, state = forward(x)
-    ((out * weights).sum() + final_weight * state.rows.sum()).backward()
+    loss = (out * weights).sum()
+    if final_weight is not None:  # else the final state gets no gradient (None in the backward)
+        loss = loss + final_weight * state.rows.sum()
+    loss.backward()
     return [out, state.log_scale, state.rows, x.grad] + [p.grad for p in block.parameters()]
 
 
 @pytest.mark.parametrize("dtype, autocast", [(torch.float64, False), (torch.float32, False), (torch.float32, True)])
 @pytest.mark.parametrize("seq_len, packed", [(1, False), (40, False), (40, True)])
-def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len, packed):
+@pytest.mark.parametrize("final_weight", [0.3, None])
+def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len, packed, final_weight):
     """One step, and 40 steps: three chunks of the kernels (16, 16 and 8 steps: several chunk
     ends carried across, a partial last chunk). Also for packed documents (``starts``:
     one-token documents, and starts on and next to the kernels' chunk boundaries)."""
@@ -46,7 +50,7 @@ def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, seq_len,
     for forward in (functools.partial(block._forward_fused, starts=starts),
                     functools.partial(block._forward_modules, starts=starts)):
         with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16, enabled=autocast):
-            results.append(outputs_and_gradients(block, forward, x, weights, final_weight=0.3))
+            results.append(outputs_and_gradients(block, forward, x, weights, final_weight))
     names = ["out", "final log-scale", "final rows", "x.grad"] + [f"{name}.grad" for name, _ in block.named_parameters()]
     for name, fused, modules in zip(names, *results):
         assert fused.dtype == modules.dtype and torch.equal(fused, modules), name
