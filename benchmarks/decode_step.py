@@ -1,15 +1,19 @@
 """GPU time of one single-token decoding step of the 124M model, replayed from a CUDA graph.
 
 Rows (bf16 weights, float32 states, at each --batches): the 24 layers' fused kernels alone,
-launched with programmatic dependent launch (PDL, the default on Hopper and later) and
-without it (the same kernels; ``goom_ssm.triton_decode._dependent_launch`` patched to False
-for that row), and the whole step of ``generate()``'s decoder (embedding, layers, final
-LayerNorm, head). Each figure is the fastest of five timings of --replays replays.
+as the package launches them (with programmatic dependent launch, PDL, on Hopper and later;
+for one sequence, each program's weights read before the wait for the previous kernel, and
+sums of products), without PDL (``goom_ssm.triton_decode._dependent_launch`` patched to
+False), and for one sequence with the tensor-core blocks that more sequences use, the weights
+read after the wait (``PREFETCH_MAX_ROWS`` patched to 0); and the
+whole step of ``generate()``'s decoder (embedding, layers, final LayerNorm, head). Each
+figure is the fastest of five timings of --replays replays.
 
     python benchmarks/decode_step.py                # on a CUDA GPU
 """
 
 import argparse
+import contextlib
 import time
 
 import torch
@@ -61,19 +65,31 @@ def main():
     torch.manual_seed(0)
     model = GoomSSMForCausalLM(GoomSSMConfig()).cuda().eval().to(torch.bfloat16)
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, 124M, bf16\n")
-    print("| batch | layers, PDL | layers, no PDL | whole step (decoder) |\n|---|---|---|---|")
-    with_pdl = triton_decode._dependent_launch
+    print("| batch | layers | layers, no PDL | layers, tensor-core blocks for one sequence | whole step (decoder) |\n"
+          "|---|---|---|---|---|")
     for batch in args.batches:
         with torch.no_grad():
-            pdl = replay_microseconds(layers_graph(model, batch), args.replays)
-            triton_decode._dependent_launch = lambda device: False
-            try:
+            default = replay_microseconds(layers_graph(model, batch), args.replays)
+            with patched(triton_decode, "_dependent_launch", lambda device: False):
                 no_pdl = replay_microseconds(layers_graph(model, batch), args.replays)
-            finally:
-                triton_decode._dependent_launch = with_pdl
+            blocks = "-"  # the weights are read before the wait for one sequence only
+            if batch <= triton_decode.PREFETCH_MAX_ROWS:
+                with patched(triton_decode, "PREFETCH_MAX_ROWS", 0):
+                    blocks = f"{replay_microseconds(layers_graph(model, batch), args.replays):,.1f} us"
             decoder = CUDAGraphDecoder(model, batch)
             whole = replay_microseconds(decoder.graph, args.replays)
-        print(f"| {batch} | {pdl:,.1f} us | {no_pdl:,.1f} us | {whole:,.1f} us |", flush=True)
+        print(f"| {batch} | {default:,.1f} us | {no_pdl:,.1f} us | {blocks} | {whole:,.1f} us |", flush=True)
+
+
+@contextlib.contextmanager
+def patched(module, name: str, value):
+    """``module.name`` set to ``value`` inside the block."""
+    kept = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, kept)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,12 @@ def test_new_state_tensors_leave_the_old_state_alone():
     assert torch.allclose(new_state.rows, expected_state.rows, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch", [1, 4])  # one sequence: sums of products; more: tensor-core blocks
 @torch.no_grad()
-def test_float32_error_is_that_of_the_layer():
+def test_float32_error_is_that_of_the_layer(batch):
     """float32, the 124M model's state shape (24 rows of 32) on a narrower layer: against the
     float64 layer, the fused step's error is at most twice the float32 layer's."""
-    block, hidden, state = make_case(4, 96, 24, 32, torch.float32)
+    block, hidden, state = make_case(batch, 96, 24, 32, torch.float32)
     exact = copy.deepcopy(block).double()(hidden.double(), ScaledRows(*(t.double() for t in state)))
     eager = block(hidden, state)
     fused = fused_step(block, hidden, state)
@@ -145,8 +146,9 @@ def test_half_precision_head_is_the_linear_layer(weights, batch):
 
 
 @needs_cuda
+@pytest.mark.parametrize("batch", [1, 2])  # one sequence: the weights are read before the wait
 @torch.no_grad()
-def test_dependent_launches_equal_plain_launches(monkeypatch):
+def test_dependent_launches_equal_plain_launches(batch, monkeypatch):
     """Programmatic dependent launch (taken on Hopper and later) changes when a kernel starts,
     not what it computes: the layers' steps, one after another in a CUDA graph as the decoder
     runs them, agree bit for bit with and without it."""
@@ -155,8 +157,8 @@ def test_dependent_launches_equal_plain_launches(monkeypatch):
 
     device = torch.device("cuda")
     assert triton_decode._dependent_launch(device) == (torch.cuda.get_device_capability(device)[0] >= 9)
-    blocks = [make_case(2, 768, 24, 32, torch.bfloat16, device="cuda", seed=seed)[0] for seed in range(4)]
-    hidden, state = make_case(2, 768, 24, 32, torch.bfloat16, device="cuda")[1:]
+    blocks = [make_case(batch, 768, 24, 32, torch.bfloat16, device="cuda", seed=seed)[0] for seed in range(4)]
+    hidden, state = make_case(batch, 768, 24, 32, torch.bfloat16, device="cuda")[1:]
 
     def replayed():
         states = [clone(state) for _ in blocks]
