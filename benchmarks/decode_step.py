@@ -13,8 +13,8 @@ figure is the fastest of five timings of --replays replays.
 """
 
 import argparse
-import contextlib
 import time
+from unittest import mock
 
 import torch
 
@@ -70,26 +70,15 @@ def main():
     for batch in args.batches:
         with torch.no_grad():
             default = replay_microseconds(layers_graph(model, batch), args.replays)
-            with patched(triton_decode, "_dependent_launch", lambda device: False):
+            with mock.patch.object(triton_decode, "_dependent_launch", lambda device: False):
                 no_pdl = replay_microseconds(layers_graph(model, batch), args.replays)
             blocks = "-"  # the weights are read before the wait for one sequence only
             if batch <= triton_decode.PREFETCH_MAX_ROWS:
-                with patched(triton_decode, "PREFETCH_MAX_ROWS", 0):
+                with mock.patch.object(triton_decode, "PREFETCH_MAX_ROWS", 0):
                     blocks = f"{replay_microseconds(layers_graph(model, batch), args.replays):,.1f} us"
             decoder = CUDAGraphDecoder(model, batch)
             whole = replay_microseconds(decoder.graph, args.replays)
         print(f"| {batch} | {default:,.1f} us | {no_pdl:,.1f} us | {blocks} | {whole:,.1f} us |", flush=True)
-
-
-@contextlib.contextmanager
-def patched(module, name: str, value):
-    """``module.name`` set to ``value`` inside the block."""
-    kept = getattr(module, name)
-    setattr(module, name, value)
-    try:
-        yield
-    finally:
-        setattr(module, name, kept)
 
 
 if __name__ == "__main__":
