@@ -62,11 +62,15 @@ def summarise(intervals: list, steps: int, wall_us: float, top: int = 15) -> Sum
 def traced_intervals(prof, device: str) -> list:
     """The GPU kernels of the trace on CUDA (not the spans that ``record_function`` marks on
     the GPU's timeline, such as the optimizer's step); elsewhere its top-level operators."""
-    events = prof.events()
     if device == "cuda":
-        return [Interval(e.name, e.time_range.start, e.time_range.end) for e in events
+        return [Interval(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
                 if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
-    return [Interval(e.name, e.time_range.start, e.time_range.end) for e in events
+    return host_intervals(prof)
+
+
+def host_intervals(prof) -> list:
+    """The trace's top-level operators on the host (their time includes their callees')."""
+    return [Interval(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
             if e.device_type == torch.autograd.DeviceType.CPU and e.cpu_parent is None]
 
 
@@ -102,6 +106,9 @@ def main():
     parser.add_argument("--trace", help="also write the Chrome trace here")
     parser.add_argument("--operators", type=int, default=0, metavar="N",
                         help="also list the N operators (by input shapes) whose own kernels take the most GPU time")
+    parser.add_argument("--host-operators", type=int, default=0, metavar="N",
+                        help="also the host's time in top-level operators (the rest of the wall time is "
+                             "Python between them) and the N operators that take the most host time of their own")
     args = parser.parse_args()
     device, dtype = args.device, getattr(torch, args.dtype)
     if args.section == "train":
@@ -114,7 +121,7 @@ def main():
         step()
     synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities, record_shapes=args.operators > 0) as prof:
+    with profile(activities=activities, record_shapes=args.operators > 0 or args.host_operators > 0) as prof:
         start = time.perf_counter()
         for _ in range(args.steps):
             step()
@@ -136,16 +143,23 @@ def main():
     if args.operators:
         own = "own kernels' us" if device == "cuda" else "own us"
         print(f"\n| operator | input shapes | {own} per step | calls per step |\n|---|---|---|---|")
-        for operator, shapes, us, calls in top_operators(prof, device, args.steps, args.operators):
+        for operator, shapes, us, calls in top_operators(prof, device == "cuda", args.steps, args.operators):
+            print(f"| {operator} | {shapes[:120]} | {us:,.1f} | {calls:g} |")
+    if args.host_operators:
+        host = summarise(host_intervals(prof), args.steps, wall_us)
+        print(f"\nHost: {host.busy_us:,.0f} us per step in {host.launches:,.0f} top-level operators, "
+              f"{host.idle_share:.1%} of the wall time outside them")
+        print("\n| operator | input shapes | own host us per step | calls per step |\n|---|---|---|---|")
+        for operator, shapes, us, calls in top_operators(prof, False, args.steps, args.host_operators):
             print(f"| {operator} | {shapes[:120]} | {us:,.1f} | {calls:g} |")
 
 
-def top_operators(prof, device: str, steps: int, count: int) -> list:
+def top_operators(prof, gpu: bool, steps: int, count: int) -> list:
     """``(name, input shapes, microseconds per step, calls per step)`` of the ``count`` operators,
     told apart by their inputs' shapes, that take the most time of their own (not their
-    callees'): their kernels' GPU time on CUDA, elsewhere their host time."""
+    callees'): their kernels' GPU time with ``gpu``, else their host time."""
     def own(average):
-        return average.self_device_time_total if device == "cuda" else average.self_cpu_time_total
+        return average.self_device_time_total if gpu else average.self_cpu_time_total
 
     averages = sorted((a for a in prof.key_averages(group_by_input_shape=True) if own(a) > 0), key=lambda a: -own(a))
     return [(a.key, str(a.input_shapes), own(a) / steps, a.count / steps) for a in averages[:count]]

@@ -34,10 +34,12 @@ def test_summary_counts_overlaps_once_and_ranks_by_time(profile_step):
 def test_tiny_cpu_run_prints_the_tables(profile_step, section, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["profile_step.py", "--tiny", "--device", "cpu", "--model", "goom:chunked",
                                       "--section", section, "--batch", "2", "--seq-len", "16", "--prompt-len", "8",
-                                      "--steps", "2", "--operators", "3"])
+                                      "--steps", "2", "--operators", "3", "--host-operators", "2"])
     profile_step.main()
     out = capsys.readouterr().out
     assert f"goom:chunked, {section}" in out.replace("training step", "train").replace("decoding step", "decode")
     assert "| top-level operator | us per step | calls per step |" in out
-    operators = out.split("| operator | input shapes | own us per step | calls per step |\n|---|---|---|---|\n")[1]
+    operators, host = out.split("| operator | input shapes | own us per step | calls per step |\n|---|---|---|---|\n")[1].split("\nHost: ")
     assert len(operators.strip().splitlines()) == 3 and "| aten::mm | [[" in operators
+    host_operators = host.split("| operator | input shapes | own host us per step | calls per step |\n|---|---|---|---|\n")[1]
+    assert "of the wall time outside them" in host and len(host_operators.strip().splitlines()) == 2
