@@ -6,8 +6,10 @@ without Triton (``HAS_TRITON`` is then False and ``triton`` and ``tl`` are None)
 kernel modules take ``triton`` and ``tl`` from here, never by an import of their own.
 
 The step of a block of state rows in scaled form (:func:`advance`) and the loading and
-normalising of the transition matrix that it needs, and the dtype rule of the fused paths'
-matrix products (:func:`compute_dtype`).
+normalising of the transition matrix that it needs, the dtype rule of the fused paths'
+matrix products (:func:`compute_dtype`), and the launch arithmetic of the host code
+(:func:`cdiv`, :func:`next_power_of_2`: Triton's own are constexpr functions, made to be
+called inside kernels, whose calls from Python take far longer than the arithmetic).
 """
 
 import torch
@@ -19,6 +21,16 @@ except ImportError:  # CPU-only installs use the pure-PyTorch scans
     triton = tl = None
 
 HAS_TRITON = triton is not None  # without it, the Triton functions below are not defined
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for positive ``b``."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two at or above ``n >= 1`` (0 for 0, as Triton's)."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:

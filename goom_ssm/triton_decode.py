@@ -37,7 +37,7 @@ import torch
 
 from .constants import STATE_OUTPUT_LOG_SCALE
 from .scan import ScaledRows
-from .triton_common import HAS_TRITON, compute_dtype, tl, triton
+from .triton_common import HAS_TRITON, cdiv, compute_dtype, next_power_of_2, tl, triton
 
 if HAS_TRITON:
     from .triton_common import advance, load_matrix, normalized
@@ -263,7 +263,7 @@ PREFETCH_LAUNCH = {"input": (16, 8), "output": (8, 2), "head": (16, 4)}
 
 def _state_block(d: int) -> int:
     """Columns of a state row's block: a power of two, and at least 16 (``tl.dot``'s smallest)."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 @functools.lru_cache
@@ -284,10 +284,10 @@ def _launch_settings(weight: torch.Tensor, M: int, K: int, kernel: str):
     block_n, num_warps = (PREFETCH_LAUNCH if prefetch else BLOCK_LAUNCH)[kernel]
     bm = 1 if prefetch else 16 if M <= 16 else 32
     pdl = _dependent_launch(weight.device)
-    settings = dict(BM=bm, BN=block_n, BK=BLOCK_K_BYTES // weight.element_size(), KB=triton.next_power_of_2(K),
+    settings = dict(BM=bm, BN=block_n, BK=BLOCK_K_BYTES // weight.element_size(), KB=next_power_of_2(K),
                     DOT=_TL_DTYPES[dot], PREFETCH=prefetch, ACC=_TL_DTYPES[acc], PDL=pdl, num_warps=num_warps,
                     num_stages=NUM_STAGES, launch_pdl=pdl)
-    return acc, settings, triton.cdiv(M, bm)
+    return acc, settings, cdiv(M, bm)
 
 
 def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -297,7 +297,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     V = weight.shape[0]
     _, settings, rows_m = _launch_settings(weight, M, E, "head")
     logits = torch.empty(M, 1, V, dtype=torch.float32, device=hidden.device)
-    _head_kernel[(triton.cdiv(V, settings["BN"]), rows_m)](hidden.contiguous(), weight.contiguous(), logits, M, E, V,
+    _head_kernel[(cdiv(V, settings["BN"]), rows_m)](hidden.contiguous(), weight.contiguous(), logits, M, E, V,
                                                     **settings)
     return logits
 
@@ -334,7 +334,7 @@ def decode_step(hidden: torch.Tensor, state: ScaledRows, *, norm_weight: torch.T
     if out_state is None:
         out_state = ScaledRows(torch.empty_like(state.log_scale), torch.empty_like(state.rows))
     Du = torch.empty(M, 2 * E, dtype=acc, device=hidden.device)
-    _norm_in_proj_step_kernel[(n + triton.cdiv(2 * E, settings["BN"]), rows_m)](
+    _norm_in_proj_step_kernel[(n + cdiv(2 * E, settings["BN"]), rows_m)](
         hidden, norm_weight, norm_bias, B.contiguous(), D.contiguous(), A.contiguous(),
         state.log_scale, state.rows, mask.reshape(M) if mask is not None else Du, out_state.log_scale, out_state.rows,
         Du, M, E, n, 2 * E, norm_eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=_state_block(d),
@@ -342,10 +342,10 @@ def decode_step(hidden: torch.Tensor, state: ScaledRows, *, norm_weight: torch.T
 
     g = torch.empty(M, E, dtype=acc, device=hidden.device)
     _, settings, _ = _launch_settings(C, M, n * d, "output")
-    _output_glu_kernel[(triton.cdiv(E, settings["BN"]), rows_m)](out_state.rows, C.contiguous(), Du, g, M, n * d,
+    _output_glu_kernel[(cdiv(E, settings["BN"]), rows_m)](out_state.rows, C.contiguous(), Du, g, M, n * d,
                                                                  E, STATE_OUTPUT_LOG_SCALE, **settings)
     out = torch.empty_like(hidden)
     _, settings, _ = _launch_settings(out_weight, M, E, "output")
-    _out_proj_residual_kernel[(triton.cdiv(E, settings["BN"]), rows_m)](g, out_weight.contiguous(), hidden,
+    _out_proj_residual_kernel[(cdiv(E, settings["BN"]), rows_m)](g, out_weight.contiguous(), hidden,
                                                                         out, M, E, **settings)
     return out, out_state

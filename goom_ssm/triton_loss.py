@@ -22,7 +22,7 @@ transformers does.
 
 import torch
 
-from .triton_common import HAS_TRITON, tl, triton
+from .triton_common import HAS_TRITON, next_power_of_2, tl, triton
 
 if HAS_TRITON:
 
@@ -83,7 +83,7 @@ BLOCK_BYTES, NUM_WARPS = 16384, 8  # columns per loop step: 16 KiB of float32; w
 
 
 def _block(vocab_size: int) -> int:
-    return min(BLOCK_BYTES // 4, triton.next_power_of_2(vocab_size))
+    return min(BLOCK_BYTES // 4, next_power_of_2(vocab_size))
 
 
 class HeadCrossEntropy(torch.autograd.Function):

@@ -49,7 +49,7 @@ import torch
 
 from .constants import NO_STATE_LOG_SCALE
 from .scan import ScaledRows
-from .triton_common import HAS_TRITON, tl, triton
+from .triton_common import HAS_TRITON, cdiv, next_power_of_2, tl, triton
 
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
@@ -335,22 +335,22 @@ def _launch(stage: str, u, A, chunk_len: int, num_chunks: int, out: ScaledRows, 
         empty if grad_init is None else grad_init, resets, restart, empty if grad_restart is None else grad_restart,
         seq_len, n, chunk_len, first_chunk, resets.shape[-1] if resets.numel() else seq_len, flag_shift,
         torch.finfo(A.dtype).tiny,  # constexpr: a float argument would be float32
-        D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_R=_rows_per_program(n), STAGE=stage, ADJOINT=adjoint,
+        D=d, BLOCK_D=next_power_of_2(d), BLOCK_R=_rows_per_program(n), STAGE=stage, ADJOINT=adjoint,
         HAS_CARRY=carry.rows.numel() > 0,
         SHARED_INIT=initial.rows.numel() > 0 and initial.log_scale.numel() == 0,
         HAS_RESETS=resets.numel() > 0, HAS_RESTART=resets.numel() > 0 and restart.numel() > 0,
-        FLAG_SPAN=flag_span, FLAG_BLOCK=triton.next_power_of_2(max(flag_span, 1)), num_warps=NUM_WARPS,
+        FLAG_SPAN=flag_span, FLAG_BLOCK=next_power_of_2(max(flag_span, 1)), num_warps=NUM_WARPS,
     )
 
 
 def _rows_per_program(n: int) -> int:
-    return min(ROWS_PER_PROGRAM, triton.next_power_of_2(n))
+    return min(ROWS_PER_PROGRAM, next_power_of_2(n))
 
 
 def _grid(u, num_chunks: int) -> tuple:
     """Programs (chunks, sequences, blocks of state rows) for ``num_chunks`` chunks of ``u [B, T, n, d]``."""
     batch, _, n, _ = u.shape
-    return num_chunks, batch, triton.cdiv(n, _rows_per_program(n))
+    return num_chunks, batch, cdiv(n, _rows_per_program(n))
 
 
 def _empty_states(like, steps: int, dtype, scale_dtype=None) -> ScaledRows:
@@ -367,7 +367,7 @@ def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None
     / ``[B, K - 1, n, d]``. Forward: chunks ``0 .. K-2`` of ``u`` with ``A``. Adjoint
     (``adjoint_scales``: the forward states' log-scales ``s_t``; the inputs ``u`` are then
     ``g_t`` at ``-s_t``): chunks ``K-1 .. 1`` in reverse time with ``A^T``."""
-    num_chunks = triton.cdiv(u.shape[1], chunk_len) - 1
+    num_chunks = cdiv(u.shape[1], chunk_len) - 1
     ends = _empty_states(u, num_chunks, A.dtype, INTERMEDIATE_SCALE_DTYPE)
     adjoint = adjoint_scales is not None
     _launch("chunk_ends", u, A, chunk_len, num_chunks, ends, adjoint=adjoint, first_chunk=1 if adjoint else 0,
@@ -401,7 +401,7 @@ def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[Scale
     ``carry`` from stage 2 for the others, None when there is one chunk): the states
     ``[B, T, n, 1]`` (float64, as the kernel holds them: the backward reads them) / ``[B, T, n, d]``."""
     states = _empty_states(u, u.shape[1], A.dtype, INTERMEDIATE_SCALE_DTYPE)
-    _launch("steps", u, A, chunk_len, triton.cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry,
+    _launch("steps", u, A, chunk_len, cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry,
             resets=resets, restart=restart)
     return states
 
@@ -413,7 +413,7 @@ def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, state
     (``carry``; zero for the last chunk): the gradients of ``u`` (in ``u_dtype``), of ``A``,
     of the initial rows (per sequence) and of the ``restart`` rows."""
     batch, seq_len, n, d = grad_rows.shape
-    num_chunks = triton.cdiv(seq_len, chunk_len)
+    num_chunks = cdiv(seq_len, chunk_len)
     grad_u = torch.empty(batch, seq_len, n, d, dtype=u_dtype, device=grad_rows.device)
     grad_a = torch.empty(math.prod(_grid(grad_rows, num_chunks)), d, d, dtype=A.dtype, device=grad_rows.device)
     grad_init = torch.empty(batch, n, d, dtype=A.dtype, device=grad_rows.device)
@@ -431,7 +431,7 @@ def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRow
     log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
     _power_kernel[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
-                        BLOCK=max(16, triton.next_power_of_2(d)), TRANSPOSE=transpose)
+                        BLOCK=max(16, next_power_of_2(d)), TRANSPOSE=transpose)
     return ScaledRows(log_scale, rows)
 
 
@@ -439,7 +439,7 @@ def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart) -> Scal
     """The forward stages; ``resets [B, T]`` uint8, or empty for none; ``restart [n, d]``: the
     rows a reset restarts from, or empty for none."""
     carry = None
-    if triton.cdiv(u.shape[1], chunk_len) > 1:
+    if cdiv(u.shape[1], chunk_len) > 1:
         ends = _chunk_end_states(u, A, chunk_len, resets, restart)
         carry = _carry_across_chunks(ends, _power(A, chunk_len), resets, chunk_len, initial)
     return _every_step(u, A, chunk_len, initial, carry, resets, restart)
@@ -451,7 +451,7 @@ def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: 
     / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as
     ``initial.rows``) and ``grad_restart`` (shaped as ``restart``)."""
     carry = None
-    if triton.cdiv(grad_rows.shape[1], chunk_len) > 1:
+    if cdiv(grad_rows.shape[1], chunk_len) > 1:
         ends = _chunk_end_states(grad_rows, A, chunk_len, resets, restart, adjoint_scales=states.log_scale)
         carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True), resets, chunk_len)
     grad_u, grad_A, grad_init, grad_restart = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry,

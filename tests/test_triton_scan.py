@@ -141,6 +141,18 @@ def test_zero_inputs_and_zero_initial_state_stay_finite():
     assert torch.allclose(out.rows[:, 10:].cpu(), expected.rows[:, 10:], atol=1e-6)
 
 
+def test_host_launch_arithmetic_equals_tritons():
+    import triton
+
+    from goom_ssm.triton_common import cdiv, next_power_of_2
+
+    for a in range(0, 300):
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in (1, 2, 3, 16, 32, 257):
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+    assert next_power_of_2(2**20 + 1) == 2**21 and cdiv(10**12 + 1, 10**6) == 10**6 + 1
+
+
 def test_default_steps_per_program():
     assert [default_steps_per_program(t) for t in (1, 100, 1024, 4096, 65536, 2**20)] == [16, 16, 32, 64, 256, 256]
 
