@@ -308,7 +308,11 @@ def shared_chunk_plans(blocks, hidden_states: torch.Tensor) -> Optional[list]:
     seq_len = hidden_states.shape[1]
     if is_dynamic_length(seq_len) or seq_len == 1:  # a single step, or a loop of them, needs no plan (checked first)
         return None
-    if not len(blocks) or not all(type(block) is GoomSSMBlock and is_plain(block) for block in blocks):
+    first_block = blocks[0] if len(blocks) else None
+    if (type(first_block) is not GoomSSMBlock or type(first_block.ssm) is not GoomSSM
+            or first_block.ssm.resolved_scan(hidden_states) != "chunked"):
+        return None  # (before every block's plainness, a cost in each forward: the Triton scan takes no plan)
+    if not all(type(block) is GoomSSMBlock and is_plain(block) for block in blocks):
         return None
     ssms = [block.ssm for block in blocks]
     first = ssms[0]
