@@ -204,8 +204,9 @@ class GoomSSMBlock(GradientCheckpointingLayer):
 
     The SSM maps ``d_emb -> 2 * d_emb``; the GLU halves it (first half times the sigmoid of
     the second); ``W_out`` is a bias-free ``d_emb x d_emb`` linear map. A transformers
-    ``GradientCheckpointingLayer``: ``gradient_checkpointing_enable(...)`` checkpoints it with
-    transformers' options (reentrant or not, every n-th layer).
+    ``GradientCheckpointingLayer``: transformers' ``activation_checkpointing_enable(...)``
+    (``gradient_checkpointing_enable`` in older releases) checkpoints it with its options
+    (reentrant or not, every n-th layer).
 
     Sizes (keyword only): ``d_emb`` features per token, ``n_hid`` state rows of ``d_hid``
     features; ``ssm_options``: :class:`GoomSSM`'s other options.

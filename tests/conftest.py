@@ -181,6 +181,27 @@ def tiny_config(**overrides):
     return GoomSSMConfig(**sizes)
 
 
+def enable_checkpointing(model, use_reentrant=None, every_n_layers: int = 1) -> int:
+    """Activation checkpointing of the residual layers, as Trainer's option turns it on:
+    transformers' ``activation_checkpointing_enable`` where it has it (newer releases, which
+    deprecate ``gradient_checkpointing_enable``), else the older name; ``use_reentrant`` (None:
+    transformers' default) and ``every_n_layers``. Returns the ``every_n_layers`` applied: 1
+    where transformers has no such option (before 5.16)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    options_name = "activation_checkpointing_kwargs"
+    if enable is None:
+        enable, options_name = model.gradient_checkpointing_enable, "gradient_checkpointing_kwargs"
+    options = {} if use_reentrant is None else {options_name: {"use_reentrant": use_reentrant}}
+    if "every_n_layers" not in inspect.signature(enable).parameters:
+        every_n_layers = 1
+    elif every_n_layers != 1:
+        options["every_n_layers"] = every_n_layers
+    enable(**options)
+    assert [layer.gradient_checkpointing for layer in model.base_model.layers] == [
+        i % every_n_layers == 0 for i in range(len(model.base_model.layers))]
+    return every_n_layers
+
+
 @pytest.fixture
 def tiny_model():
     from goom_ssm import GoomSSMForCausalLM

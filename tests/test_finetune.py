@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import enable_checkpointing
 
 ENGLISH = Path(__file__).parent / "data" / "english.txt"
 BLOCK = 32  # tokens per training example
@@ -74,16 +75,6 @@ def make_trainer(model, tokenizer, splits, output_dir, learning_rate, **options)
 
 def held_out_batch(splits):
     return torch.tensor(splits[1]["input_ids"])
-
-
-def enable_checkpointing(model, use_reentrant):
-    """Activation (gradient) checkpointing of every residual layer, as Trainer's option does."""
-    enable = getattr(model, "activation_checkpointing_enable", None)  # newer transformers 5.x name
-    if enable is not None:
-        enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    assert all(layer.gradient_checkpointing for layer in model.backbone.layers)
 
 
 def test_collator_needs_a_pad_token():

@@ -92,7 +92,7 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
 def test_gradient_checkpointing_of_fused_layers_gives_the_same_gradients(use_reentrant):
     """Reentrant checkpointing runs the first forward without grad (the module path) and
     recomputes with it (the fused node); the non-reentrant kind fuses both: same gradients."""
-    from conftest import tiny_config
+    from conftest import enable_checkpointing, tiny_config
     from goom_ssm import GoomSSMForCausalLM
 
     ids = torch.randint(0, 97, (2, 30), device=TRITON_DEVICE)
@@ -102,7 +102,7 @@ def test_gradient_checkpointing_of_fused_layers_gives_the_same_gradients(use_ree
         model = GoomSSMForCausalLM(tiny_config(hidden_size=32, num_state_heads=2, state_size=8,
                                                scan_implementation="triton")).to(TRITON_DEVICE).train()
         if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+            enable_checkpointing(model, use_reentrant)
         model(ids, labels=ids).loss.backward()
         grads.append([p.grad for p in model.parameters()])
     assert all(torch.equal(a, b) for a, b in zip(*grads))

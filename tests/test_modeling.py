@@ -1,6 +1,5 @@
 """transformers integration: config, Auto classes, save/load, loss, cache, generate()."""
 
-import inspect
 import json
 
 import pytest
@@ -9,7 +8,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from conftest import tiny_config
+from conftest import enable_checkpointing, tiny_config
 from goom_ssm import GoomSSMCache, GoomSSMConfig, GoomSSMForCausalLM, GoomSSMModel
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
@@ -111,13 +110,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model, monkeypatch
         tiny_model(ids, labels=ids).loss.backward()
     plain = [p.grad.clone() for p in tiny_model.parameters()]
     tiny_model.zero_grad()
-    if "every_n_layers" in inspect.signature(tiny_model.gradient_checkpointing_enable).parameters:
-        tiny_model.gradient_checkpointing_enable(every_n_layers=every_n_layers)
-        expected = [i % every_n_layers == 0 for i in range(tiny_model.config.num_hidden_layers)]
-    else:  # transformers before 5.16 has no every_n_layers
-        tiny_model.gradient_checkpointing_enable()
-        expected = [True] * tiny_model.config.num_hidden_layers
-    assert [layer.gradient_checkpointing for layer in tiny_model.backbone.layers] == expected
+    enable_checkpointing(tiny_model, every_n_layers=every_n_layers)  # checks which layers checkpoint
     tiny_model(ids, labels=ids).loss.backward()
     for a, p in zip(plain, tiny_model.parameters()):
         assert torch.equal(a, p.grad)
