@@ -247,7 +247,8 @@ def fmt(value, spec=",.0f", missing="OOM"):
 def plot(json_paths: list, png_path: str) -> None:
     """Tokens/s against batch, one line per model: training (left) and decoding through
     generate() (right, log scales), from the records of one or more ``--json`` files (runs
-    split over several calls; their headers are all shown)."""
+    split over several calls; their headers are all shown). A section with no measured rows
+    gets no panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -259,11 +260,16 @@ def plot(json_paths: list, png_path: str) -> None:
             run = json.load(f)
         results["header"] += [run["header"]] if run["header"] not in results["header"] else []
         results["rows"] += run["rows"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    panels = (("train", "tokens_per_s", "Training (fwd + bwd + AdamW)"),
-              ("decode", "generate_tokens_per_s", "Decoding through generate()"))
-    for ax, (section, key, title) in zip(axes, panels):
+    panels = []
+    for section, key, title in (("train", "tokens_per_s", "Training (fwd + bwd + AdamW)"),
+                                ("decode", "generate_tokens_per_s", "Decoding through generate()")):
         rows = [r for r in results["rows"] if r["section"] == section and r.get(key) is not None]
+        if rows:
+            panels.append((section, key, title, rows))
+    if not panels:
+        raise SystemExit(f"nothing to plot: no measured training or decoding rows in {', '.join(json_paths)}")
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (section, key, title, rows) in zip(axes[0], panels):
         for model in dict.fromkeys(r["model"] for r in rows):
             points = sorted((r["batch"], r[key]) for r in rows if r["model"] == model)
             ax.plot(*zip(*points), marker="o", label=model)

@@ -4,6 +4,7 @@ off CUDA, and the plot mode."""
 
 import importlib.util
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -74,9 +75,21 @@ def test_bench_run_and_plot_in_one_command(tmp_path, monkeypatch):
     monkeypatch.setattr("sys.argv", ["bench.py", "--tiny", "--device", "cpu", "--sections", "train", "--models",
                                      "goom:chunked", "--batches", "1", "2", "--seq-len", "8", "--steps", "1",
                                      "--json", str(out), "--png", str(png)])
-    bench.main()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. an empty panel's legend: only the training panel is drawn
+        bench.main()
     assert [r["batch"] for r in json.loads(out.read_text())["rows"]] == [1, 2]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_refuses_to_plot_runs_with_no_measured_rows(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(dict(header="test", rows=[dict(section="train", model="gla", skipped="no CUDA")])))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--plot", str(results)])
+    with pytest.raises(SystemExit, match="nothing to plot"):
+        load_bench().main()
+    assert not (tmp_path / "results.png").exists()
 
 
 def test_bench_refuses_a_png_without_json(monkeypatch, capsys):
