@@ -8,8 +8,9 @@ kernel modules take ``triton`` and ``tl`` from here, never by an import of their
 The step of a block of state rows in scaled form (:func:`advance`) and the loading and
 normalising of the transition matrix that it needs, the dtype rule of the fused paths'
 matrix products (:func:`compute_dtype`), and the launch arithmetic of the host code
-(:func:`cdiv`, :func:`next_power_of_2`: Triton's own are constexpr functions, made to be
-called inside kernels, whose calls from Python take far longer than the arithmetic).
+(:func:`cdiv`, :func:`next_power_of_2`, :func:`dot_block`: Triton's own ``cdiv`` and
+``next_power_of_2`` are constexpr functions, made to be called inside kernels, whose calls
+from Python take far longer than the arithmetic).
 """
 
 import torch
@@ -31,6 +32,11 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two at or above ``n >= 1`` (0 for 0, as Triton's)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+def dot_block(d: int) -> int:
+    """A block of ``d`` columns that ``tl.dot`` takes: a power of two, and at least 16 (its smallest)."""
+    return max(16, next_power_of_2(d))
 
 
 def compute_dtype(weight: torch.Tensor) -> torch.dtype:

@@ -37,7 +37,7 @@ import torch
 
 from .constants import STATE_OUTPUT_LOG_SCALE
 from .scan import ScaledRows
-from .triton_common import HAS_TRITON, cdiv, compute_dtype, next_power_of_2, tl, triton
+from .triton_common import HAS_TRITON, cdiv, compute_dtype, dot_block, next_power_of_2, tl, triton
 
 if HAS_TRITON:
     from .triton_common import advance, load_matrix, normalized
@@ -261,11 +261,6 @@ PREFETCH_MAX_ROWS = 1
 PREFETCH_LAUNCH = {"input": (16, 8), "output": (8, 2), "head": (16, 4)}
 
 
-def _state_block(d: int) -> int:
-    """Columns of a state row's block: a power of two, and at least 16 (``tl.dot``'s smallest)."""
-    return max(16, next_power_of_2(d))
-
-
 @functools.lru_cache
 def _dependent_launch(device: torch.device) -> bool:
     """Whether kernels on ``device`` are launched with PDL: CUDA GPUs of compute capability 9
@@ -298,7 +293,7 @@ def head_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _, settings, rows_m = _launch_settings(weight, M, E, "head")
     logits = torch.empty(M, 1, V, dtype=torch.float32, device=hidden.device)
     _head_kernel[(cdiv(V, settings["BN"]), rows_m)](hidden.contiguous(), weight.contiguous(), logits, M, E, V,
-                                                    **settings)
+                                                     **settings)
     return logits
 
 
@@ -337,15 +332,15 @@ def decode_step(hidden: torch.Tensor, state: ScaledRows, *, norm_weight: torch.T
     _norm_in_proj_step_kernel[(n + cdiv(2 * E, settings["BN"]), rows_m)](
         hidden, norm_weight, norm_bias, B.contiguous(), D.contiguous(), A.contiguous(),
         state.log_scale, state.rows, mask.reshape(M) if mask is not None else Du, out_state.log_scale, out_state.rows,
-        Du, M, E, n, 2 * E, norm_eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=_state_block(d),
+        Du, M, E, n, 2 * E, norm_eps, torch.finfo(state_dtype).tiny, D=d, BLOCK_D=dot_block(d),
         STATE=_TL_DTYPES[state_dtype], HAS_MASK=mask is not None, **settings)
 
     g = torch.empty(M, E, dtype=acc, device=hidden.device)
     _, settings, _ = _launch_settings(C, M, n * d, "output")
     _output_glu_kernel[(cdiv(E, settings["BN"]), rows_m)](out_state.rows, C.contiguous(), Du, g, M, n * d,
-                                                                 E, STATE_OUTPUT_LOG_SCALE, **settings)
+                                                          E, STATE_OUTPUT_LOG_SCALE, **settings)
     out = torch.empty_like(hidden)
     _, settings, _ = _launch_settings(out_weight, M, E, "output")
     _out_proj_residual_kernel[(cdiv(E, settings["BN"]), rows_m)](g, out_weight.contiguous(), hidden,
-                                                                        out, M, E, **settings)
+                                                                 out, M, E, **settings)
     return out, out_state

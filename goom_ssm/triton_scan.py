@@ -49,7 +49,7 @@ import torch
 
 from .constants import NO_STATE_LOG_SCALE
 from .scan import ScaledRows
-from .triton_common import HAS_TRITON, cdiv, next_power_of_2, tl, triton
+from .triton_common import HAS_TRITON, cdiv, dot_block, next_power_of_2, tl, triton
 
 ROWS_PER_PROGRAM = 8  # state rows advanced together by one program
 NUM_WARPS = 1  # one warp per program: its steps are quicker than in four (benchmarks/results/design_notes.md)
@@ -431,7 +431,7 @@ def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRow
     log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
     _power_kernel[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
-                        BLOCK=max(16, next_power_of_2(d)), TRANSPOSE=transpose)
+                        BLOCK=dot_block(d), TRANSPOSE=transpose)
     return ScaledRows(log_scale, rows)
 
 
