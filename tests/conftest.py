@@ -192,10 +192,10 @@ def enable_checkpointing(model, use_reentrant=None, every_n_layers: int = 1) -> 
     if enable is None:
         enable, options_name = model.gradient_checkpointing_enable, "gradient_checkpointing_kwargs"
     options = {} if use_reentrant is None else {options_name: {"use_reentrant": use_reentrant}}
-    if "every_n_layers" not in inspect.signature(enable).parameters:
-        every_n_layers = 1
-    elif every_n_layers != 1:
+    if "every_n_layers" in inspect.signature(enable).parameters:
         options["every_n_layers"] = every_n_layers
+    else:
+        every_n_layers = 1
     enable(**options)
     assert [layer.gradient_checkpointing for layer in model.base_model.layers] == [
         i % every_n_layers == 0 for i in range(len(model.base_model.layers))]
