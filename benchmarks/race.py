@@ -361,13 +361,17 @@ def run(args) -> None:
 
 
 def _versions() -> dict:
+    """Versions of the packages the results depend on: torch, transformers, and Triton and fla where installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
     import transformers
 
     versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    if importlib.util.find_spec("fla") is not None:
-        from importlib.metadata import version
-
-        versions["flash-linear-attention"] = version("flash-linear-attention")
+    for package in ("triton", "flash-linear-attention"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            pass
     return versions
 
 

@@ -69,6 +69,11 @@ def test_tiny_race_on_cpu(data_dir, tmp_path, capsys):
     results = json.loads((out / "race.json").read_text())
     expected = ["goom-ssm", "gpt2"] + ([] if race.fla_available() else ["gla", "gated-deltanet"])
     assert list(results["models"]) == expected and not results["failed"]
+    from importlib.metadata import version
+
+    modules = {"triton": "triton", "flash-linear-attention": "fla"}  # the optional packages the run names
+    installed = {p: version(p) for p, module in modules.items() if importlib.util.find_spec(module) is not None}
+    assert results["versions"] == {"torch": torch.__version__, "transformers": version("transformers"), **installed}
     if race.fla_available():
         assert set(results["skipped"]) == {"gla", "gated-deltanet"}
         assert race.fla_available() in capsys.readouterr().out
