@@ -181,12 +181,12 @@ def tiny_config(**overrides):
     return GoomSSMConfig(**sizes)
 
 
-def enable_checkpointing(model, use_reentrant=None, every_n_layers: int = 1) -> int:
+def enable_checkpointing(model, use_reentrant=None, every_n_layers: int = 1) -> None:
     """Activation checkpointing of the residual layers, as Trainer's option turns it on:
     transformers' ``activation_checkpointing_enable`` where it has it (newer releases, which
     deprecate ``gradient_checkpointing_enable``), else the older name; ``use_reentrant`` (None:
-    transformers' default) and ``every_n_layers``. Returns the ``every_n_layers`` applied: 1
-    where transformers has no such option (before 5.16)."""
+    transformers' default) and ``every_n_layers`` (every layer where transformers has no such
+    option, before 5.16). Asserts which layers then checkpoint."""
     enable = getattr(model, "activation_checkpointing_enable", None)
     options_name = "activation_checkpointing_kwargs"
     if enable is None:
@@ -199,7 +199,6 @@ def enable_checkpointing(model, use_reentrant=None, every_n_layers: int = 1) -> 
     enable(**options)
     assert [layer.gradient_checkpointing for layer in model.base_model.layers] == [
         i % every_n_layers == 0 for i in range(len(model.base_model.layers))]
-    return every_n_layers
 
 
 @pytest.fixture
