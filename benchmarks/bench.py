@@ -27,14 +27,16 @@ Sections:
     train    fwd + bwd + AdamW step, tokens/s, MFU and peak memory, at --seq-len over --batches;
              with --repeats N, N runs of each row (each a new model): the median and the spread
              (max - min) / median.
-             MFU: 6 x parameters x tokens/s over the bf16 matmul peak (--peak-flops, measured on
-             the H200; parameters counted once where tied, so the tied head's product is in; GPT-2's
-             position table has its 1024 rows, more only for longer sequences)
+             MFU: 6 x parameters x tokens/s over the bf16 matmul peak (--peak-flops; on CUDA by
+             default that of an 8192^3 bf16 product, measured at the start of the run; parameters
+             counted once where tied, so the tied head's product is in; GPT-2's position table has
+             its 1024 rows, more only for longer sequences)
     prefill  forward over one long sequence (batch 1), tokens/s and peak memory
     decode   new tokens/s after a 512-token prompt, through generate() (greedy, no EOS: every
              call makes --new-tokens tokens) and a raw step loop, and
              the bound of a step that only reads the weights once: batch x memory bandwidth
-             (--bandwidth) / bytes of the weights, with each measurement as a fraction of it
+             (--bandwidth; on CUDA by default that of a device-to-device copy, measured at the start
+             of the run) / bytes of the weights, with each measurement as a fraction of it
 """
 
 import argparse
@@ -46,11 +48,11 @@ import traceback
 from typing import Optional
 
 import torch
-import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import goom_ssm
 from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+from goom_ssm.extras import versions
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
@@ -121,6 +123,21 @@ def synchronize(device: str):
 
 def peak_gib(device: str) -> Optional[float]:
     return torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+
+
+def matmul_peak_flops(device: str, size: int = 8192) -> float:
+    """FLOP/s of a ``size``^3 bf16 matrix product on ``device``: the peak that MFU is taken against."""
+    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
+    b = torch.randn_like(a)
+    return 2 * size**3 / time_it(lambda: a @ b, warmup=5, steps=50, device=device)
+
+
+def copy_bandwidth(device: str, gib: int = 2) -> float:
+    """Bytes/s a device-to-device copy of ``gib`` GiB reads and writes on ``device``: the memory
+    bandwidth of the decode bound."""
+    source = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    return 2 * source.numel() / time_it(lambda: target.copy_(source), warmup=3, steps=20, device=device)
 
 
 def time_it(fn, warmup: int, steps: int, device: str) -> float:
@@ -301,8 +318,12 @@ def main():
     parser.add_argument("--repeats", type=int, default=1,
                         help="train section: runs of each row (a new model each); tokens/s is their median, the "
                              "spread (max - min) / median")
-    parser.add_argument("--peak-flops", type=float, default=790e12, help="bf16 matmul peak of the GPU (FLOP/s), for MFU")
-    parser.add_argument("--bandwidth", type=float, default=4.3e12, help="memory bandwidth of the GPU (bytes/s), for the decode bound")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="bf16 matmul peak (FLOP/s), for MFU; default on CUDA: measured at the start of the run "
+                             "(an 8192^3 bf16 product), elsewhere no MFU")
+    parser.add_argument("--bandwidth", type=float, default=None,
+                        help="memory bandwidth (bytes/s), for the decode bound; default on CUDA: measured at the start "
+                             "of the run (a 2 GiB device-to-device copy, read and write), elsewhere no bound")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="every model at a tiny size (a quick check, e.g. on CPU)")
     parser.add_argument("--json", help="also write every row, with the settings, to this JSON file")
@@ -317,8 +338,19 @@ def main():
         return
     device, dtype = args.device, getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else device
-    header = (f"device: {name}, torch {torch.__version__}, transformers {transformers.__version__}, "
-              f"goom_ssm {goom_ssm.__version__}, dtype {args.dtype}" + (", tiny models" if args.tiny else ""))
+    given = {"peak_flops": args.peak_flops is not None, "bandwidth": args.bandwidth is not None}
+    if device == "cuda":
+        args.peak_flops = args.peak_flops or matmul_peak_flops(device)
+        args.bandwidth = args.bandwidth or copy_bandwidth(device)
+    packages = {**versions(), "goom_ssm": goom_ssm.__version__}
+    header = (f"device: {name}, " + ", ".join(f"{package} {version}" for package, version in packages.items())
+              + f", dtype {args.dtype}" + (", tiny models" if args.tiny else ""))
+    how = {True: "given", False: "measured"}
+    measures = ([f"bf16 matmul peak {args.peak_flops / 1e12:,.1f} TFLOP/s ({how[given['peak_flops']]})"]
+                if args.peak_flops else []) + \
+               ([f"bandwidth {args.bandwidth / 1e12:,.3f} TB/s ({how[given['bandwidth']]})"] if args.bandwidth else [])
+    if measures:
+        header += "\n" + "; ".join(measures)
     print(header + "\n")
     rows = []
 
@@ -371,11 +403,11 @@ def main():
                 _, params, mem = results[-1]
                 tps = None if None in runs else statistics.median(runs)
                 spread = None if tps is None else (max(runs) - min(runs)) / tps
-                mfu = None if tps is None else 6 * params * tps / args.peak_flops
+                mfu = None if tps is None or not args.peak_flops else 6 * params * tps / args.peak_flops
                 record(section="train", model=model_name, batch=batch, parameters=params, tokens_per_s=tps,
                        runs_tokens_per_s=runs, spread=spread, mfu=mfu, peak_gib=mem)
                 print(f"| {model_name} | {fmt(params and params / 1e6, '.1f')}M | {batch} | {fmt(tps)} | "
-                      f"{fmt(mfu, '.1%')} | {fmt(mem, '.1f', '-')} | {fmt(spread, '.1%', '-')} |", flush=True)
+                      f"{fmt(mfu, '.1%', '-' if tps else 'OOM')} | {fmt(mem, '.1f', '-')} | {fmt(spread, '.1%', '-')} |", flush=True)
                 if tps is None:
                     break
         print()
@@ -406,11 +438,12 @@ def main():
                 if result is None:
                     break
                 gen, raw, weight_bytes, mem = result
-                bound = batch * args.bandwidth / weight_bytes
+                bound = batch * args.bandwidth / weight_bytes if args.bandwidth else None
                 record(section="decode", model=model_name, batch=batch, generate_tokens_per_s=gen,
                        raw_tokens_per_s=raw, weight_bytes=weight_bytes, bound_tokens_per_s=bound, peak_gib=mem)
-                print(f"| {model_name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(bound)} | {fmt(gen / bound, '.1%')} "
-                      f"| {fmt(raw / bound, '.1%')} | {fmt(mem, '.1f', '-')} |", flush=True)
+                print(f"| {model_name} | {batch} | {fmt(gen)} | {fmt(raw)} | {fmt(bound, missing='-')} "
+                      f"| {fmt(bound and gen / bound, '.1%', '-')} | {fmt(bound and raw / bound, '.1%', '-')} "
+                      f"| {fmt(mem, '.1f', '-')} |", flush=True)
         print()
     if args.json:
         print(f"wrote {args.json}")

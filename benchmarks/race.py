@@ -58,6 +58,7 @@ import torch.nn.functional as F
 
 import goom_ssm  # noqa: F401  (registers model_type "goom_ssm")
 from goom_ssm.constants import ENDOFTEXT_ID, GPT2_VOCAB_SIZE
+from goom_ssm.extras import versions
 
 MODELS = ("goom-ssm", "gpt2", "gla", "gated-deltanet")
 SAVED_MODELS = ("goom-ssm", "gpt2")
@@ -320,7 +321,7 @@ def run(args) -> None:
     results = {"settings": {k: v for k, v in vars(args).items() if k != "func"},
                "data": {k: manifest[k] for k in ("train_tokens", "valid_tokens", "sources")},
                "heldout_blocks": n_valid, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-               "versions": _versions(), "models": {}, "skipped": {}, "failed": {}}
+               "versions": versions(), "models": {}, "skipped": {}, "failed": {}}
     models_dir = Path(tempfile.mkdtemp(prefix="race_models_"))
     for name in args.models:
         why = fla_available() if name in FLA_MODELS else None
@@ -358,21 +359,6 @@ def run(args) -> None:
     print(f"done in {time.perf_counter() - started:.0f} s")
     if results["failed"]:
         raise SystemExit(f"failed: {', '.join(results['failed'])} (tracebacks in race.json)")
-
-
-def _versions() -> dict:
-    """Versions of the packages the results depend on: torch, transformers, and Triton and fla where installed."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    import transformers
-
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    for package in ("triton", "flash-linear-attention"):
-        try:
-            versions[package] = version(package)
-        except PackageNotFoundError:
-            pass
-    return versions
 
 
 # --------------------------------------------------------------------------- saving

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import goom_ssm
+
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
@@ -31,9 +33,15 @@ def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):
     ])
     torch.manual_seed(0)
     bench.main()
-    rows = json.loads(out.read_text())["rows"]
+    results = json.loads(out.read_text())
+    rows = results["rows"]
     measured = {(r["section"], r["model"]): r for r in rows if "skipped" not in r}
     assert set(measured) == {(s, m) for s in ("train", "decode") for m in ("goom:chunked", "gpt2")}
+    from goom_ssm.extras import versions
+
+    assert results["header"] == ("device: cpu, " + ", ".join(f"{p} {v}" for p, v in versions().items())
+                                 + f", goom_ssm {goom_ssm.__version__}, dtype bfloat16, tiny models\n"
+                                 "bf16 matmul peak 1.0 TFLOP/s (given); bandwidth 0.100 TB/s (given)")
     for model in ("goom:chunked", "gpt2"):
         train, decode = measured["train", model], measured["decode", model]
         assert train["parameters"] == bench.num_parameters(bench.build(model, "cpu", tiny=True))
@@ -49,6 +57,23 @@ def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):
     skipped = {(r["section"], r["model"]): r["skipped"] for r in rows if "skipped" in r}
     assert set(skipped) == {(s, m) for s in ("train", "decode") for m in ("gla", "gdn")}
     assert all("needs CUDA" in reason for reason in skipped.values())
+
+
+def test_bench_without_peak_or_bandwidth_off_cuda_leaves_mfu_and_bound_out(tmp_path, monkeypatch):
+    """On CUDA the run measures both first; elsewhere, not given, there is nothing to take MFU or
+    the decode bound against: the rows say None and the header names neither."""
+    out = tmp_path / "results.json"
+    monkeypatch.setattr("sys.argv", [
+        "bench.py", "--tiny", "--device", "cpu", "--sections", "train", "decode", "--models", "goom:chunked",
+        "--batches", "2", "--seq-len", "16", "--steps", "1", "--decode-batches", "1", "--new-tokens", "2",
+        "--prompt-len", "4", "--json", str(out),
+    ])
+    load_bench().main()
+    results = json.loads(out.read_text())
+    train, decode = results["rows"]
+    assert train["tokens_per_s"] > 0 and train["mfu"] is None
+    assert decode["raw_tokens_per_s"] > 0 and decode["bound_tokens_per_s"] is None
+    assert "\n" not in results["header"] and results["settings"]["peak_flops"] is None
 
 
 def test_bench_refuses_an_unknown_model():
