@@ -346,9 +346,11 @@ def main():
     header = (f"device: {name}, " + ", ".join(f"{package} {version}" for package, version in packages.items())
               + f", dtype {args.dtype}" + (", tiny models" if args.tiny else ""))
     how = {True: "given", False: "measured"}
-    measures = ([f"bf16 matmul peak {args.peak_flops / 1e12:,.1f} TFLOP/s ({how[given['peak_flops']]})"]
-                if args.peak_flops else []) + \
-               ([f"bandwidth {args.bandwidth / 1e12:,.3f} TB/s ({how[given['bandwidth']]})"] if args.bandwidth else [])
+    measures = []
+    if args.peak_flops:
+        measures.append(f"bf16 matmul peak {args.peak_flops / 1e12:,.1f} TFLOP/s ({how[given['peak_flops']]})")
+    if args.bandwidth:
+        measures.append(f"bandwidth {args.bandwidth / 1e12:,.3f} TB/s ({how[given['bandwidth']]})")
     if measures:
         header += "\n" + "; ".join(measures)
     print(header + "\n")
