@@ -319,11 +319,12 @@ def main():
                         help="train section: runs of each row (a new model each); tokens/s is their median, the "
                              "spread (max - min) / median")
     parser.add_argument("--peak-flops", type=float, default=None,
-                        help="bf16 matmul peak (FLOP/s), for MFU; default on CUDA: measured at the start of the run "
-                             "(an 8192^3 bf16 product), elsewhere no MFU")
+                        help="bf16 matmul peak (FLOP/s), for MFU; default on CUDA: measured at the start of a run with "
+                             "the train section (an 8192^3 bf16 product), elsewhere no MFU")
     parser.add_argument("--bandwidth", type=float, default=None,
                         help="memory bandwidth (bytes/s), for the decode bound; default on CUDA: measured at the start "
-                             "of the run (a 2 GiB device-to-device copy, read and write), elsewhere no bound")
+                             "of a run with the decode section (a 2 GiB device-to-device copy, read and write), "
+                             "elsewhere no bound")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="every model at a tiny size (a quick check, e.g. on CPU)")
     parser.add_argument("--json", help="also write every row, with the settings, to this JSON file")
@@ -338,19 +339,19 @@ def main():
         return
     device, dtype = args.device, getattr(torch, args.dtype)
     name = torch.cuda.get_device_name() if device == "cuda" else device
-    given = {"peak_flops": args.peak_flops is not None, "bandwidth": args.bandwidth is not None}
-    if device == "cuda":
-        args.peak_flops = args.peak_flops or matmul_peak_flops(device)
-        args.bandwidth = args.bandwidth or copy_bandwidth(device)
+    peak_source = bandwidth_source = "given"
+    if device == "cuda" and args.peak_flops is None and "train" in args.sections:  # only MFU reads it
+        args.peak_flops, peak_source = matmul_peak_flops(device), "measured"
+    if device == "cuda" and args.bandwidth is None and "decode" in args.sections:  # only the decode bound reads it
+        args.bandwidth, bandwidth_source = copy_bandwidth(device), "measured"
     packages = {**versions(), "goom_ssm": goom_ssm.__version__}
     header = (f"device: {name}, " + ", ".join(f"{package} {version}" for package, version in packages.items())
               + f", dtype {args.dtype}" + (", tiny models" if args.tiny else ""))
-    how = {True: "given", False: "measured"}
     measures = []
     if args.peak_flops:
-        measures.append(f"bf16 matmul peak {args.peak_flops / 1e12:,.1f} TFLOP/s ({how[given['peak_flops']]})")
+        measures.append(f"bf16 matmul peak {args.peak_flops / 1e12:,.1f} TFLOP/s ({peak_source})")
     if args.bandwidth:
-        measures.append(f"bandwidth {args.bandwidth / 1e12:,.3f} TB/s ({how[given['bandwidth']]})")
+        measures.append(f"bandwidth {args.bandwidth / 1e12:,.3f} TB/s ({bandwidth_source})")
     if measures:
         header += "\n" + "; ".join(measures)
     print(header + "\n")

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import goom_ssm
+from goom_ssm.extras import versions
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -37,8 +38,6 @@ def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):
     rows = results["rows"]
     measured = {(r["section"], r["model"]): r for r in rows if "skipped" not in r}
     assert set(measured) == {(s, m) for s in ("train", "decode") for m in ("goom:chunked", "gpt2")}
-    from goom_ssm.extras import versions
-
     assert results["header"] == ("device: cpu, " + ", ".join(f"{p} {v}" for p, v in versions().items())
                                  + f", goom_ssm {goom_ssm.__version__}, dtype bfloat16, tiny models\n"
                                  "bf16 matmul peak 1.0 TFLOP/s (given); bandwidth 0.100 TB/s (given)")
