@@ -43,6 +43,7 @@ import argparse
 import gc
 import json
 import statistics
+import textwrap
 import time
 import traceback
 from typing import Optional
@@ -296,7 +297,9 @@ def plot(json_paths: list, png_path: str) -> None:
         ax.set_xticks(batches, labels=batches)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle("\n".join(results["header"]), fontsize=9)
+    # each header line wrapped to the figure's width (about 80 characters a panel at this size)
+    fig.suptitle("\n".join(textwrap.fill(line, 80 * len(panels)) for header in results["header"]
+                           for line in header.splitlines()), fontsize=9)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     print(f"wrote {png_path}")

@@ -161,3 +161,24 @@ def test_bench_plots_the_rows_of_runs_split_over_calls(tmp_path, monkeypatch):
     bench.main()
     assert lines == [("a", ((8, 16), (8000.0, 16000.0))), ("b", ((8, 16), (4000.0, 8000.0)))]
     assert (tmp_path / "first.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_plot_wraps_a_long_header_to_the_figure(tmp_path, monkeypatch):
+    """One panel is narrower than a run's header line (device, versions): the title wraps it
+    to the figure's width instead of cutting it off at the edges, and keeps every word."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.figure
+
+    header = ("device: NVIDIA H100 80GB HBM3, torch 2.11.0+cu130, transformers 5.17.0, triton 3.6.0, "
+              "flash-linear-attention 0.6.0, goom_ssm 0.1.0, dtype bfloat16\nbandwidth 3.024 TB/s (measured)")
+    results = tmp_path / "results.json"
+    rows = [dict(section="decode", model="a", batch=b, generate_tokens_per_s=10.0 * b) for b in (1, 64)]
+    results.write_text(json.dumps(dict(header=header, rows=rows)))
+    titles, original = [], matplotlib.figure.Figure.suptitle
+    monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                        lambda self, text, **kwargs: titles.append(text) or original(self, text, **kwargs))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--plot", str(results)])
+    load_bench().main()
+    (title,) = titles
+    assert max(len(line) for line in title.splitlines()) <= 80 < max(len(line) for line in header.splitlines())
+    assert title.split() == header.split()
