@@ -9,10 +9,18 @@ read after the wait (``PREFETCH_MAX_ROWS`` patched to 0); and the
 whole step of ``generate()``'s decoder (embedding, layers, final LayerNorm, head). Each
 figure is the fastest of five timings of --replays replays.
 
+``--variant`` (repeatable) compares launch settings in the same run: each is one or more
+``NAME=VALUE`` (separated by ``;``) of the module constants of ``goom_ssm.triton_decode``
+(``PREFETCH_LAUNCH``, ``BLOCK_LAUNCH``, ``PREFETCH_MAX_ROWS``, ...), values as Python literals;
+a second table gives the layers and the whole step with the package's settings and with
+each variant's, at each batch.
+
     python benchmarks/decode_step.py                # on a CUDA GPU
+    python benchmarks/decode_step.py --batches 1 --variant 'PREFETCH_LAUNCH={"input": (32, 8), "output": (8, 4), "head": (16, 4)}'
 """
 
 import argparse
+import ast
 import time
 from unittest import mock
 
@@ -59,6 +67,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     parser.add_argument("--replays", type=int, default=300)
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant, metavar="NAME=VALUE[;...]",
+                        help="launch settings to compare (module constants of goom_ssm.triton_decode); repeatable")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("decode_step.py needs a CUDA GPU")
@@ -79,6 +89,36 @@ def main():
             decoder = CUDAGraphDecoder(model, batch)
             whole = replay_microseconds(decoder.graph, args.replays)
         print(f"| {batch} | {default:,.1f} us | {no_pdl:,.1f} us | {blocks} | {whole:,.1f} us |", flush=True)
+    if args.variant:
+        print("\n| batch | settings | layers | whole step (decoder) |\n|---|---|---|---|")
+        for batch in args.batches:
+            for name, settings in [("the package's", {})] + [(describe(v), v) for v in args.variant]:
+                with mock.patch.multiple(triton_decode, **settings), torch.no_grad():
+                    layers = replay_microseconds(layers_graph(model, batch), args.replays)
+                    whole = replay_microseconds(CUDAGraphDecoder(model, batch).graph, args.replays)
+                print(f"| {batch} | {name} | {layers:,.1f} us | {whole:,.1f} us |", flush=True)
+
+
+def parse_variant(text: str) -> dict:
+    """``"NAME=VALUE;NAME=VALUE"`` -> ``{NAME: value}``: constants of ``goom_ssm.triton_decode``
+    (upper-case names it defines), values as Python literals."""
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        name, sep, value = item.partition("=")
+        name = name.strip()
+        if not sep or not name.isupper() or not hasattr(triton_decode, name):
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=VALUE for a constant of goom_ssm.triton_decode")
+        try:
+            settings[name] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f"{item!r}: the value is not a Python literal") from None
+    if not settings:
+        raise argparse.ArgumentTypeError("an empty variant")
+    return settings
+
+
+def describe(settings: dict) -> str:
+    return "; ".join(f"`{name} = {value!r}`" for name, value in settings.items())
 
 
 if __name__ == "__main__":
