@@ -255,10 +255,12 @@ if HAS_TRITON:
 BLOCK_LAUNCH = {"input": (32, 4), "output": (16, 2), "head": (32, 4)}
 BLOCK_K_BYTES, NUM_STAGES = 512, 3
 # For one sequence each program reads its whole block of the weights (every row of its
-# columns) before it waits for the previous kernel, and forms the products as sums of
-# products (no tensor-core block of 16 rows for one): output columns per program and warps.
+# columns) before it waits for the previous kernel, forms the products as sums of products
+# (no tensor-core block of 16 rows for one) and takes the LayerNorm's statistics in one pass
+# over the row: output columns per program and warps (the input kernel's 32 columns and 8
+# warps: a faster graph replay of the step, timings in benchmarks/results/design_notes.md).
 PREFETCH_MAX_ROWS = 1
-PREFETCH_LAUNCH = {"input": (16, 8), "output": (8, 2), "head": (16, 4)}
+PREFETCH_LAUNCH = {"input": (32, 8), "output": (8, 2), "head": (16, 4)}
 
 
 @functools.lru_cache
@@ -279,7 +281,8 @@ def _launch_settings(weight: torch.Tensor, M: int, K: int, kernel: str):
     block_n, num_warps = (PREFETCH_LAUNCH if prefetch else BLOCK_LAUNCH)[kernel]
     bm = 1 if prefetch else 16 if M <= 16 else 32
     pdl = _dependent_launch(weight.device)
-    settings = dict(BM=bm, BN=block_n, BK=BLOCK_K_BYTES // weight.element_size(), KB=next_power_of_2(K),
+    block_k = next_power_of_2(K) if prefetch else BLOCK_K_BYTES // weight.element_size()
+    settings = dict(BM=bm, BN=block_n, BK=block_k, KB=next_power_of_2(K),
                     DOT=_TL_DTYPES[dot], PREFETCH=prefetch, ACC=_TL_DTYPES[acc], PDL=pdl, num_warps=num_warps,
                     num_stages=NUM_STAGES, launch_pdl=pdl)
     return acc, settings, cdiv(M, bm)
