@@ -1,5 +1,6 @@
 """Shared fixtures: reference vectors of the original implementation and small models."""
 
+import importlib.util
 import inspect
 import os
 from pathlib import Path
@@ -125,6 +126,17 @@ def pytest_terminal_summary(terminalreporter):
 
 
 REFERENCE_DIR = Path(__file__).parent / "reference"
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """The script ``benchmarks/<name>.py`` as a module (its ``main()`` not run)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -2,25 +2,19 @@
 derived columns (MFU, the weight-read bound of decoding), fla's rows skipped with the reason
 off CUDA, and the plot mode."""
 
-import importlib.util
 import json
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import goom_ssm
+from conftest import load_benchmark
 from goom_ssm.extras import versions
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("bench")
 
 
 def test_bench_tiny_cpu_run_writes_consistent_rows(tmp_path, monkeypatch):

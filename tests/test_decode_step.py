@@ -1,19 +1,14 @@
 """benchmarks/decode_step.py's launch-setting variants: parsed, and refused with the reason (its timings need CUDA)."""
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "decode_step.py"
+from conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("decode_step", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("decode_step")
 
 
 def test_a_variant_is_constants_of_the_decode_module_as_literals():

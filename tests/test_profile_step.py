@@ -1,22 +1,17 @@
 """benchmarks/profile_step.py: its summary of a trace (busy time as the union of overlapping
 intervals, per-step figures, the ranking) and a tiny run on the CPU."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+from conftest import BENCHMARKS, load_benchmark
 
 
 @pytest.fixture
 def profile_step(monkeypatch):
     monkeypatch.syspath_prepend(str(BENCHMARKS))  # it imports bench.py beside it, as when run as a script
-    spec = importlib.util.spec_from_file_location("profile_step", BENCHMARKS / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("profile_step")
 
 
 def test_summary_counts_overlaps_once_and_ranks_by_time(profile_step):

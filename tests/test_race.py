@@ -15,12 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_benchmark
 from goom_ssm import corpus
 from goom_ssm.constants import ENDOFTEXT_ID
 
-spec = importlib.util.spec_from_file_location("race", Path(__file__).parent.parent / "benchmarks" / "race.py")
-race = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(race)
+race = load_benchmark("race")
 
 TEXT = Path(__file__).parent / "data" / "english.txt"
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from conftest import TRITON_DEVICE, random_scan_case as random_case, relative_error, tiny_config
+from conftest import TRITON_DEVICE, random_scan_case as random_case, tiny_config
 from goom_ssm.layers import GoomSSM
 from goom_ssm.naive import naive_scan
 from goom_ssm.scan import (ScaledRows, chunk_plan, chunked_scan, default_chunk_size, goom_prefix_scan, normalize_rows,

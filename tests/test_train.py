@@ -115,7 +115,7 @@ def test_loss_decreases_and_final_model_is_saved(tmp_path, cache_dir):
     assert loss < math.log(257) - 0.5
     assert list((out / "goom-ssm").rglob("events.out.tfevents.*")), "no TensorBoard event file"
     card = (out / "final" / "README.md").read_text()
-    assert f"| optimizer steps | 30 |" in card and f"cross-entropy {result['eval_loss']:.4f}" in card
+    assert "| optimizer steps | 30 |" in card and f"cross-entropy {result['eval_loss']:.4f}" in card
     with pytest.raises(FileExistsError, match="--resume"):  # never mixes a new run into an old one
         train_mod.train(args_for(out, cache_dir, "--max-steps", "30"))
 
