@@ -17,7 +17,10 @@ design); ``<chunk>``: scan_chunk_size, which only the chunked scan reads), ``gla
 ``gdn[:compile]`` (fla's GLA and Gated DeltaNet at GPT-2's width and depth, head tied to the
 embedding as GPT-2's: ~124M and ~131M parameters; need the ``fla`` package and CUDA: their rows
 are skipped, with the reason, elsewhere); ``compile``: training through
-``torch.compile(model, fullgraph=True)``; ``hfloss``: GOOM-SSM with transformers' loss function
+``torch.compile(model, fullgraph=True)`` (GPT-2 without ``fullgraph``); ``compile-graphs``: the
+same with ``mode="reduce-overhead"`` (CUDA graphs of the compiled forward and backward, as the
+HF ``Trainer``'s ``torch_compile_mode="reduce-overhead"``; the optimizer runs eagerly), in place
+of ``compile`` wherever that is allowed; an unknown option is refused; ``hfloss``: GOOM-SSM with transformers' loss function
 instead of its Triton cross-entropy (``fuse_cross_entropy=False``); ``graph`` (train section, CUDA): the whole step
 captured as one CUDA graph (:class:`goom_ssm.graphed_step.GraphedTrainingStep`, AdamW with
 ``capturable=True``; the other rows use the fused AdamW). ``--tiny`` builds every model at a tiny size (the
@@ -53,11 +56,13 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import goom_ssm
 from goom_ssm import GoomSSMConfig, GoomSSMForCausalLM
+from goom_ssm.constants import SCAN_IMPLEMENTATIONS
 from goom_ssm.extras import versions
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
 FLA_MODELS = ("gla", "gdn")
+TRAINING_OPTIONS = ("compile", "compile-graphs", "graph")  # how the train section runs a model
 TINY = dict(vocab_size=512, hidden_size=32, num_hidden_layers=2)  # --tiny: every model at this size
 
 
@@ -75,9 +80,30 @@ def unavailable(name: str, device: str) -> Optional[str]:
     return None
 
 
+def spec_options(name: str) -> list:
+    """The options of model spec ``name`` (see the module docstring) after its kind (and
+    GOOM-SSM's scan); ValueError for an unknown model or option, so that a misspelt spec is
+    refused instead of run as another."""
+    kind, *options = name.split(":")
+    if kind not in ("gpt2", "goom") + FLA_MODELS:
+        raise ValueError(f"unknown model {kind!r}: see --help for the specs")
+    known = TRAINING_OPTIONS
+    if kind == "goom":
+        if not options or options[0] not in SCAN_IMPLEMENTATIONS:
+            raise ValueError(f"model {name!r}: GOOM-SSM's spec names its scan, one of {SCAN_IMPLEMENTATIONS} "
+                             "(e.g. goom:triton)")
+        options = options[1:]
+        known += ("hfloss",) + tuple(options[:1] if options and options[0].isdigit() else ())
+    unknown = [option for option in options if option not in known]
+    if unknown:
+        raise ValueError(f"model {name!r}: unknown option(s) {', '.join(unknown)} (see --help for the specs)")
+    return options
+
+
 def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> torch.nn.Module:
     """The model of spec ``name`` (see the module docstring), at 124M or (``tiny``) :data:`TINY`'s sizes;
     GPT-2's position table has ``positions`` rows (at least its own 1024)."""
+    options = spec_options(name)
     kind = name.split(":")[0]
     size = TINY if tiny else dict(vocab_size=50257, hidden_size=768, num_hidden_layers=12)
     if kind == "gpt2":
@@ -85,7 +111,7 @@ def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> 
                                              n_layer=size["num_hidden_layers"], n_head=2)
         model = GPT2LMHeadModel(GPT2Config(n_positions=max(positions, 1024), attn_implementation="sdpa", **gpt2_size))
     elif kind == "goom":
-        _, scan, *options = name.split(":")
+        scan = name.split(":")[1]
         chunk = int(options[0]) if options and options[0].isdigit() else None
         goom_size = {} if not tiny else dict(size, num_state_heads=2, state_size=8)
         model = GoomSSMForCausalLM(GoomSSMConfig(scan_implementation=scan, scan_chunk_size=chunk,
@@ -100,8 +126,6 @@ def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> 
         config = GatedDeltaNetConfig(num_heads=2 if tiny else 6, head_dim=16 if tiny else 128, expand_v=1,
                                      tie_word_embeddings=True, **size)
         model = GatedDeltaNetForCausalLM(config)
-    else:
-        raise ValueError(f"unknown model {name!r}: see --help for the specs")
     return model.to(device)
 
 
@@ -157,11 +181,15 @@ def training_step(name, batch, seq_len, dtype, device, tiny):
     """``(model, step)``: model ``name`` and a function that runs one training step (fwd + bwd
     + AdamW) of it on a fixed batch of random ids ``[batch, seq_len]``."""
     model = build(name, device, tiny, positions=seq_len).train()
-    graphed = "graph" in name.split(":")
+    options = spec_options(name)
+    graphed = "graph" in options
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4,
                                   **({"capturable": True} if graphed else {"fused": device == "cuda"}))
     # GPT-2's loss in transformers logs (a graph break), so only GOOM-SSM is compiled whole.
-    compiled = torch.compile(model, fullgraph=name.startswith("goom")) if "compile" in name.split(":") else None
+    compiled = None
+    if "compile" in options or "compile-graphs" in options:
+        compiled = torch.compile(model, fullgraph=name.startswith("goom"),
+                                 mode="reduce-overhead" if "compile-graphs" in options else None)
     step_model = model if compiled is None else compiled
     ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), device=device)
 
@@ -337,6 +365,11 @@ def main():
     args = parser.parse_args()
     if args.png and not args.json:
         parser.error("--png needs --json: the plot is drawn from its rows")
+    for model_name in args.models + (args.decode_models or []):
+        try:
+            spec_options(model_name)
+        except ValueError as error:
+            parser.error(str(error))
     if args.plot:
         plot(args.plot, args.plot[0].removesuffix(".json") + ".png")
         return

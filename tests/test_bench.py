@@ -176,3 +176,40 @@ def test_bench_plot_wraps_a_long_header_to_the_figure(tmp_path, monkeypatch):
     (title,) = titles
     assert max(len(line) for line in title.splitlines()) <= 80 < max(len(line) for line in header.splitlines())
     assert title.split() == header.split()
+
+
+@pytest.mark.parametrize("spec, reason", [
+    ("gpt2:compiled", "unknown option"),  # a misspelt option would otherwise run the eager model
+    ("goom:triton:compile:fast", "unknown option"),
+    ("goom:triton:hfloss:32", "unknown option"),  # the chunk size comes first
+    ("gla:hfloss", "unknown option"),  # GOOM-SSM's own option
+    ("goom", "names its scan"),
+    ("goom:tritonn", "names its scan"),
+    ("mamba", "unknown model"),
+])
+def test_bench_refuses_a_misspelt_model_spec_before_running(spec, reason, monkeypatch, capsys):
+    bench = load_bench()
+    monkeypatch.setattr(bench, "bench_train", lambda *args: pytest.fail("ran a row"))
+    monkeypatch.setattr("sys.argv", ["bench.py", "--tiny", "--device", "cpu", "--sections", "train", "--models",
+                                     "goom:chunked", spec])
+    with pytest.raises(SystemExit):
+        bench.main()
+    assert reason in capsys.readouterr().err
+
+
+def test_bench_model_specs_and_their_options():
+    bench = load_bench()
+    assert bench.spec_options("goom:chunked:32:compile:hfloss") == ["32", "compile", "hfloss"]
+    assert bench.spec_options("gpt2:compile-graphs") == ["compile-graphs"]
+    assert bench.spec_options("gdn:graph") == ["graph"]
+
+
+def test_bench_trains_through_compile_with_cuda_graphs_mode(monkeypatch):
+    """``compile-graphs``: torch.compile with mode="reduce-overhead" (CUDA graphs; on the CPU
+    Inductor runs without them), ``compile`` the default mode."""
+    bench = load_bench()
+    modes = []
+    monkeypatch.setattr(bench.torch, "compile", lambda model, **kwargs: modes.append(kwargs["mode"]) or model)
+    for spec in ("goom:chunked:compile", "goom:chunked:compile-graphs", "gpt2:compile-graphs"):
+        bench.training_step(spec, 1, 8, torch.float32, "cpu", tiny=True)
+    assert modes == [None, "reduce-overhead", "reduce-overhead"]
