@@ -38,3 +38,10 @@ def test_tiny_cpu_run_prints_the_tables(profile_step, section, monkeypatch, caps
     assert len(operators.strip().splitlines()) == 3 and "| aten::mm | [[" in operators
     host_operators = host.split("| operator | input shapes | own host us per step | calls per step |\n|---|---|---|---|\n")[1]
     assert "of the wall time outside them" in host and len(host_operators.strip().splitlines()) == 2
+
+
+def test_a_misspelt_model_spec_is_refused_before_profiling(profile_step, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["profile_step.py", "--tiny", "--device", "cpu", "--model", "goom:chunked:graphs"])
+    with pytest.raises(SystemExit):
+        profile_step.main()
+    assert "unknown option(s) graphs" in capsys.readouterr().err
