@@ -35,7 +35,9 @@ def test_tiny_cpu_run_prints_the_tables(profile_step, section, monkeypatch, caps
     assert f"goom:chunked, {section}" in out.replace("training step", "train").replace("decoding step", "decode")
     assert "| top-level operator | us per step | calls per step |" in out
     operators, host = out.split("| operator | input shapes | own us per step | calls per step |\n|---|---|---|---|\n")[1].split("\nHost: ")
-    assert len(operators.strip().splitlines()) == 3 and "| aten::mm | [[" in operators
+    # which operators come first depends on the CPU's timing; three rows, each an operator with its shapes
+    assert len(operators.strip().splitlines()) == 3
+    assert all(line.startswith("| aten::") and " | [[" in line for line in operators.strip().splitlines())
     host_operators = host.split("| operator | input shapes | own host us per step | calls per step |\n|---|---|---|---|\n")[1]
     assert "of the wall time outside them" in host and len(host_operators.strip().splitlines()) == 2
 
