@@ -100,6 +100,16 @@ def spec_options(name: str) -> list:
     return options
 
 
+def check_specs(parser: argparse.ArgumentParser, names: list) -> None:
+    """Every model spec in ``names`` checked (:func:`spec_options`) before anything runs; a
+    misspelt one ends the command with ``parser``'s usage and the reason."""
+    for name in names:
+        try:
+            spec_options(name)
+        except ValueError as error:
+            parser.error(str(error))
+
+
 def build(name: str, device: str, tiny: bool = False, positions: int = 1024) -> torch.nn.Module:
     """The model of spec ``name`` (see the module docstring), at 124M or (``tiny``) :data:`TINY`'s sizes;
     GPT-2's position table has ``positions`` rows (at least its own 1024)."""
@@ -365,11 +375,7 @@ def main():
     args = parser.parse_args()
     if args.png and not args.json:
         parser.error("--png needs --json: the plot is drawn from its rows")
-    for model_name in args.models + (args.decode_models or []):
-        try:
-            spec_options(model_name)
-        except ValueError as error:
-            parser.error(str(error))
+    check_specs(parser, args.models + (args.decode_models or []))
     if args.plot:
         plot(args.plot, args.plot[0].removesuffix(".json") + ".png")
         return

@@ -24,7 +24,7 @@ from typing import NamedTuple
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import build, spec_options, synchronize, training_step
+from bench import build, check_specs, synchronize, training_step
 from goom_ssm.modeling.cache_goom_ssm import CACHE_NAME
 
 
@@ -110,10 +110,7 @@ def main():
                         help="also the host's time in top-level operators (the rest of the wall time is "
                              "Python between them) and the N operators that take the most host time of their own")
     args = parser.parse_args()
-    try:
-        spec_options(args.model)
-    except ValueError as error:
-        parser.error(str(error))
+    check_specs(parser, [args.model])
     device, dtype = args.device, getattr(torch, args.dtype)
     if args.section == "train":
         _, step = training_step(args.model, args.batch, args.seq_len, dtype, device, args.tiny)
