@@ -35,10 +35,10 @@ the carry stage reads a chunk's flags itself, and the adjoint sums ``lambda_t A^
 flagged steps for the restart rows' gradient, so packing adds no operation on the host.
 
 The forward and the backward (:func:`scan_forward`, :func:`scan_backward`) are joined by
-an ``autograd.Function``. Under ``torch.compile`` they are the custom operators
-``goom_ssm::scan`` and ``goom_ssm::scan_backward``, so that ``torch.compile(fullgraph=True)``
-keeps them whole; in eager mode they are called directly (an operator's dispatch costs
-more host time than its four kernel launches). Without a GPU the kernels run under
+an ``autograd.Function``. Under ``torch.compile`` they are the operators ``goom_ssm::scan``
+and ``goom_ssm::scan_backward`` (``torch.compile(fullgraph=True)`` traces them: Inductor
+launches their kernels itself); in eager mode they are called directly (an operator's
+dispatch costs more host time than its four kernel launches). Without a GPU the kernels run under
 Triton's interpreter (``TRITON_INTERPRET=1`` before importing), as the tests do.
 """
 
@@ -315,13 +315,15 @@ def _launch(stage: str, u, A, chunk_len: int, num_chunks: int, out: ScaledRows, 
             first_chunk: int = 0, u_log_scale=None, a_log_scale=None, start: Optional[ScaledRows] = None,
             carry: Optional[ScaledRows] = None, forward_states: Optional[ScaledRows] = None,
             init: Optional[ScaledRows] = None, grad_a=None, grad_init=None, resets=None, flag_span: int = 0,
-            flag_shift: int = 0, restart=None, grad_restart=None):
+            flag_shift: int = 0, restart=None, grad_restart=None, wrap=None):
     """Launch ``_recurrence_kernel`` for ``stage`` over ``num_chunks`` chunks (from ``first_chunk``)
     of ``u [B, T, n, d]``, writing into ``out`` (see the kernel for the arguments); a tensor not
     given, or ``resets`` or ``restart`` with no elements, is passed empty. An initial state
     (``start`` or ``init``) with an empty log-scale holds plain rows ``[n, d]`` shared by every
     sequence. ``flag_span``: 0 for one reset flag per step of ``u``; for the carry, the chunk
-    length (``resets`` are then the steps' flags, read a chunk at a time from ``flag_shift``)."""
+    length (``resets`` are then the steps' flags, read a chunk at a time from ``flag_shift``).
+    ``wrap``: None to launch the kernel directly; ``torch.library.wrap_triton`` inside the
+    Triton operators (:data:`TRACEABLE`), for ``torch.compile`` to trace the launch."""
     _, seq_len, n, d = u.shape
     empty = u.new_empty(0)
     none = ScaledRows(empty, empty)
@@ -329,7 +331,7 @@ def _launch(stage: str, u, A, chunk_len: int, num_chunks: int, out: ScaledRows, 
     start, carry, forward_states, init = start or none, carry or none, forward_states or none, init or none
     resets = empty if resets is None else resets
     restart = empty if restart is None else restart
-    _recurrence_kernel[_grid(u, num_chunks)](
+    (wrap(_recurrence_kernel) if wrap else _recurrence_kernel)[_grid(u, num_chunks)](
         u, empty if u_log_scale is None else u_log_scale, A, empty if a_log_scale is None else a_log_scale,
         *start, *carry, *out, *forward_states, *init, empty if grad_a is None else grad_a,
         empty if grad_init is None else grad_init, resets, restart, empty if grad_restart is None else grad_restart,
@@ -361,7 +363,7 @@ def _empty_states(like, steps: int, dtype, scale_dtype=None) -> ScaledRows:
                       torch.empty(batch, steps, n, d, dtype=dtype, device=like.device))
 
 
-def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None) -> ScaledRows:
+def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None, wrap=None) -> ScaledRows:
     """Stage 1: the end state of every chunk but the last in the direction of travel, each
     from a zero state (a reset in it restarting from ``restart``, forward): ``[B, K - 1, n, 1]``
     / ``[B, K - 1, n, d]``. Forward: chunks ``0 .. K-2`` of ``u`` with ``A``. Adjoint
@@ -371,12 +373,12 @@ def _chunk_end_states(u, A, chunk_len: int, resets, restart, adjoint_scales=None
     ends = _empty_states(u, num_chunks, A.dtype, INTERMEDIATE_SCALE_DTYPE)
     adjoint = adjoint_scales is not None
     _launch("chunk_ends", u, A, chunk_len, num_chunks, ends, adjoint=adjoint, first_chunk=1 if adjoint else 0,
-            u_log_scale=adjoint_scales, resets=resets, restart=None if adjoint else restart)
+            u_log_scale=adjoint_scales, resets=resets, restart=None if adjoint else restart, wrap=wrap)
     return ends
 
 
 def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len: int,
-                         initial: Optional[ScaledRows] = None) -> ScaledRows:
+                         initial: Optional[ScaledRows] = None, wrap=None) -> ScaledRows:
     """Stage 2: the states entering the chunks, ``S_k = S_{k-1} P + E_{k-1}``: the recurrence
     over the ``K - 1`` chunk ends ``E`` (as stage 1 gives them), with ``P = A^L`` from
     ``initial`` (forward: the states entering chunks ``1 .. K-1``), or with ``P = (A^T)^L``
@@ -391,23 +393,23 @@ def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len:
     _launch("carry", ends.rows, power.rows, steps, 1, carry, adjoint=adjoint, u_log_scale=ends.log_scale,
             a_log_scale=power.log_scale, start=initial, resets=resets,
             flag_span=chunk_len if resets.numel() else 0,  # no kernel of its own per chunk length without resets
-            flag_shift=1 if adjoint else 0)
+            flag_shift=1 if adjoint else 0, wrap=wrap)
     return carry
 
 
 def _every_step(u, A, chunk_len: int, initial: ScaledRows, carry: Optional[ScaledRows], resets,
-                restart) -> ScaledRows:
+                restart, wrap=None) -> ScaledRows:
     """Stage 3: every chunk of ``u`` from the state entering it (``initial`` for the first,
     ``carry`` from stage 2 for the others, None when there is one chunk): the states
     ``[B, T, n, 1]`` (float64, as the kernel holds them: the backward reads them) / ``[B, T, n, d]``."""
     states = _empty_states(u, u.shape[1], A.dtype, INTERMEDIATE_SCALE_DTYPE)
     _launch("steps", u, A, chunk_len, cdiv(u.shape[1], chunk_len), states, start=initial, carry=carry,
-            resets=resets, restart=restart)
+            resets=resets, restart=restart, wrap=wrap)
     return states
 
 
 def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, states: ScaledRows,
-                        carry: Optional[ScaledRows], u_dtype: torch.dtype, resets, restart) -> AdjointSteps:
+                        carry: Optional[ScaledRows], u_dtype: torch.dtype, resets, restart, wrap=None) -> AdjointSteps:
     """Stage 3 of the backward pass: every chunk of the adjoint recurrence, inputs ``g_t =
     grad_rows`` at log-scales ``-s_t`` of the forward ``states``, from the adjoint entering it
     (``carry``; zero for the last chunk): the gradients of ``u`` (in ``u_dtype``), of ``A``,
@@ -421,72 +423,83 @@ def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, state
     grad_restart = torch.empty(num_chunks * batch if restarts else 0, n, d, dtype=A.dtype, device=grad_rows.device)
     _launch("steps", grad_rows, A, chunk_len, num_chunks, ScaledRows(grad_rows.new_empty(0), grad_u), adjoint=True,
             u_log_scale=states.log_scale, carry=carry, forward_states=states, init=initial, grad_a=grad_a,
-            grad_init=grad_init, resets=resets, restart=restart, grad_restart=grad_restart)
-    return AdjointSteps(grad_u, grad_a.sum(0), grad_init, grad_restart.sum(0) if restarts else grad_restart)
+            grad_init=grad_init, resets=resets, restart=restart, grad_restart=grad_restart, wrap=wrap)
+    return AdjointSteps(grad_u, grad_a.sum(0), grad_init, grad_restart.sum(0) if restarts else A.new_empty(0))
 
 
-def _power(A: torch.Tensor, exponent: int, transpose: bool = False) -> ScaledRows:
+def _power(A: torch.Tensor, exponent: int, transpose: bool = False, wrap=None) -> ScaledRows:
     """``A^exponent`` (or ``(A^T)^exponent``) as a 1-element log-scale and a normalised ``[d, d]`` matrix."""
     d = A.shape[-1]
     log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
-    _power_kernel[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
+    (wrap(_power_kernel) if wrap else _power_kernel)[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
                         BLOCK=dot_block(d), TRANSPOSE=transpose)
     return ScaledRows(log_scale, rows)
 
 
-def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart) -> ScaledRows:
+def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart, wrap=None) -> ScaledRows:
     """The forward stages; ``resets [B, T]`` uint8, or empty for none; ``restart [n, d]``: the
-    rows a reset restarts from, or empty for none."""
+    rows a reset restarts from, or empty for none; ``wrap`` as for :func:`_launch`."""
     carry = None
     if cdiv(u.shape[1], chunk_len) > 1:
-        ends = _chunk_end_states(u, A, chunk_len, resets, restart)
-        carry = _carry_across_chunks(ends, _power(A, chunk_len), resets, chunk_len, initial)
-    return _every_step(u, A, chunk_len, initial, carry, resets, restart)
+        ends = _chunk_end_states(u, A, chunk_len, resets, restart, wrap=wrap)
+        carry = _carry_across_chunks(ends, _power(A, chunk_len, wrap=wrap), resets, chunk_len, initial, wrap=wrap)
+    return _every_step(u, A, chunk_len, initial, carry, resets, restart, wrap=wrap)
 
 
 def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype, resets,
-              restart):
+              restart, wrap=None):
     """The adjoint recurrence with ``A^T``, its inputs ``g_t`` at log-scales ``-s_t`` (``d loss
     / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as
-    ``initial.rows``) and ``grad_restart`` (shaped as ``restart``)."""
+    ``initial.rows``) and ``grad_restart`` (shaped as ``restart``); ``wrap`` as for :func:`_launch`."""
     carry = None
     if cdiv(grad_rows.shape[1], chunk_len) > 1:
-        ends = _chunk_end_states(grad_rows, A, chunk_len, resets, restart, adjoint_scales=states.log_scale)
-        carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True), resets, chunk_len)
+        ends = _chunk_end_states(grad_rows, A, chunk_len, resets, restart, adjoint_scales=states.log_scale, wrap=wrap)
+        carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True, wrap=wrap), resets, chunk_len,
+                                     wrap=wrap)
     grad_u, grad_A, grad_init, grad_restart = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry,
-                                                                  u_dtype, resets, restart)
+                                                                  u_dtype, resets, restart, wrap=wrap)
     shared_init = initial.log_scale.numel() == 0
     return grad_u, grad_A, grad_init.sum(0) if shared_init else grad_init, grad_restart
 
 
-@torch.library.custom_op("goom_ssm::scan", mutates_args=())
+# Compiled kernels are traced into the operators (``torch.library.triton_op``, each launch
+# through ``wrap_triton``): Inductor then launches them from its own code, with no operator
+# dispatch per call. Kernels under Triton's interpreter cannot be traced: there the operators
+# are opaque (``custom_op``), with fake kernels of their own.
+TRACEABLE = HAS_TRITON and isinstance(_recurrence_kernel, triton.runtime.JITFunction)
+_define_op = torch.library.triton_op if TRACEABLE else torch.library.custom_op
+_WRAP = torch.library.wrap_triton if TRACEABLE else None
+
+
+@_define_op("goom_ssm::scan", mutates_args=())
 def _scan_op(u: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
              chunk_len: int, resets: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    states = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart)
+    states = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart, wrap=_WRAP)
     return states.log_scale, states.rows
 
 
-@_scan_op.register_fake
-def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
-    batch, seq_len, n, d = u.shape
-    return (init_rows.new_empty(batch, seq_len, n, 1, dtype=INTERMEDIATE_SCALE_DTYPE),
-            init_rows.new_empty(batch, seq_len, n, d))
-
-
-@torch.library.custom_op("goom_ssm::scan_backward", mutates_args=())
+@_define_op("goom_ssm::scan_backward", mutates_args=())
 def _scan_backward_op(grad_rows: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
                       log_scale: torch.Tensor, rows: torch.Tensor, chunk_len: int, u_dtype: torch.dtype,
                       resets: torch.Tensor, restart: torch.Tensor
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
-                     u_dtype, resets, restart)
+                     u_dtype, resets, restart, wrap=_WRAP)
 
 
-@_scan_backward_op.register_fake
-def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets, restart):
-    return (grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows),
-            torch.empty_like(restart) if resets.numel() else restart.new_empty(0))
+if not TRACEABLE:  # a triton_op's fake kernel is its own body, traced
+
+    @_scan_op.register_fake
+    def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
+        batch, seq_len, n, d = u.shape
+        return (init_rows.new_empty(batch, seq_len, n, 1, dtype=INTERMEDIATE_SCALE_DTYPE),
+                init_rows.new_empty(batch, seq_len, n, d))
+
+    @_scan_backward_op.register_fake
+    def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets, restart):
+        return (grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows),
+                torch.empty_like(restart) if resets.numel() and restart.numel() else restart.new_empty(0))
 
 
 def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restart) -> tuple[torch.Tensor, torch.Tensor]:

@@ -105,6 +105,23 @@ def test_compiled_training_step_equals_eager():
         assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_training_step_launches_the_scan_kernels_itself():
+    """The scan's operators are Triton operators: Inductor's code for the compiled forward and
+    backward launches the recurrence and matrix-power kernels, with no call of an operator."""
+    from torch._inductor.utils import run_and_get_code
+
+    from goom_ssm.triton_scan import TRACEABLE
+
+    assert TRACEABLE
+    model = make_model().train()
+    ids = torch.randint(0, 500, (2, 200), device="cuda")  # 13 chunks: every stage and the power run
+    compiled = torch.compile(model, fullgraph=True)
+    _, codes = run_and_get_code(lambda: compiled(input_ids=ids, labels=ids).loss.backward())
+    code = "\n".join(codes)
+    assert code.count("_recurrence_kernel") >= 2 and "_power_kernel" in code
+    assert "goom_ssm.scan" not in code and "goom_ssm::scan" not in code
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_padded_head_equals_the_linear_head(autocast):
     """Many positions on CUDA: the head runs against its weight padded with zero rows
