@@ -506,8 +506,8 @@ def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restar
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
     ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
     rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` (float64) and rows
-    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (kept whole in the graph);
-    in eager mode a direct call: an operator's dispatch costs more host time than its kernels
+    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (traced: its kernels
+    launched from the compiled code); in eager mode a direct call: an operator's dispatch costs more host time than its kernels
     (timings: ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
         return _scan_op(u, A, init_log_scale, init_rows, chunk_len, resets, restart)

@@ -122,6 +122,25 @@ def test_compiled_training_step_launches_the_scan_kernels_itself():
     assert "goom_ssm.scan" not in code and "goom_ssm::scan" not in code
 
 
+def test_compiled_training_with_dynamic_lengths_equals_eager():
+    """``dynamic=True``: the traced launches take symbolic lengths; two lengths (one chunk of
+    ``L`` steps too many for the other), loss and gradients as in eager mode."""
+    model = make_model().train()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for length in (200, 300):
+        ids = torch.randint(0, 500, (2, length), device="cuda")
+        model.zero_grad()
+        eager_loss = model(ids, labels=ids).loss
+        eager_loss.backward()
+        eager_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.allclose(loss, eager_loss, rtol=1e-5)
+        for a, p in zip(eager_grads, model.parameters()):
+            assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
+
+
 @pytest.mark.parametrize("autocast", [False, True])
 def test_the_padded_head_equals_the_linear_head(autocast):
     """Many positions on CUDA: the head runs against its weight padded with zero rows
