@@ -21,8 +21,7 @@ waiting never depends on the previous kernel: for one sequence, each program's w
 the weights (and ``A``), so that reading the weights, most of a step's memory traffic,
 overlaps the previous kernel; the products are then sums of products over that block. For
 more sequences the products run on the tensor cores, in blocks of 16 or 32 rows, and the
-weights are read block by block after the wait, or (up to ``PREFETCH_MAX_ROWS`` sequences,
-a setting to tune: by default one) as one block before it.
+weights are read block by block after the wait.
 
 Products take their operands in the compute dtype (the autocast dtype where autocast is on,
 else the weights' dtype) and accumulate in float32 (float64 for float64 weights), as the
