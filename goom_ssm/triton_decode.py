@@ -117,22 +117,16 @@ if HAS_TRITON:
         """``f(x[m, :K]) @ w[:K, cols]`` ``[BM, BN]`` in ``ACC``, operands rounded to ``DOT`` (exact
         products, summed in ``ACC``), and with ``PAIR`` the same product with the second weight
         (else zeros); ``f`` and ``x`` as in :func:`_inputs`, the weights as in :func:`_weight_blocks`.
-        With ``PREFETCH``: against the blocks that function read, all of ``K`` at once, for
-        one row (``BM == 1``) as sums of products, for more on the tensor cores; else block by
-        block of ``BK`` rows of the weights, read here, on the tensor cores."""
+        With ``PREFETCH`` (one row, ``BM == 1``): against the blocks that function read, as
+        sums of products, all of ``K`` at once; else block by block of ``BK`` rows of the
+        weights, read here, on the tensor cores."""
         if PREFETCH:
-            x = _inputs(x_ptr, m, m_ok, tl.arange(0, KB), K, mean, rstd, ln_w_ptr, ln_b_ptr, LAYER_NORM, DOT, ACC)
-            if BM == 1:
-                x = x.to(ACC)
-                acc = tl.sum(x[:, :, None] * first_block.to(DOT).to(ACC)[None, :, :], axis=1)
-                second = acc
-                if PAIR:
-                    second = tl.sum(x[:, :, None] * second_block.to(DOT).to(ACC)[None, :, :], axis=1)
-            else:
-                acc = tl.dot(x, first_block.to(DOT), input_precision="ieee", out_dtype=ACC)
-                second = acc
-                if PAIR:
-                    second = tl.dot(x, second_block.to(DOT), input_precision="ieee", out_dtype=ACC)
+            x = _inputs(x_ptr, m, m_ok, tl.arange(0, KB), K, mean, rstd, ln_w_ptr, ln_b_ptr, LAYER_NORM, DOT,
+                        ACC).to(ACC)
+            acc = tl.sum(x[:, :, None] * first_block.to(DOT).to(ACC)[None, :, :], axis=1)
+            second = acc
+            if PAIR:
+                second = tl.sum(x[:, :, None] * second_block.to(DOT).to(ACC)[None, :, :], axis=1)
         else:
             acc = tl.zeros([BM, BN], ACC)
             second = tl.zeros([BM, BN], ACC)
@@ -260,12 +254,11 @@ if HAS_TRITON:
 # rows per program: 16, or 32 above 16 sequences.
 BLOCK_LAUNCH = {"input": (32, 4), "output": (16, 2), "head": (32, 4)}
 BLOCK_K_BYTES, NUM_STAGES = 512, 3
-# For up to PREFETCH_MAX_ROWS sequences each program reads its whole block of the weights
-# (every row of its columns) before it waits for the previous kernel, forms the products all
-# at once (for one sequence as sums of products: no tensor-core block of 16 rows for one) and
-# takes the LayerNorm's statistics in one pass over the row. For one sequence, output columns
-# per program and warps (the input kernel's 32 columns and 8 warps: a faster graph replay of
-# the step, timings in benchmarks/results/design_notes.md); for more, BLOCK_LAUNCH's.
+# For one sequence each program reads its whole block of the weights (every row of its
+# columns) before it waits for the previous kernel, forms the products as sums of products
+# (no tensor-core block of 16 rows for one) and takes the LayerNorm's statistics in one pass
+# over the row: output columns per program and warps (the input kernel's 32 columns and 8
+# warps: a faster graph replay of the step, timings in benchmarks/results/design_notes.md).
 PREFETCH_MAX_ROWS = 1
 PREFETCH_LAUNCH = {"input": (32, 8), "output": (8, 2), "head": (16, 4)}
 
@@ -285,9 +278,8 @@ def _launch_settings(weight: torch.Tensor, M: int, K: int, kernel: str):
     dot = compute_dtype(weight)
     acc = torch.float64 if dot == torch.float64 else torch.float32
     prefetch = M <= PREFETCH_MAX_ROWS
-    sums_of_products = prefetch and M == 1
-    block_n, num_warps = (PREFETCH_LAUNCH if sums_of_products else BLOCK_LAUNCH)[kernel]
-    bm = 1 if sums_of_products else 16 if M <= 16 else 32
+    block_n, num_warps = (PREFETCH_LAUNCH if prefetch else BLOCK_LAUNCH)[kernel]
+    bm = 1 if prefetch else 16 if M <= 16 else 32
     pdl = _dependent_launch(weight.device)
     block_k = next_power_of_2(K) if prefetch else BLOCK_K_BYTES // weight.element_size()
     settings = dict(BM=bm, BN=block_n, BK=block_k, KB=next_power_of_2(K),

@@ -42,16 +42,12 @@ def fused_step(block, hidden, state, **options):
                        A=ssm.A, B=ssm.B, C=ssm.C, D=ssm.D, out_weight=block.out_proj.weight, **options)
 
 
-# prefetch_rows: the weights read before the wait for one sequence only, or for up to 65
-@pytest.mark.parametrize("batch, prefetch_rows", [(1, 1), (3, 1), (65, 1), (3, 65), (65, 65)])
+@pytest.mark.parametrize("batch", [1, 3, 65])
 @torch.no_grad()
-def test_float64_step_equals_the_layer_with_padding_in_place(batch, prefetch_rows, monkeypatch):
+def test_float64_step_equals_the_layer_with_padding_in_place(batch):
     """Sizes that are not powers of two; batch 65 spans two row blocks. Every third sequence
     is padded: its state must come back unchanged, bit for bit. The layer's own fused step
     (what the CUDA-graph decoder runs) updates the state in place."""
-    from goom_ssm import triton_decode
-
-    monkeypatch.setattr(triton_decode, "PREFETCH_MAX_ROWS", prefetch_rows)
     block, hidden, state = make_case(batch, 40, 3, 5, torch.float64)
     mask = (torch.arange(batch) % 3 != 1)[:, None].to(hidden.device)
     expected_hidden, expected_state = block(hidden, state, mask)
@@ -78,15 +74,11 @@ def test_new_state_tensors_leave_the_old_state_alone():
     assert torch.allclose(new_state.rows, expected_state.rows, rtol=1e-12, atol=1e-12)
 
 
-# one sequence: sums of products; more: tensor-core blocks, the weights read before the wait for up to prefetch_rows
-@pytest.mark.parametrize("batch, prefetch_rows", [(1, 1), (4, 1), (4, 4)])
+@pytest.mark.parametrize("batch", [1, 4])  # one sequence: sums of products; more: tensor-core blocks
 @torch.no_grad()
-def test_float32_error_is_that_of_the_layer(batch, prefetch_rows, monkeypatch):
+def test_float32_error_is_that_of_the_layer(batch):
     """float32, the 124M model's state shape (24 rows of 32) on a narrower layer: against the
     float64 layer, the fused step's error is at most twice the float32 layer's."""
-    from goom_ssm import triton_decode
-
-    monkeypatch.setattr(triton_decode, "PREFETCH_MAX_ROWS", prefetch_rows)
     block, hidden, state = make_case(batch, 96, 24, 32, torch.float32)
     exact = copy.deepcopy(block).double()(hidden.double(), ScaledRows(*(t.double() for t in state)))
     eager = block(hidden, state)
