@@ -16,7 +16,7 @@ was captured with::
 ``goom-ssm train --cuda-graph`` trains this way. With the HF ``Trainer``, CUDA graphs come
 from ``torch.compile`` (``TrainingArguments(torch_compile=True,
 torch_compile_mode="reduce-overhead")``: the compiled forward and backward replayed as graphs,
-the Triton scan a custom operator they keep whole, the optimizer eager).
+the Triton scan's kernels launched from the compiled code, the optimizer eager).
 
 Rules of a captured step, checked where they can be: CUDA; an ``Adam``/``AdamW`` with
 ``capturable=True`` whose hyperparameters other than ``lr`` stay fixed (torch's Adam reads a

@@ -221,8 +221,8 @@ def _trainer_losses(tmp_path, **compile_args):
 
 def test_the_trainer_with_cuda_graphs_trains_as_eager(tmp_path):
     """The README's recipe for the ``Trainer``: ``torch_compile_mode="reduce-overhead"`` (the
-    compiled forward and backward replayed as CUDA graphs, the Triton scan kept whole as a
-    custom operator) trains as the eager model does."""
+    compiled forward and backward replayed as CUDA graphs, the Triton scan's kernels traced into
+    them) trains as the eager model does."""
     eager = _trainer_losses(tmp_path / "eager")
     graphed = _trainer_losses(tmp_path / "graphed", torch_compile=True, torch_compile_mode="reduce-overhead")
     assert len(eager) == len(graphed) == 6

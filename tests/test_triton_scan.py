@@ -185,8 +185,9 @@ def test_long_sequences_on_cuda_match_the_pure_pytorch_scan(length, rows):
 
 
 def test_compiled_model_with_the_kernels_has_no_graph_break_and_equal_gradients():
-    """``torch.compile(fullgraph=True)`` keeps the scan's operators whole (Inductor on CUDA;
-    on CPU, where the kernels run interpreted, the ``aot_eager`` backend traces the same graph)."""
+    """``torch.compile(fullgraph=True)`` takes the scan's operators without a graph break (on CUDA
+    Inductor traces their launches; on CPU, where the kernels run interpreted and the operators
+    are opaque, the ``aot_eager`` backend traces the model's graph around them)."""
     from conftest import tiny_config
     from goom_ssm import GoomSSMForCausalLM
 
