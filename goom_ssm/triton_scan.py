@@ -323,7 +323,7 @@ def _launch(stage: str, u, A, chunk_len: int, num_chunks: int, out: ScaledRows, 
     sequence. ``flag_span``: 0 for one reset flag per step of ``u``; for the carry, the chunk
     length (``resets`` are then the steps' flags, read a chunk at a time from ``flag_shift``).
     ``wrap``: None to launch the kernel directly; ``torch.library.wrap_triton`` inside the
-    Triton operators (:data:`TRACEABLE`), for ``torch.compile`` to trace the launch."""
+    Triton operators (compiled kernels), for ``torch.compile`` to trace the launch."""
     _, seq_len, n, d = u.shape
     empty = u.new_empty(0)
     none = ScaledRows(empty, empty)
@@ -466,10 +466,10 @@ def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: 
 # Compiled kernels are traced into the operators (``torch.library.triton_op``, each launch
 # through ``wrap_triton``): Inductor then launches them from its own code, with no operator
 # dispatch per call. Kernels under Triton's interpreter cannot be traced: there the operators
-# are opaque (``custom_op``), with fake kernels of their own.
-TRACEABLE = HAS_TRITON and isinstance(_recurrence_kernel, triton.runtime.JITFunction)
-_define_op = torch.library.triton_op if TRACEABLE else torch.library.custom_op
-_WRAP = torch.library.wrap_triton if TRACEABLE else None
+# are opaque (``custom_op``), with fake kernels of their own (``_WRAP`` is then None).
+_define_op, _WRAP = ((torch.library.triton_op, torch.library.wrap_triton)
+                     if HAS_TRITON and isinstance(_recurrence_kernel, triton.runtime.JITFunction)
+                     else (torch.library.custom_op, None))
 
 
 @_define_op("goom_ssm::scan", mutates_args=())
@@ -488,7 +488,7 @@ def _scan_backward_op(grad_rows: torch.Tensor, A: torch.Tensor, init_log_scale: 
                      u_dtype, resets, restart, wrap=_WRAP)
 
 
-if not TRACEABLE:  # a triton_op's fake kernel is its own body, traced
+if _WRAP is None:  # a triton_op's fake kernel is its own body, traced
 
     @_scan_op.register_fake
     def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
