@@ -432,8 +432,8 @@ def _power(A: torch.Tensor, exponent: int, transpose: bool = False, wrap=None) -
     d = A.shape[-1]
     log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
-    (wrap(_power_kernel) if wrap else _power_kernel)[(1,)](A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d,
-                        BLOCK=dot_block(d), TRANSPOSE=transpose)
+    (wrap(_power_kernel) if wrap else _power_kernel)[(1,)](
+        A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d, BLOCK=dot_block(d), TRANSPOSE=transpose)
     return ScaledRows(log_scale, rows)
 
 
@@ -506,9 +506,9 @@ def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restar
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
     ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
     rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` (float64) and rows
-    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (traced: its kernels
-    launched from the compiled code); in eager mode a direct call: an operator's dispatch costs more host time than its kernels
-    (timings: ``benchmarks/results/design_notes.md``)."""
+    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (traced: its
+    kernels launched from the compiled code); in eager mode a direct call: an operator's
+    dispatch costs more host time than its kernels (timings: ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
         return _scan_op(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
     return tuple(_forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart))
