@@ -206,6 +206,47 @@ def test_compiled_model_with_the_kernels_has_no_graph_break_and_equal_gradients(
         assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
 
 
+def test_every_launch_of_the_operators_goes_through_wrap(monkeypatch):
+    """Inside the Triton operators each launch of the forward and backward stages goes through
+    ``wrap`` (``wrap_triton`` with compiled kernels, for ``torch.compile`` to trace it; a launch
+    outside it would meet fake tensors): every stage and the powers, with resets and restart
+    rows, wrapped as often as launched, and the same states and gradients as unwrapped."""
+    from goom_ssm import triton_scan
+
+    class Counted:
+        """A kernel that counts its launches."""
+
+        def __init__(self, kernel):
+            self.kernel, self.launches = kernel, 0
+
+        def __getitem__(self, grid):
+            self.launches += 1
+            return self.kernel[grid]
+
+    kernels = [Counted(triton_scan._recurrence_kernel), Counted(triton_scan._power_kernel)]
+    monkeypatch.setattr(triton_scan, "_recurrence_kernel", kernels[0])
+    monkeypatch.setattr(triton_scan, "_power_kernel", kernels[1])
+    wrapped = []
+
+    def wrap(kernel):
+        wrapped.append(kernel)
+        return kernel
+
+    u, A, initial = random_case(2, 40, 3, 4, 0.9, seed=5)
+    resets = triton_scan.kernel_resets(torch.rand(2, 40, generator=torch.Generator().manual_seed(5)) < 0.1, u)
+    restart = triton_scan.kernel_restart(initial.rows[0], A)
+    grad_rows = torch.randn_like(u)
+    results = []
+    for w in (None, wrap):
+        states = triton_scan._forward(u, A, initial, 8, resets, restart, wrap=w)
+        grads = triton_scan._backward(grad_rows, A, initial, states, 8, u.dtype, resets, restart, wrap=w)
+        results.append([*states, *grads])
+    assert [k.launches for k in kernels] == [12, 4]  # per pass: 3 stages and a power each way
+    assert wrapped.count(kernels[0]) == 6 and wrapped.count(kernels[1]) == 2 and len(wrapped) == 8
+    for plain, traced in zip(*results):
+        assert torch.equal(plain, traced)
+
+
 @pytest.mark.parametrize("transpose", [False, True])
 def test_matrix_power_kernel(transpose):
     """``A^k`` (or ``(A^T)^k``) by squaring in the kernel equals the float64 matrix power, at
