@@ -90,19 +90,24 @@ def test_generate_with_graphs_equals_without(settings):
     assert torch.equal(outs[0], outs[1])
 
 
-def test_compiled_training_step_equals_eager():
+@pytest.mark.parametrize("dynamic, lengths", [(None, (200,)), (True, (200, 300))])
+def test_compiled_training_step_equals_eager(dynamic, lengths):
+    """Loss and every gradient as in eager mode; with ``dynamic=True`` the traced launches take
+    symbolic lengths (two lengths, one chunk of ``L`` steps too many for the other)."""
     model = make_model().train()
-    ids = torch.randint(0, 500, (2, 200), device="cuda")
-    eager_loss = model(ids, labels=ids).loss
-    eager_loss.backward()
-    eager_grads = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad()
-    compiled = torch.compile(model, fullgraph=True)
-    loss = compiled(input_ids=ids, labels=ids).loss
-    loss.backward()
-    assert torch.allclose(loss, eager_loss, rtol=1e-5)
-    for a, p in zip(eager_grads, model.parameters()):
-        assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic)
+    for length in lengths:
+        ids = torch.randint(0, 500, (2, length), device="cuda")
+        model.zero_grad()
+        eager_loss = model(ids, labels=ids).loss
+        eager_loss.backward()
+        eager_grads = [p.grad.clone() for p in model.parameters()]
+        model.zero_grad()
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert torch.allclose(loss, eager_loss, rtol=1e-5)
+        for a, p in zip(eager_grads, model.parameters()):
+            assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
 
 
 def test_compiled_training_step_launches_the_scan_kernels_itself():
@@ -120,25 +125,6 @@ def test_compiled_training_step_launches_the_scan_kernels_itself():
     code = "\n".join(codes)
     assert code.count("_recurrence_kernel") >= 2 and "_power_kernel" in code
     assert "goom_ssm.scan" not in code and "goom_ssm::scan" not in code
-
-
-def test_compiled_training_with_dynamic_lengths_equals_eager():
-    """``dynamic=True``: the traced launches take symbolic lengths; two lengths (one chunk of
-    ``L`` steps too many for the other), loss and gradients as in eager mode."""
-    model = make_model().train()
-    compiled = torch.compile(model, fullgraph=True, dynamic=True)
-    for length in (200, 300):
-        ids = torch.randint(0, 500, (2, length), device="cuda")
-        model.zero_grad()
-        eager_loss = model(ids, labels=ids).loss
-        eager_loss.backward()
-        eager_grads = [p.grad.clone() for p in model.parameters()]
-        model.zero_grad()
-        loss = compiled(input_ids=ids, labels=ids).loss
-        loss.backward()
-        assert torch.allclose(loss, eager_loss, rtol=1e-5)
-        for a, p in zip(eager_grads, model.parameters()):
-            assert torch.allclose(a, p.grad, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
