@@ -49,14 +49,16 @@ class FusedBlock(torch.autograd.Function):
         resets, restart = kernel_resets(starts, Bu), kernel_restart(None if starts is None else init_states, A)
         shared = A.new_empty(0)  # no log-scales: init_states are plain rows shared by the batch
         chunk_len = default_steps_per_program(seq_len)
-        log_scale, rows = scan_forward(Bu, A, shared, init_states, chunk_len, resets, restart)
+        log_scale, rows, power_log_scale, power_rows = scan_forward(Bu, A, shared, init_states, chunk_len, resets,
+                                                                    restart)
         rows_c = rows.view(batch * seq_len, n * d).to(compute_dtype)
         y = rows_c.mm(C_c) + h.mm(D_c)
         glu = F.glu(y, dim=-1)
         out = x + glu.mm(out_weight_c.t()).view(batch, seq_len, d_emb)
 
         ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
-                              init_states, log_scale, rows, rows_c, y, glu, resets, restart)
+                              init_states, log_scale, rows, power_log_scale, power_rows, rows_c, y, glu, resets,
+                              restart)
         ctx.state_output_scale, ctx.chunk_len, ctx.Bu_dtype = state_output_scale, chunk_len, Bu.dtype
         final_log_scale = log_scale[:, -1].to(A.dtype)  # the states' dtype; the backward keeps the float64 ones
         ctx.mark_non_differentiable(final_log_scale)
@@ -66,7 +68,7 @@ class FusedBlock(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _, grad_final_rows):
         (x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared, init_states, log_scale,
-         rows, rows_c, y, glu, resets, restart) = ctx.saved_tensors
+         rows, power_log_scale, power_rows, rows_c, y, glu, resets, restart) = ctx.saved_tensors
         batch, seq_len, d_emb = x.shape
         if grad_out is None:  # only the final state was used
             grad_out = torch.zeros_like(x)
@@ -83,7 +85,8 @@ class FusedBlock(torch.autograd.Function):
             grad_rows[:, -1] += grad_final_rows
         grad_D = h.t().mm(grad_y).to(x.dtype)
         grad_Bu, grad_A, grad_init, grad_restart = scan_backward(grad_rows, A, shared, init_states, log_scale, rows,
-                                                                 ctx.chunk_len, ctx.Bu_dtype, resets, restart)
+                                                                 power_log_scale, power_rows, ctx.chunk_len,
+                                                                 ctx.Bu_dtype, resets, restart)
         if grad_restart.numel():  # init_states are the restart rows too
             grad_init = grad_init + grad_restart
         grad_Bu = grad_Bu.to(h.dtype).view(batch * seq_len, -1)

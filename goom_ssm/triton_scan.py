@@ -21,7 +21,7 @@ kernel with its ``STAGE``:
 The backward pass is the adjoint recurrence ``lambda_t = lambda_{t+1} A^T + g_t e^{-s_t}``
 (``g_t`` the gradient of the output rows, whose scales ``s_t`` are detached as in the
 original): the same three stages in reverse time (the kernel's ``ADJOINT``), its inputs in
-scaled form too. The third, :func:`_every_adjoint_step`, writes ``du_t = lambda_t``,
+scaled form too, its carry with the forward's power read transposed (``(A^T)^L = (A^L)^T``). The third, :func:`_every_adjoint_step`, writes ``du_t = lambda_t``,
 accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each term's two scales added before
 exponentiating, so gradients are right however large the states and however small the
 adjoints, and ends with the initial state's gradient ``lambda_0 A^T``. Every step but these
@@ -66,14 +66,13 @@ if HAS_TRITON:
     _NO_STATE = tl.constexpr(NO_STATE_LOG_SCALE)
 
     @triton.jit(do_not_specialize=["exponent"])
-    def _power_kernel(a_ptr, out_s_ptr, out_v_ptr, exponent, tiny: tl.constexpr, D: tl.constexpr,
-                      BLOCK: tl.constexpr, TRANSPOSE: tl.constexpr):
-        """``exp(out_s) out_v = M^exponent`` for ``M = A`` (or ``A^T``), ``A [D, D]``, by repeated
-        squaring in float64 (the carry across chunks multiplies by it many times), every
-        product normalised (so no power overflows)."""
+    def _power_kernel(a_ptr, out_s_ptr, out_v_ptr, exponent, tiny: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr):
+        """``exp(out_s) out_v = A^exponent``, ``A [D, D]``, by repeated squaring in float64 (the
+        carry across chunks multiplies by it many times), every product normalised (so no power
+        overflows)."""
         feats = tl.arange(0, BLOCK)
         ok = (feats < D)[:, None] & (feats < D)[None, :]
-        base, base_s = normalized(load_matrix(a_ptr, feats, D, TRANSPOSE).to(tl.float64), tiny)
+        base, base_s = normalized(load_matrix(a_ptr, feats, D, False).to(tl.float64), tiny)
         result = tl.where(ok & (feats[:, None] == feats[None, :]), 1.0, 0.0).to(base.dtype)
         result_s = tl.zeros_like(base_s)
         e = exponent
@@ -160,9 +159,9 @@ if HAS_TRITON:
         ``HAS_CARRY``). The last two write every step to ``out`` ``[B, T, n]`` / ``[B, T, n, D]``.
 
         ``ADJOINT`` (the backward pass): in reverse time, nothing entering the first chunk in
-        that direction (the last in time); except in the carry (whose power comes transposed),
-        ``A`` is read transposed and the inputs' log-scales ``u_scale`` (the forward states'
-        ``s_t``) are negated. Its ``"steps"`` stage
+        that direction (the last in time); ``A`` is read transposed (in the carry, the forward's
+        power ``A^L``: its transpose is ``(A^T)^L``), and except in the carry the inputs'
+        log-scales ``u_scale`` (the forward states' ``s_t``) are negated. Its ``"steps"`` stage
         writes ``exp(s) v`` only, sums ``x_{t-1}^T lambda_t`` over this program's steps into
         ``grad_a [programs, D, D]`` (``x`` from the forward states ``fwd`` and the initial
         state), and writes ``grad_init = exp(init_s) lambda_0 A^T [B, n, D]``.
@@ -177,7 +176,7 @@ if HAS_TRITON:
         adjoint steps write ``grad_restart [C, B, n, D]``: this program's ``sum lambda_t A^T``
         over its flagged steps."""
         REVERSE: tl.constexpr = ADJOINT
-        TRANSPOSE_A: tl.constexpr = ADJOINT and STAGE != "carry"
+        TRANSPOSE_A: tl.constexpr = ADJOINT
         NEGATE_U_SCALE: tl.constexpr = ADJOINT and STAGE != "carry"
         HAS_U_SCALE: tl.constexpr = ADJOINT or STAGE == "carry"
         HAS_A_SCALE: tl.constexpr = STAGE == "carry"
@@ -383,7 +382,8 @@ def _carry_across_chunks(ends: ScaledRows, power: ScaledRows, resets, chunk_len:
     over the ``K - 1`` chunk ends ``E`` (as stage 1 gives them), with ``P = A^L`` from
     ``initial`` (forward: the states entering chunks ``1 .. K-1``), or with ``P = (A^T)^L``
     from zero in reverse time (``initial`` None, the adjoint: entering chunks ``K-2 .. 0``).
-    ``power``: ``P`` as :func:`_power` gives it. A chunk holding a reset (``resets [B, T]``,
+    ``power``: ``A^L`` as :func:`_power` gives it, in both directions (the adjoint reads it
+    transposed). A chunk holding a reset (``resets [B, T]``,
     the steps' flags; in the adjoint, a reset at one of its steps' next steps) drops the
     state entering it: its end is all there is. Returns ``[B, K - 1, n, 1]`` / ``[..., d]`` in
     time order."""
@@ -427,36 +427,39 @@ def _every_adjoint_step(grad_rows, A, chunk_len: int, initial: ScaledRows, state
     return AdjointSteps(grad_u, grad_a.sum(0), grad_init, grad_restart.sum(0) if restarts else A.new_empty(0))
 
 
-def _power(A: torch.Tensor, exponent: int, transpose: bool = False, wrap=None) -> ScaledRows:
-    """``A^exponent`` (or ``(A^T)^exponent``) as a 1-element log-scale and a normalised ``[d, d]`` matrix."""
+def _power(A: torch.Tensor, exponent: int, wrap=None) -> ScaledRows:
+    """``A^exponent`` as a 1-element log-scale and a normalised ``[d, d]`` matrix."""
     d = A.shape[-1]
     log_scale = torch.empty(1, dtype=INTERMEDIATE_SCALE_DTYPE, device=A.device)
     rows = torch.empty(d, d, dtype=A.dtype, device=A.device)
     (wrap(_power_kernel) if wrap else _power_kernel)[(1,)](
-        A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d, BLOCK=dot_block(d), TRANSPOSE=transpose)
+        A, log_scale, rows, exponent, torch.finfo(A.dtype).tiny, D=d, BLOCK=dot_block(d))
     return ScaledRows(log_scale, rows)
 
 
-def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart, wrap=None) -> ScaledRows:
+def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart, wrap=None) -> tuple[ScaledRows, ScaledRows]:
     """The forward stages; ``resets [B, T]`` uint8, or empty for none; ``restart [n, d]``: the
-    rows a reset restarts from, or empty for none; ``wrap`` as for :func:`_launch`."""
-    carry = None
+    rows a reset restarts from, or empty for none; ``wrap`` as for :func:`_launch`. Returns
+    the states and the power ``A^L`` that the carry used, which the backward's carry reads
+    (both tensors empty where the sequence is one chunk: no carry)."""
+    carry, power = None, ScaledRows(A.new_empty(0, dtype=INTERMEDIATE_SCALE_DTYPE), A.new_empty(0))
     if cdiv(u.shape[1], chunk_len) > 1:
         ends = _chunk_end_states(u, A, chunk_len, resets, restart, wrap=wrap)
-        carry = _carry_across_chunks(ends, _power(A, chunk_len, wrap=wrap), resets, chunk_len, initial, wrap=wrap)
-    return _every_step(u, A, chunk_len, initial, carry, resets, restart, wrap=wrap)
+        power = _power(A, chunk_len, wrap=wrap)
+        carry = _carry_across_chunks(ends, power, resets, chunk_len, initial, wrap=wrap)
+    return _every_step(u, A, chunk_len, initial, carry, resets, restart, wrap=wrap), power
 
 
-def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, chunk_len: int, u_dtype: torch.dtype, resets,
-              restart, wrap=None):
+def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, power: ScaledRows, chunk_len: int,
+              u_dtype: torch.dtype, resets, restart, wrap=None):
     """The adjoint recurrence with ``A^T``, its inputs ``g_t`` at log-scales ``-s_t`` (``d loss
-    / d x_t = g_t exp(-s_t)``): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as
+    / d x_t = g_t exp(-s_t)``), for the forward's ``states`` and ``power`` (as :func:`_forward`
+    gives them): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as
     ``initial.rows``) and ``grad_restart`` (shaped as ``restart``); ``wrap`` as for :func:`_launch`."""
     carry = None
     if cdiv(grad_rows.shape[1], chunk_len) > 1:
         ends = _chunk_end_states(grad_rows, A, chunk_len, resets, restart, adjoint_scales=states.log_scale, wrap=wrap)
-        carry = _carry_across_chunks(ends, _power(A, chunk_len, transpose=True, wrap=wrap), resets, chunk_len,
-                                     wrap=wrap)
+        carry = _carry_across_chunks(ends, power, resets, chunk_len, wrap=wrap)
     grad_u, grad_A, grad_init, grad_restart = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry,
                                                                   u_dtype, resets, restart, wrap=wrap)
     shared_init = initial.log_scale.numel() == 0
@@ -474,18 +477,19 @@ _define_op, _WRAP = ((torch.library.triton_op, torch.library.wrap_triton)
 
 @_define_op("goom_ssm::scan", mutates_args=())
 def _scan_op(u: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
-             chunk_len: int, resets: torch.Tensor, restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    states = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart, wrap=_WRAP)
-    return states.log_scale, states.rows
+             chunk_len: int, resets: torch.Tensor, restart: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    states, power = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart, wrap=_WRAP)
+    return *states, *power
 
 
 @_define_op("goom_ssm::scan_backward", mutates_args=())
 def _scan_backward_op(grad_rows: torch.Tensor, A: torch.Tensor, init_log_scale: torch.Tensor, init_rows: torch.Tensor,
-                      log_scale: torch.Tensor, rows: torch.Tensor, chunk_len: int, u_dtype: torch.dtype,
-                      resets: torch.Tensor, restart: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
-                     u_dtype, resets, restart, wrap=_WRAP)
+                      log_scale: torch.Tensor, rows: torch.Tensor, power_log_scale: torch.Tensor,
+                      power_rows: torch.Tensor, chunk_len: int, u_dtype: torch.dtype, resets: torch.Tensor,
+                      restart: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows),
+                     ScaledRows(power_log_scale, power_rows), chunk_len, u_dtype, resets, restart, wrap=_WRAP)
 
 
 if _WRAP is None:  # a triton_op's fake kernel is its own body, traced
@@ -493,37 +497,43 @@ if _WRAP is None:  # a triton_op's fake kernel is its own body, traced
     @_scan_op.register_fake
     def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
         batch, seq_len, n, d = u.shape
+        carried = cdiv(seq_len, chunk_len) > 1  # as in _forward: a power only with a carry
         return (init_rows.new_empty(batch, seq_len, n, 1, dtype=INTERMEDIATE_SCALE_DTYPE),
-                init_rows.new_empty(batch, seq_len, n, d))
+                init_rows.new_empty(batch, seq_len, n, d),
+                A.new_empty(1 if carried else 0, dtype=INTERMEDIATE_SCALE_DTYPE),
+                A.new_empty((d, d) if carried else (0,)))
 
     @_scan_backward_op.register_fake
-    def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets, restart):
+    def _(grad_rows, A, init_log_scale, init_rows, log_scale, rows, power_log_scale, power_rows, chunk_len, u_dtype,
+          resets, restart):
         return (grad_rows.new_empty(grad_rows.shape, dtype=u_dtype), torch.empty_like(A), torch.empty_like(init_rows),
                 torch.empty_like(restart) if resets.numel() and restart.numel() else restart.new_empty(0))
 
 
-def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restart) -> tuple[torch.Tensor, torch.Tensor]:
+def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restart) -> tuple[torch.Tensor, ...]:
     """The forward launches (contiguous inputs; ``init_log_scale`` empty for shared plain
     ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
     rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` (float64) and rows
-    ``[B, T, n, d]``. Under ``torch.compile`` the operator ``goom_ssm::scan`` (traced: its
+    ``[B, T, n, d]``, and the power ``A^L`` for :func:`scan_backward` (log-scale ``[1]``,
+    float64, and rows ``[d, d]``; both empty for one chunk). Under ``torch.compile`` the operator ``goom_ssm::scan`` (traced: its
     kernels launched from the compiled code); in eager mode a direct call: an operator's
     dispatch costs more host time than its kernels (timings: ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
         return _scan_op(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
-    return tuple(_forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart))
+    states, power = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart)
+    return *states, *power
 
 
-def scan_backward(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len: int, u_dtype: torch.dtype,
-                  resets, restart):
-    """The backward launches for :func:`scan_forward`'s outputs ``log_scale, rows`` and the
-    gradient of the rows: ``grad_u`` (in ``u_dtype``), ``grad_A``, ``grad_init_rows``,
-    ``grad_restart`` (empty without resets or restart rows)."""
+def scan_backward(grad_rows, A, init_log_scale, init_rows, log_scale, rows, power_log_scale, power_rows,
+                  chunk_len: int, u_dtype: torch.dtype, resets, restart):
+    """The backward launches for :func:`scan_forward`'s outputs ``log_scale, rows, power_log_scale,
+    power_rows`` and the gradient of the rows: ``grad_u`` (in ``u_dtype``), ``grad_A``,
+    ``grad_init_rows``, ``grad_restart`` (empty without resets or restart rows)."""
     if torch.compiler.is_compiling():
-        return _scan_backward_op(grad_rows, A, init_log_scale, init_rows, log_scale, rows, chunk_len, u_dtype, resets,
-                                 restart)
-    return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows), chunk_len,
-                     u_dtype, resets, restart)
+        return _scan_backward_op(grad_rows, A, init_log_scale, init_rows, log_scale, rows, power_log_scale, power_rows,
+                                 chunk_len, u_dtype, resets, restart)
+    return _backward(grad_rows, A, ScaledRows(init_log_scale, init_rows), ScaledRows(log_scale, rows),
+                     ScaledRows(power_log_scale, power_rows), chunk_len, u_dtype, resets, restart)
 
 
 def kernel_resets(resets: Optional[torch.Tensor], u: torch.Tensor) -> torch.Tensor:
@@ -548,8 +558,8 @@ class _Scan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, A, init_log_scale, init_rows, chunk_len, resets, restart):
-        log_scale, rows = scan_forward(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
-        ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows, resets, restart)
+        log_scale, rows, *power = scan_forward(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
+        ctx.save_for_backward(A, init_log_scale, init_rows, log_scale, rows, *power, resets, restart)
         ctx.chunk_len, ctx.u_dtype = chunk_len, u.dtype
         log_scale = log_scale.to(A.dtype)  # the states' dtype; the backward keeps the float64 ones
         ctx.mark_non_differentiable(log_scale)
@@ -560,10 +570,10 @@ class _Scan(torch.autograd.Function):
     def backward(ctx, grad_log_scale, grad_rows):
         if grad_rows is None:  # the log-scales are constants: no gradient reaches the inputs
             return None, None, None, None, None, None, None
-        A, init_log_scale, init_rows, log_scale, rows, resets, restart = ctx.saved_tensors
+        A, init_log_scale, init_rows, log_scale, rows, power_log_scale, power_rows, resets, restart = ctx.saved_tensors
         grad_u, grad_A, grad_init, grad_restart = scan_backward(grad_rows.contiguous(), A, init_log_scale, init_rows,
-                                                                log_scale, rows, ctx.chunk_len, ctx.u_dtype, resets,
-                                                                restart)
+                                                                log_scale, rows, power_log_scale, power_rows,
+                                                                ctx.chunk_len, ctx.u_dtype, resets, restart)
         return grad_u, grad_A, None, grad_init, None, None, grad_restart if grad_restart.numel() else None
 
 
