@@ -442,8 +442,9 @@ def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart, wrap=No
     rows a reset restarts from, or empty for none; ``wrap`` as for :func:`_launch`. Returns
     the states and the power ``A^L`` that the carry used, which the backward's carry reads
     (both tensors empty where the sequence is one chunk: no carry)."""
-    carry, power = None, ScaledRows(A.new_empty(0, dtype=INTERMEDIATE_SCALE_DTYPE), A.new_empty(0))
-    if cdiv(u.shape[1], chunk_len) > 1:
+    if cdiv(u.shape[1], chunk_len) == 1:
+        carry, power = None, ScaledRows(A.new_empty(0, dtype=INTERMEDIATE_SCALE_DTYPE), A.new_empty(0))
+    else:
         ends = _chunk_end_states(u, A, chunk_len, resets, restart, wrap=wrap)
         power = _power(A, chunk_len, wrap=wrap)
         carry = _carry_across_chunks(ends, power, resets, chunk_len, initial, wrap=wrap)
