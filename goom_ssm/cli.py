@@ -233,8 +233,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                      help="'auto': the launcher's setting if any, else fp16 on CUDA and none on CPU")
     opt.add_argument("--compile", action="store_true", help="torch.compile the model (inductor)")
     opt.add_argument("--cuda-graph", action="store_true",
-                     help="capture the whole training step (forward, backward, clipping, AdamW) as one CUDA graph and "
-                          "replay it: one process, no gradient accumulation, bf16 or no mixed precision, a constant beta1 "
+                     help="capture the training step (a micro-batch's forward and backward; clipping and AdamW) as CUDA "
+                          "graphs and replay them: one process, bf16 or no mixed precision, a constant beta1 "
                           "(--base-momentum = --max-momentum) (goom_ssm.graphed_step)")
 
     run = parser.add_argument_group("run")

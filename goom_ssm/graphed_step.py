@@ -1,17 +1,22 @@
-"""A whole training step (forward, backward, gradient clipping, optimizer step) as one CUDA graph.
+"""A whole training step (forward, backward, gradient clipping, optimizer step) as CUDA graphs.
 
 At the batch sizes people train a 124M model with on one GPU, a step of GOOM-SSM's CUDA
 path is bound by the host: the GPU waits while Python and the dispatcher issue some
-thousand launches. :class:`GraphedTrainingStep` records every launch of one step once, as a
-CUDA graph (``torch.cuda.CUDAGraph``), and replays it for each batch: one launch per step.
-It computes what the eager step computes, with the same kernels, on batches of the shape it
-was captured with::
+thousand launches. :class:`GraphedTrainingStep` records every launch of a step once, as two
+CUDA graphs (``torch.cuda.CUDAGraph``): the forward and backward of a micro-batch, which adds
+its gradients to the parameters' ``grad``, and the update (clipping, optimizer step, zeroing
+the gradients). It replays the first for each micro-batch and the second after every
+``accumulation_steps`` of them: two launches per step without gradient accumulation. It
+computes what the eager step computes, with the same kernels, on batches of the shape it was
+captured with::
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, capturable=True)
-    step = GraphedTrainingStep(model, optimizer, max_grad_norm=1.0, autocast_dtype=torch.bfloat16)
-    for batch in loader:  # every batch [batch, seq_len] as the first
+    step = GraphedTrainingStep(model, optimizer, max_grad_norm=1.0, autocast_dtype=torch.bfloat16,
+                               accumulation_steps=4)
+    for i, batch in enumerate(loader):  # every micro-batch [batch, seq_len] as the first
         loss, grad_norm = step(batch["input_ids"], batch["labels"], batch.get("position_ids"))
-        scheduler.step()  # the groups' learning rates are read at every call
+        if (i + 1) % 4 == 0:  # this call made an optimizer step
+            scheduler.step()  # the groups' learning rates are read at every optimizer step
 
 ``goom-ssm train --cuda-graph`` trains this way. With the HF ``Trainer``, CUDA graphs come
 from ``torch.compile`` (``TrainingArguments(torch_compile=True,
@@ -35,9 +40,11 @@ FIXED_HYPERPARAMETERS = ("betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
 class GraphedTrainingStep:
-    """``step(input_ids, labels, position_ids=None)`` -> ``(loss, grad_norm)``: one optimizer
-    step of ``model`` on the batch (``[batch, seq_len]`` token ids, labels (-100 ignored) and,
-    for packed documents, position ids), replayed from a CUDA graph captured at the first call.
+    """``step(input_ids, labels, position_ids=None)`` -> ``(loss, grad_norm)``: the forward and
+    backward of ``model`` on a micro-batch (``[batch, seq_len]`` token ids, labels (-100
+    ignored) and, for packed documents, position ids), and at every ``accumulation_steps``-th
+    call the optimizer step on the gradients summed since the last one, replayed from CUDA
+    graphs captured at the first call.
 
     Args:
         model: a causal LM on CUDA, in train mode, whose ``forward(input_ids=, labels=,
@@ -48,15 +55,22 @@ class GraphedTrainingStep:
         max_grad_norm: clip the gradients' global norm to this (0: no clipping).
         autocast_dtype: run the forward under CUDA autocast in this dtype (``torch.bfloat16``),
             or None: as the model runs (e.g. a model ``accelerate`` prepared with its own autocast).
-        warmup: eager steps before the capture (they compile kernels and pick algorithms);
-            their updates are undone, so the first call makes exactly one step.
+        accumulation_steps: micro-batches per optimizer step; each one's loss is divided by it
+            before the backward pass, as ``accelerate``'s ``Accelerator.backward`` does.
+        warmup: eager steps before the capture (at least one: they compile kernels, pick
+            algorithms and allocate the gradients); their updates are undone, so the first call
+            is the first micro-batch of the first step.
 
-    The returned tensors are the graph's outputs, overwritten by the next call: ``loss`` (the
-    batch's mean loss, float32) and ``grad_norm`` (before clipping; None without clipping).
+    The returned tensors are the graphs' outputs, overwritten by the next call: ``loss`` (the
+    micro-batch's mean loss, float32) and ``grad_norm`` (before clipping; None without
+    clipping, and at calls that made no optimizer step). ``pending``: the micro-batches
+    accumulated since the last optimizer step.
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, max_grad_norm: float = 0.0,
-                 autocast_dtype: Optional[torch.dtype] = None, warmup: int = 3):
+                 autocast_dtype: Optional[torch.dtype] = None, accumulation_steps: int = 1, warmup: int = 3):
+        if accumulation_steps < 1 or warmup < 1:
+            raise ValueError(f"accumulation_steps and warmup must be at least 1, got {accumulation_steps} and {warmup}")
         if not isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
             raise TypeError(f"a captured step takes torch.optim.Adam or AdamW, got {type(optimizer).__name__}")
         if not all(group["capturable"] for group in optimizer.param_groups):
@@ -69,14 +83,15 @@ class GraphedTrainingStep:
             raise ValueError("a captured step takes no gradient scaler: use bfloat16 (or float32), not float16")
         self.model, self.optimizer, self.device = model, optimizer, device
         self.max_grad_norm, self.autocast_dtype, self.warmup = max_grad_norm, autocast_dtype, warmup
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.accumulation_steps, self.pending = accumulation_steps, 0
+        self.graphs: Optional[tuple[torch.cuda.CUDAGraph, torch.cuda.CUDAGraph]] = None  # micro-batch, update
         # The groups' learning rates as device tensors the graph reads.
         self.lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
         self.fixed = [{k: group[k] for k in FIXED_HYPERPARAMETERS} for group in optimizer.param_groups]
 
     def __call__(self, input_ids: torch.Tensor, labels: torch.Tensor, position_ids: Optional[torch.Tensor] = None):
         batch = {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-        if self.graph is None:
+        if self.graphs is None:
             self._capture(batch)
         else:
             for name, tensor in batch.items():
@@ -88,11 +103,17 @@ class GraphedTrainingStep:
                     raise ValueError(f"the step was captured for batches of shape {tuple(static.shape)}; got {name} "
                                      f"{tuple(tensor.shape)} (drop the last, shorter batch)")
         self.check_ids(input_ids, labels)
-        self._read_hyperparameters()
         for name, tensor in batch.items():
             if tensor is not None:
                 self.batch[name].copy_(tensor, non_blocking=True)
-        self.graph.replay()
+        micro_batch, update = self.graphs
+        micro_batch.replay()
+        self.pending += 1
+        if self.pending < self.accumulation_steps:
+            return self.loss, None
+        self._read_hyperparameters()
+        update.replay()
+        self.pending = 0
         return self.loss, self.grad_norm
 
     def check_ids(self, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
@@ -112,20 +133,28 @@ class GraphedTrainingStep:
                 raise ValueError(f"the optimizer's {', '.join(changed)} changed after the capture; only lr may change")
             lr.fill_(float(group["lr"]))
 
-    def _step(self):
-        """The eager step the graph records: the loss and the global gradient norm (or None)."""
+    def _micro_batch(self):
+        """What the first graph records: the forward and the backward (adding to the gradients); the loss."""
         with torch.autocast("cuda", dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None,
                             cache_enabled=False):
             loss = self.model(**self.batch, use_cache=False).loss
-        loss.backward()
+        (loss / self.accumulation_steps).backward()  # as accelerate's backward, which divides by 1 too
+        return loss.detach().float()
+
+    def _update(self):
+        """What the second graph records: clipping, the optimizer step, zeroing the gradients
+        (in place: the first graph adds to them); the global gradient norm (or None)."""
         grad_norm = None
         if self.max_grad_norm > 0:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm, foreach=True)
         self.optimizer.step()
-        return loss.detach().float(), grad_norm
+        self.optimizer.zero_grad(set_to_none=False)
+        return grad_norm
 
     def _capture(self, batch: dict) -> None:
-        """Warm up (undone afterwards), then record one step into ``self.graph``."""
+        """Warm up (undone afterwards), then record the two graphs into ``self.graphs``. The
+        gradients the warm-up allocates stay, zeroed: the micro-batch graph adds to them (a
+        parameter the loss does not reach keeps no gradient, as in eager steps)."""
         self.batch = {name: None if tensor is None else tensor.to(self.device, copy=True)
                       for name, tensor in batch.items()}
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
@@ -139,7 +168,7 @@ class GraphedTrainingStep:
             group["lr"] = lr
 
         def undo_warm_up():
-            """The parameters and the optimizer's state as they were, in place (the graph will hold
+            """The parameters and the optimizer's state as they were, in place (the graphs will hold
             these tensors; a fresh Adam's state is all zeros)."""
             torch.cuda.current_stream().wait_stream(side)
             with torch.no_grad():
@@ -155,15 +184,18 @@ class GraphedTrainingStep:
         try:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
+                self.optimizer.zero_grad(set_to_none=True)
                 for _ in range(self.warmup):
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self._step()
+                    for _ in range(self.accumulation_steps):
+                        self._micro_batch()
+                    self._update()
             undo_warm_up()
-            self.optimizer.zero_grad(set_to_none=True)  # the graph allocates the gradients and writes them
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.loss, self.grad_norm = self._step()
-            self.graph = graph
+            micro_batch, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(micro_batch, capture_error_mode="thread_local"):
+                self.loss = self._micro_batch()
+            with torch.cuda.graph(update, pool=micro_batch.pool(), capture_error_mode="thread_local"):
+                self.grad_norm = self._update()
+            self.graphs = micro_batch, update
         except BaseException:  # nothing of a failed warm-up or capture stays in the model
             undo_warm_up()
             self.optimizer.zero_grad(set_to_none=True)

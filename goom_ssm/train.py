@@ -380,7 +380,7 @@ def _set_up(args: argparse.Namespace) -> Run:
         accumulation = args.batch_size // per_step
     fsdp_plugin = _fsdp_plugin()
     if args.cuda_graph:
-        _check_cuda_graph(args, cpu, num_processes, accumulation, mixed_precision, fsdp_plugin)
+        _check_cuda_graph(args, cpu, num_processes, mixed_precision, fsdp_plugin)
     accelerator = Accelerator(
         cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp_plugin, log_with=report_to or None,
         project_dir=str(output_dir),
@@ -412,17 +412,13 @@ def _set_up(args: argparse.Namespace) -> Run:
                accumulation=accumulation, checkpoints=checkpoints, sequence_group=sequence_group)
 
 
-def _check_cuda_graph(args, cpu: bool, num_processes: int, accumulation: int, mixed_precision: str,
-                      fsdp_plugin) -> None:
+def _check_cuda_graph(args, cpu: bool, num_processes: int, mixed_precision: str, fsdp_plugin) -> None:
     """Refuse ``--cuda-graph`` where a captured step cannot run: see :mod:`goom_ssm.graphed_step`."""
     problems = []
     if cpu or not torch.cuda.is_available():
         problems.append("it needs CUDA")
     if num_processes != 1 or fsdp_plugin is not None or args.sequence_parallel > 1:
         problems.append(f"it runs one process (here {num_processes}, without FSDP or --sequence-parallel)")
-    if accumulation != 1:
-        problems.append(f"it makes one optimizer step per micro-batch (here {accumulation} micro-batches a step: "
-                        f"--batch-size equal to --micro-batch-size)")
     if mixed_precision == "fp16":
         problems.append("it takes no gradient scaler: --mixed-precision bf16 or no, not fp16")
     if args.compile:
@@ -532,7 +528,8 @@ def _build_model_and_optimizer(run: Run) -> None:
     if args.cuda_graph:  # captured at the first batch, after a resumed state is loaded
         from .graphed_step import GraphedTrainingStep
 
-        run.graphed_step = GraphedTrainingStep(run.model, run.optimizer.optimizer, max_grad_norm=args.max_grad_norm)
+        run.graphed_step = GraphedTrainingStep(run.model, run.optimizer.optimizer, max_grad_norm=args.max_grad_norm,
+                                               accumulation_steps=run.accumulation)
     if run.val_loader is not None:
         run.val_loader = accelerator.prepare(run.val_loader)
 
@@ -585,7 +582,7 @@ def _loop(run: Run) -> tuple[list[float], Optional[float], float]:
                   if state.batches_in_epoch else run.train_loader)
         for batch in loader:
             with accelerator.accumulate(model):
-                if run.graphed_step is not None:  # one micro-batch a step: sync_gradients is always set
+                if run.graphed_step is not None:  # it steps at the micro-batches where sync_gradients is set
                     loss, grad_norm = run.graphed_step(batch["input_ids"], batch["labels"], batch.get("position_ids"))
                     step_loss += loss
                 else:

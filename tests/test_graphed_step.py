@@ -21,6 +21,9 @@ def test_an_optimizer_that_cannot_be_captured_is_refused():
     model = make_model()
     with pytest.raises(ValueError, match="capturable=True"):
         GraphedTrainingStep(model, torch.optim.AdamW(model.parameters()))
+    for bad in (dict(accumulation_steps=0), dict(warmup=0)):
+        with pytest.raises(ValueError, match="accumulation_steps and warmup must be at least 1"):
+            GraphedTrainingStep(model, torch.optim.AdamW(model.parameters(), capturable=True), **bad)
     with pytest.raises(TypeError, match="Adam or AdamW, got SGD"):
         GraphedTrainingStep(model, torch.optim.SGD(model.parameters(), lr=0.1))
 
@@ -51,23 +54,32 @@ def _batches(steps, batch, seq_len, packed):
     return out
 
 
-def _train(graphed: bool, autocast_dtype, packed: bool):
-    """Losses, gradient norms and final parameters of four steps under a one-cycle schedule
-    (the learning rate changes every step), clipped at 0.5."""
+def _train(graphed: bool, autocast_dtype, packed: bool, accumulation: int):
+    """Losses (per micro-batch), gradient norms and final parameters of four steps of
+    ``accumulation`` micro-batches each under a one-cycle schedule (the learning rate changes
+    every step), clipped at 0.5; eager, each micro-batch's loss divided by ``accumulation``
+    before the backward pass, as accelerate's ``backward`` does."""
     model = make_model("cuda")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.95, 0.99), weight_decay=0.1, capturable=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-2, total_steps=5, pct_start=0.5,
                                                    cycle_momentum=False)
-    step = GraphedTrainingStep(model, optimizer, max_grad_norm=0.5, autocast_dtype=autocast_dtype) if graphed else None
+    step = (GraphedTrainingStep(model, optimizer, max_grad_norm=0.5, autocast_dtype=autocast_dtype,
+                                accumulation_steps=accumulation) if graphed else None)
     losses, norms = [], []
-    for ids, labels, position_ids in _batches(4, 3, 70, packed):
+    for i, (ids, labels, position_ids) in enumerate(_batches(4 * accumulation, 3, 70, packed)):
+        last = (i + 1) % accumulation == 0  # the step's last micro-batch
         if graphed:
             loss, norm = step(ids, labels, position_ids)
+            assert (norm is not None) == last and step.pending == (i + 1) % accumulation
         else:
             with torch.autocast("cuda", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None,
                                 cache_enabled=False):
                 loss = model(input_ids=ids, labels=labels, position_ids=position_ids, use_cache=False).loss
-            loss.backward()
+            (loss / accumulation).backward()
+        losses.append(loss.detach().float().clone())
+        if not last:
+            continue
+        if not graphed:
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5, foreach=True)
             # As the captured step reads them: the schedule's learning rates in float32 tensors.
             floats = [group["lr"] for group in optimizer.param_groups]
@@ -77,22 +89,22 @@ def _train(graphed: bool, autocast_dtype, packed: bool):
             for group, lr in zip(optimizer.param_groups, floats):
                 group["lr"] = lr
             optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach().float().clone())
         norms.append(norm.clone())
         schedule.step()
     return torch.stack(losses), torch.stack(norms), [p.detach().clone() for p in model.parameters()]
 
 
 @needs_cuda
+@pytest.mark.parametrize("accumulation", [1, 3], ids=["one micro-batch", "three micro-batches"])
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed documents"])
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["float32", "bf16 autocast"])
-def test_replays_compute_the_eager_steps(autocast_dtype, packed):
+def test_replays_compute_the_eager_steps(autocast_dtype, packed, accumulation):
     """Same kernels, same order: the replayed steps give the eager steps' losses, norms and
-    parameters bit for bit (the warm-up undone, the schedule's learning rate read at every
-    call; the eager AdamW reads it as a float32 tensor too, as a captured one must: from a
-    Python float it rounds differently)."""
-    eager = _train(False, autocast_dtype, packed)
-    graphed = _train(True, autocast_dtype, packed)
+    parameters bit for bit (the warm-up undone, the gradients summed over the micro-batches,
+    the schedule's learning rate read at every optimizer step; the eager AdamW reads it as a
+    float32 tensor too, as a captured one must: from a Python float it rounds differently)."""
+    eager = _train(False, autocast_dtype, packed, accumulation)
+    graphed = _train(True, autocast_dtype, packed, accumulation)
     for what, a, b in zip(["losses", "gradient norms"], eager[:2], graphed[:2]):
         assert torch.equal(a, b), (what, a, b)
     for a, b in zip(eager[2], graphed[2]):

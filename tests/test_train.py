@@ -349,19 +349,22 @@ def test_fsdp_configuration_gathers_parameters_in_float32(monkeypatch, tmp_path,
 
 
 def test_cuda_graph_is_refused_where_a_step_cannot_be_captured(tmp_path, cache_dir):
-    with pytest.raises(ValueError, match="--cuda-graph: it needs CUDA.*one optimizer step per micro-batch.*"
+    with pytest.raises(ValueError, match="--cuda-graph: it needs CUDA; it takes no gradient scaler.*"
                                          "--base-momentum equal to --max-momentum"):
-        train_mod.train(args_for(tmp_path / "run", cache_dir, "--max-steps", "4", "--cpu", "--cuda-graph"))
+        train_mod.train(args_for(tmp_path / "run", cache_dir, "--max-steps", "4", "--cpu", "--cuda-graph",
+                                 "--mixed-precision", "fp16"))
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("pack", ["--pack", "--no-pack"])
-def test_cuda_graph_training_follows_the_eager_run(tmp_path, cache_dir, pack):
+@pytest.mark.parametrize("pack, batch_size", [("--pack", "3"), ("--no-pack", "3"), ("--pack", "6")],
+                         ids=["packed", "rows", "packed, two micro-batches a step"])
+def test_cuda_graph_training_follows_the_eager_run(tmp_path, cache_dir, pack, batch_size):
     """bf16 on the GPU: the captured steps (whose AdamW reads the schedule as float32 tensors)
-    follow the eager run's losses to bf16 rounding, then save, evaluate and resume alike."""
-    common = ["--max-steps", "12", "--batch-size", "3", "--mixed-precision", "bf16", "--validation-split", "0.15",
-              "--base-momentum", "0.9", "--max-momentum", "0.9", pack]
+    follow the eager run's losses to bf16 rounding, with gradient accumulation too (micro-batches
+    of 3), evaluate alike and log the same schedule."""
+    common = ["--max-steps", "12", "--batch-size", batch_size, "--mixed-precision", "bf16", "--validation-split",
+              "0.15", "--base-momentum", "0.9", "--max-momentum", "0.9", pack]
     eager = train_mod.train(args_for(tmp_path / "eager", cache_dir, *common))
     reset_accelerate()
     graphed = train_mod.train(args_for(tmp_path / "graphed", cache_dir, *common, "--cuda-graph"))
