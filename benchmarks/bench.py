@@ -22,7 +22,7 @@ same with ``mode="reduce-overhead"`` (CUDA graphs of the compiled forward and ba
 HF ``Trainer``'s ``torch_compile_mode="reduce-overhead"``; the optimizer runs eagerly), in place
 of ``compile`` wherever that is allowed; an unknown option is refused; ``hfloss``: GOOM-SSM with transformers' loss function
 instead of its Triton cross-entropy (``fuse_cross_entropy=False``); ``graph`` (train section, CUDA): the whole step
-captured as one CUDA graph (:class:`goom_ssm.graphed_step.GraphedTrainingStep`, AdamW with
+captured as CUDA graphs (:class:`goom_ssm.graphed_step.GraphedTrainingStep`, AdamW with
 ``capturable=True``; the other rows use the fused AdamW). ``--tiny`` builds every model at a tiny size (the
 CPU test of this script).
 
