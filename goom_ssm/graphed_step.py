@@ -103,6 +103,7 @@ class GraphedTrainingStep:
                     raise ValueError(f"the step was captured for batches of shape {tuple(static.shape)}; got {name} "
                                      f"{tuple(tensor.shape)} (drop the last, shorter batch)")
         self.check_ids(input_ids, labels)
+        self._read_hyperparameters()  # before any replay: a refused call changes nothing
         for name, tensor in batch.items():
             if tensor is not None:
                 self.batch[name].copy_(tensor, non_blocking=True)
@@ -111,7 +112,6 @@ class GraphedTrainingStep:
         self.pending += 1
         if self.pending < self.accumulation_steps:
             return self.loss, None
-        self._read_hyperparameters()
         update.replay()
         self.pending = 0
         return self.loss, self.grad_norm

@@ -113,10 +113,12 @@ def test_replays_compute_the_eager_steps(autocast_dtype, packed, accumulation):
 
 @needs_cuda
 def test_a_batch_of_another_shape_or_without_position_ids_is_refused():
+    """Each refused call changes nothing: the micro-batches accumulated stay as they were."""
     model = make_model("cuda")
-    step = GraphedTrainingStep(model, torch.optim.AdamW(model.parameters(), capturable=True))
+    step = GraphedTrainingStep(model, torch.optim.AdamW(model.parameters(), capturable=True), accumulation_steps=2)
     ids = torch.randint(0, 300, (2, 16), device="cuda")
     step(ids, ids)
+    assert step.pending == 1
     with pytest.raises(ValueError, match=r"captured for batches of shape \(2, 16\).*drop the last"):
         step(ids[:1], ids[:1])
     with pytest.raises(ValueError, match="captured without position_ids"):
@@ -126,6 +128,11 @@ def test_a_batch_of_another_shape_or_without_position_ids_is_refused():
         bad[1, 3] = 300
         step(bad, ids)
     optimizer = step.optimizer
+    betas = optimizer.param_groups[0]["betas"]
     optimizer.param_groups[0]["betas"] = (0.8, 0.999)  # a momentum schedule
     with pytest.raises(ValueError, match="betas changed after the capture; only lr may change"):
         step(ids, ids)
+    assert step.pending == 1
+    optimizer.param_groups[0]["betas"] = betas
+    loss, grad_norm = step(ids, ids)
+    assert step.pending == 0 and loss.isfinite()
