@@ -185,9 +185,8 @@ class GraphedTrainingStep:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.optimizer.zero_grad(set_to_none=True)
-                for _ in range(self.warmup):
-                    for _ in range(self.accumulation_steps):
-                        self._micro_batch()
+                for _ in range(self.warmup):  # one micro-batch each: from the second on it adds to the gradients
+                    self._micro_batch()
                     self._update()
             undo_warm_up()
             micro_batch, update = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
