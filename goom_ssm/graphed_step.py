@@ -13,9 +13,9 @@ captured with::
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, capturable=True)
     step = GraphedTrainingStep(model, optimizer, max_grad_norm=1.0, autocast_dtype=torch.bfloat16,
                                accumulation_steps=4)
-    for i, batch in enumerate(loader):  # every micro-batch [batch, seq_len] as the first
+    for batch in loader:  # every micro-batch [batch, seq_len] as the first
         loss, grad_norm = step(batch["input_ids"], batch["labels"], batch.get("position_ids"))
-        if (i + 1) % 4 == 0:  # this call made an optimizer step
+        if step.pending == 0:  # this call made an optimizer step
             scheduler.step()  # the groups' learning rates are read at every optimizer step
 
 ``goom-ssm train --cuda-graph`` trains this way. With the HF ``Trainer``, CUDA graphs come

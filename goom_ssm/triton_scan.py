@@ -21,13 +21,14 @@ kernel with its ``STAGE``:
 The backward pass is the adjoint recurrence ``lambda_t = lambda_{t+1} A^T + g_t e^{-s_t}``
 (``g_t`` the gradient of the output rows, whose scales ``s_t`` are detached as in the
 original): the same three stages in reverse time (the kernel's ``ADJOINT``), its inputs in
-scaled form too, its carry with the forward's power read transposed (``(A^T)^L = (A^L)^T``). The third, :func:`_every_adjoint_step`, writes ``du_t = lambda_t``,
-accumulates ``dA = sum_t x_{t-1}^T lambda_t``, each term's two scales added before
-exponentiating, so gradients are right however large the states and however small the
-adjoints, and ends with the initial state's gradient ``lambda_0 A^T``. Every step but these
-launches happens inside the kernels, because at small batches the host's time per launch,
-not the GPU's, bounds training. Only the outputs are saved for the backward pass: memory is
-``O(T)``, with no ``O(T log T)`` intermediates.
+scaled form too, its carry with the forward's power read transposed (``(A^T)^L = (A^L)^T``).
+The third, :func:`_every_adjoint_step`, writes ``du_t = lambda_t``, accumulates
+``dA = sum_t x_{t-1}^T lambda_t``, each term's two scales added before exponentiating, so
+gradients are right however large the states and however small the adjoints, and ends with
+the initial state's gradient ``lambda_0 A^T``. Every step but these launches happens inside
+the kernels, because at small batches the host's time per launch, not the GPU's, bounds
+training. Only the outputs are saved for the backward pass: memory is ``O(T)``, with no
+``O(T log T)`` intermediates.
 
 Packed documents (``resets``, uint8 ``[B, T]``): before a flagged step the state is replaced
 by the restart rows (``reset_state``, plain ``[n, d]``, loaded once per program) or dropped;
@@ -437,17 +438,22 @@ def _power(A: torch.Tensor, exponent: int, wrap=None) -> ScaledRows:
     return ScaledRows(log_scale, rows)
 
 
+def _carried(seq_len: int, chunk_len: int) -> bool:
+    """Whether ``seq_len`` steps make more than one chunk of ``chunk_len``: a carry across chunks, with ``A^L``."""
+    return cdiv(seq_len, chunk_len) > 1
+
+
 def _forward(u, A, initial: ScaledRows, chunk_len: int, resets, restart, wrap=None) -> tuple[ScaledRows, ScaledRows]:
     """The forward stages; ``resets [B, T]`` uint8, or empty for none; ``restart [n, d]``: the
     rows a reset restarts from, or empty for none; ``wrap`` as for :func:`_launch`. Returns
     the states and the power ``A^L`` that the carry used, which the backward's carry reads
     (both tensors empty where the sequence is one chunk: no carry)."""
-    if cdiv(u.shape[1], chunk_len) == 1:
-        carry, power = None, ScaledRows(A.new_empty(0, dtype=INTERMEDIATE_SCALE_DTYPE), A.new_empty(0))
-    else:
+    if _carried(u.shape[1], chunk_len):
         ends = _chunk_end_states(u, A, chunk_len, resets, restart, wrap=wrap)
         power = _power(A, chunk_len, wrap=wrap)
         carry = _carry_across_chunks(ends, power, resets, chunk_len, initial, wrap=wrap)
+    else:
+        carry, power = None, ScaledRows(A.new_empty(0, dtype=INTERMEDIATE_SCALE_DTYPE), A.new_empty(0))
     return _every_step(u, A, chunk_len, initial, carry, resets, restart, wrap=wrap), power
 
 
@@ -458,7 +464,7 @@ def _backward(grad_rows, A, initial: ScaledRows, states: ScaledRows, power: Scal
     gives them): returns ``grad_u``, ``grad_A``, ``grad_init_rows`` (shaped as
     ``initial.rows``) and ``grad_restart`` (shaped as ``restart``); ``wrap`` as for :func:`_launch`."""
     carry = None
-    if cdiv(grad_rows.shape[1], chunk_len) > 1:
+    if _carried(grad_rows.shape[1], chunk_len):
         ends = _chunk_end_states(grad_rows, A, chunk_len, resets, restart, adjoint_scales=states.log_scale, wrap=wrap)
         carry = _carry_across_chunks(ends, power, resets, chunk_len, wrap=wrap)
     grad_u, grad_A, grad_init, grad_restart = _every_adjoint_step(grad_rows, A, chunk_len, initial, states, carry,
@@ -498,7 +504,7 @@ if _WRAP is None:  # a triton_op's fake kernel is its own body, traced
     @_scan_op.register_fake
     def _(u, A, init_log_scale, init_rows, chunk_len, resets, restart):
         batch, seq_len, n, d = u.shape
-        carried = cdiv(seq_len, chunk_len) > 1  # as in _forward: a power only with a carry
+        carried = _carried(seq_len, chunk_len)  # a power only with a carry
         return (init_rows.new_empty(batch, seq_len, n, 1, dtype=INTERMEDIATE_SCALE_DTYPE),
                 init_rows.new_empty(batch, seq_len, n, d),
                 A.new_empty(1 if carried else 0, dtype=INTERMEDIATE_SCALE_DTYPE),
@@ -516,9 +522,10 @@ def scan_forward(u, A, init_log_scale, init_rows, chunk_len: int, resets, restar
     ``init_rows [n, d]``; ``resets [B, T]`` uint8, empty for none; ``restart [n, d]``, the plain
     rows a reset restarts from, empty for none): log-scales ``[B, T, n, 1]`` (float64) and rows
     ``[B, T, n, d]``, and the power ``A^L`` for :func:`scan_backward` (log-scale ``[1]``,
-    float64, and rows ``[d, d]``; both empty for one chunk). Under ``torch.compile`` the operator ``goom_ssm::scan`` (traced: its
-    kernels launched from the compiled code); in eager mode a direct call: an operator's
-    dispatch costs more host time than its kernels (timings: ``benchmarks/results/design_notes.md``)."""
+    float64, and rows ``[d, d]``; both empty for one chunk). Under ``torch.compile`` the
+    operator ``goom_ssm::scan`` (traced: its kernels launched from the compiled code); in eager
+    mode a direct call: an operator's dispatch costs more host time than its kernels (timings:
+    ``benchmarks/results/design_notes.md``)."""
     if torch.compiler.is_compiling():
         return _scan_op(u, A, init_log_scale, init_rows, chunk_len, resets, restart)
     states, power = _forward(u, A, ScaledRows(init_log_scale, init_rows), chunk_len, resets, restart)
