@@ -56,7 +56,8 @@ if HAS_TRITON:
     @triton.jit
     def _layer_norm_stats(h_ptr, m, m_ok, E, eps, BM: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr):
         """Mean and ``1 / sqrt(var + eps)`` of rows ``m`` of ``h [M, E]``, in one pass: each
-        block's mean and sum of squared deviations, merged into the running ones (Chan et al.)."""
+        block's mean and sum of squared deviations, merged into the running ones (Chan et al.).
+        ``eps`` (a float64 argument) is rounded to ``ACC``."""
         mean = tl.zeros([BM], ACC)
         squares = tl.zeros([BM], ACC)
         seen = tl.zeros([1], ACC)
@@ -72,7 +73,7 @@ if HAS_TRITON:
             mean += delta * (count / total)
             squares += tl.sum(deviation * deviation, axis=1) + delta * delta * (seen * count / total)
             seen = total
-        return mean, 1.0 / tl.sqrt(squares / E + eps)
+        return mean, 1.0 / tl.sqrt(squares / E + tl.full([1], eps, ACC))
 
     @triton.jit
     def _inputs(x_ptr, m, m_ok, k, K, mean, rstd, ln_w_ptr, ln_b_ptr, LAYER_NORM: tl.constexpr, DOT: tl.constexpr,
@@ -143,7 +144,7 @@ if HAS_TRITON:
 
     @triton.jit
     def _norm_in_proj_step_kernel(h_ptr, ln_w_ptr, ln_b_ptr, b_ptr, d_ptr, a_ptr, s_ptr, v_ptr, mask_ptr,
-                                  out_s_ptr, out_v_ptr, du_ptr, M, E, n, ND, eps, tiny: tl.constexpr,
+                                  out_s_ptr, out_v_ptr, du_ptr, M, E, n, ND, eps: tl.float64, tiny: tl.constexpr,
                                   D: tl.constexpr, BLOCK_D: tl.constexpr, STATE: tl.constexpr,
                                   HAS_MASK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                                   KB: tl.constexpr, DOT: tl.constexpr, PREFETCH: tl.constexpr, ACC: tl.constexpr,

@@ -47,8 +47,11 @@ def fused_step(block, hidden, state, **options):
 def test_float64_step_equals_the_layer_with_padding_in_place(batch):
     """Sizes that are not powers of two; batch 65 spans two row blocks. Every third sequence
     is padded: its state must come back unchanged, bit for bit. The layer's own fused step
-    (what the CUDA-graph decoder runs) updates the state in place."""
+    (what the CUDA-graph decoder runs) updates the state in place. The LayerNorm's epsilon is
+    large and not a float32 number: rounded to float32 in the kernel, it would move the result
+    far past the tolerance."""
     block, hidden, state = make_case(batch, 40, 3, 5, torch.float64)
+    block.norm.eps = 1 / 3
     mask = (torch.arange(batch) % 3 != 1)[:, None].to(hidden.device)
     expected_hidden, expected_state = block(hidden, state, mask)
 

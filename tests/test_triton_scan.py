@@ -233,7 +233,8 @@ def test_every_launch_of_the_operators_goes_through_wrap(monkeypatch):
         return kernel
 
     u, A, initial = random_case(2, 40, 3, 4, 0.9, seed=5)
-    resets = triton_scan.kernel_resets(torch.rand(2, 40, generator=torch.Generator().manual_seed(5)) < 0.1, u)
+    starts = torch.rand(2, 40, generator=torch.Generator().manual_seed(5)) < 0.1
+    resets = triton_scan.kernel_resets(starts.to(u.device), u)
     restart = triton_scan.kernel_restart(initial.rows[0], A)
     grad_rows = torch.randn_like(u)
     results = []
