@@ -7,20 +7,25 @@
 as some 30 operations forward and 45 backward, each an autograd node with its own host
 cost. At the batch sizes where a training step is bound by the host (the 124M model's 24
 layers at batch 8 x 1024 on an H200), :class:`FusedBlock` runs the same operations, in the
-same dtypes and order, as one node with a hand-written backward: about 20 operations forward
-and 30 backward (many of them views), none with autograd's bookkeeping, which shortens such a
-step (timings: ``benchmarks/results/design_notes.md``).
+same dtypes, as one node with a hand-written backward: about 20 operations forward and 30
+backward (many of them views), none with autograd's bookkeeping, which shortens such a step
+(timings: ``benchmarks/results/design_notes.md``). The LayerNorm runs with its neighbouring
+element-wise passes as one Triton kernel each way (:mod:`goom_ssm.triton_layer_norm`: forward
+with the cast of ``h``; backward with the sum of ``h``'s two gradients and the residual's),
+which sums in another order than ATen's: the fused layer equals the module path to rounding,
+not to the bit.
 
 ``GoomSSMBlock`` uses it when it trains in eager mode with the Triton scan from the layer's
 own initial state (packed documents too), without a padding mask, with float32 (or float64) parameters, under
 autocast or not, and plain submodules without hooks; everything else, including
 ``torch.compile`` (whose own fusion sees the operations), takes the module path, which the
-tests hold it equal to.
+tests hold it as exact as.
 """
 
 import torch
 import torch.nn.functional as F
 
+from .triton_layer_norm import layer_norm_backward, layer_norm_forward
 from .triton_scan import default_steps_per_program, kernel_resets, kernel_restart, scan_backward, scan_forward
 
 
@@ -41,8 +46,8 @@ class FusedBlock(torch.autograd.Function):
                 compute_dtype, starts):
         batch, seq_len, d_emb = x.shape
         n, d = init_states.shape
-        h, mean, rstd = torch.native_layer_norm(x, (d_emb,), norm_weight, norm_bias, eps)
-        h = h.to(compute_dtype).view(batch * seq_len, d_emb)
+        x_rows = x.contiguous().view(batch * seq_len, d_emb)
+        h, mean, rstd = layer_norm_forward(x_rows, norm_weight, norm_bias, eps, compute_dtype)
         B_c, D_c, out_weight_c = B.to(compute_dtype), D.to(compute_dtype), out_weight.to(compute_dtype)
         C_c = (state_output_scale * C).to(compute_dtype)
         Bu = h.mm(B_c).view(batch, seq_len, n, d)
@@ -56,10 +61,11 @@ class FusedBlock(torch.autograd.Function):
         glu = F.glu(y, dim=-1)
         out = x + glu.mm(out_weight_c.t()).view(batch, seq_len, d_emb)
 
-        ctx.save_for_backward(x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared,
+        ctx.save_for_backward(x_rows, mean, rstd, norm_weight, h, B_c, C_c, D_c, out_weight_c, A, shared,
                               init_states, log_scale, rows, power_log_scale, power_rows, rows_c, y, glu, resets,
                               restart)
         ctx.state_output_scale, ctx.chunk_len, ctx.Bu_dtype = state_output_scale, chunk_len, Bu.dtype
+        ctx.x_shape = x.shape
         final_log_scale = log_scale[:, -1].to(A.dtype)  # the states' dtype; the backward keeps the float64 ones
         ctx.mark_non_differentiable(final_log_scale)
         ctx.set_materialize_grads(False)
@@ -67,32 +73,33 @@ class FusedBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _, grad_final_rows):
-        (x, mean, rstd, norm_weight, norm_bias, h, B_c, C_c, D_c, out_weight_c, A, shared, init_states, log_scale,
+        (x_rows, mean, rstd, norm_weight, h, B_c, C_c, D_c, out_weight_c, A, shared, init_states, log_scale,
          rows, power_log_scale, power_rows, rows_c, y, glu, resets, restart) = ctx.saved_tensors
-        batch, seq_len, d_emb = x.shape
+        batch, seq_len, d_emb = ctx.x_shape
+        dtype = x_rows.dtype
         if grad_out is None:  # only the final state was used
-            grad_out = torch.zeros_like(x)
+            grad_out = x_rows.new_zeros(ctx.x_shape)
         # Each product's gradients as autograd forms them (mm's backward; casts back to the
-        # parameters' dtype; the two uses of h summed in float32).
+        # parameters' dtype); the two uses of h summed in x's dtype, in the LayerNorm's backward.
         grad_o = grad_out.to(out_weight_c.dtype).view(-1, d_emb)
-        grad_out_weight = grad_o.t().mm(glu).to(x.dtype)
+        grad_out_weight = grad_o.t().mm(glu).to(dtype)
         grad_y = torch.ops.aten.glu_backward(grad_o.mm(out_weight_c), y, -1)
-        grad_C = rows_c.t().mm(grad_y).to(x.dtype) * ctx.state_output_scale
+        grad_C = rows_c.t().mm(grad_y).to(dtype) * ctx.state_output_scale
         # The scan reads the rows' gradient in any dtype, as exactly as the float32 cast would.
         grad_rows = grad_y.mm(C_c.t()).view(rows.shape)
         if grad_final_rows is not None:
             grad_rows = grad_rows.to(rows.dtype)
             grad_rows[:, -1] += grad_final_rows
-        grad_D = h.t().mm(grad_y).to(x.dtype)
+        grad_D = h.t().mm(grad_y).to(dtype)
         grad_Bu, grad_A, grad_init, grad_restart = scan_backward(grad_rows, A, shared, init_states, log_scale, rows,
                                                                  power_log_scale, power_rows, ctx.chunk_len,
                                                                  ctx.Bu_dtype, resets, restart)
         if grad_restart.numel():  # init_states are the restart rows too
             grad_init = grad_init + grad_restart
         grad_Bu = grad_Bu.to(h.dtype).view(batch * seq_len, -1)
-        grad_B = h.t().mm(grad_Bu).to(x.dtype)
-        grad_h = grad_y.mm(D_c.t()).to(x.dtype).add_(grad_Bu.mm(B_c.t()))  # the add casts to x's dtype exactly
-        grad_x, grad_norm_weight, grad_norm_bias = torch.ops.aten.native_layer_norm_backward(
-            grad_h.view(x.shape), x, (d_emb,), mean, rstd, norm_weight, norm_bias, [True, True, True])
-        return (grad_x + grad_out, grad_norm_weight, grad_norm_bias, None, grad_init, grad_A, grad_B, grad_C, grad_D,
+        grad_B = h.t().mm(grad_Bu).to(dtype)
+        grad_x, grad_norm_weight, grad_norm_bias = layer_norm_backward(
+            grad_y.mm(D_c.t()), grad_Bu.mm(B_c.t()), x_rows, norm_weight, mean, rstd,
+            grad_out.reshape(-1, d_emb).contiguous())
+        return (grad_x.view(ctx.x_shape), grad_norm_weight, grad_norm_bias, None, grad_init, grad_A, grad_B, grad_C, grad_D,
                 grad_out_weight, None, None, None)

@@ -1,9 +1,12 @@
 """The fused residual layer (one autograd node) against the layer's module path.
 
-Both run the same operations in the same dtypes and order, so outputs, final states and
-every gradient are equal to the bit, in float64, float32 and under bf16 autocast. Without
-a GPU the Triton scan runs in Triton's interpreter (see conftest)."""
+Both run the same operations in the same dtypes, but for the fused layer's LayerNorm (its
+own Triton kernels, which sum in another order), so outputs, final states and every gradient
+are as close to the float64 module path as the module path itself is, in float64, float32
+and under bf16 autocast. Without a GPU the Triton kernels run in Triton's interpreter (see
+conftest)."""
 
+import copy
 import functools
 
 import pytest
@@ -34,10 +37,13 @@ def outputs_and_gradients(block, forward, x, weights, final_weight):
 @pytest.mark.parametrize("dtype, autocast, final_weight", [(torch.float64, False, 0.3), (torch.float32, False, 0.3),
                                                            (torch.float32, True, 0.3), (torch.float32, True, None)])
 @pytest.mark.parametrize("seq_len, packed", [(1, False), (40, False), (40, True)])
-def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, final_weight, seq_len, packed):
+def test_fused_layer_is_as_exact_as_the_module_path(dtype, autocast, final_weight, seq_len, packed):
     """One step, and 40 steps: three chunks of the kernels (16, 16 and 8 steps: several chunk
     ends carried across, a partial last chunk). Also for packed documents (``starts``:
-    one-token documents, and starts on and next to the kernels' chunk boundaries)."""
+    one-token documents, and starts on and next to the kernels' chunk boundaries). Each
+    result's error against the float64 module path: at most 4x the module path's own (their
+    roundings differ in place, not in size), plus 16 roundings of the dtype for float64,
+    where the module path is the reference."""
     assert seq_len == 1 or default_steps_per_program(seq_len) == 16  # the chunks named above
     torch.manual_seed(seq_len)
     block = GoomSSMBlock(d_emb=32, n_hid=3, d_hid=8, scan_implementation="triton").to(TRITON_DEVICE, dtype)
@@ -53,9 +59,15 @@ def test_fused_layer_equals_the_module_path_to_the_bit(dtype, autocast, final_we
                     functools.partial(block._forward_modules, starts=starts)):
         with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16, enabled=autocast):
             results.append(outputs_and_gradients(block, forward, x, weights, final_weight))
+    exact = copy.deepcopy(block).double()
+    expected = outputs_and_gradients(exact, functools.partial(exact._forward_modules, starts=starts), x.double(),
+                                     weights.double(), final_weight)
     names = ["out", "final log-scale", "final rows", "x.grad"] + [f"{name}.grad" for name, _ in block.named_parameters()]
-    for name, fused, modules in zip(names, *results):
-        assert fused.dtype == modules.dtype and torch.equal(fused, modules), name
+    for name, fused, modules, reference in zip(names, *results, expected):
+        assert fused.dtype == modules.dtype, name
+        error, module_error = ((got.double() - reference).abs().max().item() for got in (fused, modules))
+        bound = 4 * module_error + 16 * torch.finfo(dtype).eps / 2 * reference.abs().max().item()
+        assert error <= bound, f"{name}: error {error:.3e}, the module path's {module_error:.3e}"
 
 
 def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computation(monkeypatch):
@@ -91,7 +103,8 @@ def test_the_layer_trains_fused_only_where_the_fused_node_is_the_same_computatio
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_gradient_checkpointing_of_fused_layers_gives_the_same_gradients(use_reentrant):
     """Reentrant checkpointing runs the first forward without grad (the module path) and
-    recomputes with it (the fused node); the non-reentrant kind fuses both: same gradients."""
+    recomputes with it (the fused node): the same gradients to float32's rounding (the layers
+    after the first get the module path's inputs); the non-reentrant kind fuses both: equal."""
     from conftest import enable_checkpointing, tiny_config
     from goom_ssm import GoomSSMForCausalLM
 
@@ -105,4 +118,8 @@ def test_gradient_checkpointing_of_fused_layers_gives_the_same_gradients(use_ree
             enable_checkpointing(model, use_reentrant)
         model(ids, labels=ids).loss.backward()
         grads.append([p.grad for p in model.parameters()])
-    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    for a, b in zip(*grads):
+        if use_reentrant:
+            torch.testing.assert_close(a, b, rtol=0, atol=64 * torch.finfo(a.dtype).eps * b.abs().max().item())
+        else:
+            assert torch.equal(a, b)
