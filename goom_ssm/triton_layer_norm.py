@@ -36,14 +36,15 @@ if HAS_TRITON:
         k = tl.arange(0, BLOCK_E)
         r_ok, k_ok = r < T, k < E
         ok = r_ok[:, None] & k_ok[None, :]
-        x = tl.load(x_ptr + r[:, None] * E + k[None, :], mask=ok, other=0.0)
+        offsets = r.to(tl.int64)[:, None] * E + k[None, :]  # T * E may pass 2^31
+        x = tl.load(x_ptr + offsets, mask=ok, other=0.0)
         mean = tl.sum(x, axis=1) / E
         centered = tl.where(ok, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centered * centered, axis=1) / E + tl.full([1], eps, x.dtype))
         w = tl.load(w_ptr + k, mask=k_ok, other=0.0)
         b = tl.load(b_ptr + k, mask=k_ok, other=0.0)
         h = centered * rstd[:, None] * w[None, :] + b[None, :]
-        tl.store(h_ptr + r[:, None] * E + k[None, :], h.to(h_ptr.dtype.element_ty), mask=ok)
+        tl.store(h_ptr + offsets, h.to(h_ptr.dtype.element_ty), mask=ok)
         tl.store(mean_ptr + r, mean, mask=r_ok)
         tl.store(rstd_ptr + r, rstd, mask=r_ok)
 
@@ -63,7 +64,7 @@ if HAS_TRITON:
             r = start + tl.arange(0, ROWS)
             r_ok = r < T
             ok = r_ok[:, None] & k_ok[None, :]
-            offsets = r[:, None] * E + k[None, :]
+            offsets = r.to(tl.int64)[:, None] * E + k[None, :]
             x = tl.load(x_ptr + offsets, mask=ok, other=0.0)
             grad_h = (tl.load(ga_ptr + offsets, mask=ok, other=0.0).to(x.dtype)
                       + tl.load(gb_ptr + offsets, mask=ok, other=0.0).to(x.dtype))
